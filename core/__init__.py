@@ -1,0 +1,18 @@
+"""gradwatch: live telemetry for neural-network training.
+
+`gradwatch.watch(model, optimizer)` is all a training job needs; the server side runs with
+`gradwatch up` (see README.md).
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+__all__ = ["watch", "__version__"]
+
+
+def watch(*args, **kwargs):
+    """Start watching a model; see gradwatch.agent.watch."""
+    # Imported lazily so `import gradwatch` stays cheap for the server side, which has no torch.
+    from gradwatch.agent import watch as _watch
+
+    return _watch(*args, **kwargs)
