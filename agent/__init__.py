@@ -1,0 +1,46 @@
+"""gradwatch.agent: in-process telemetry for a training job.
+
+    watcher = gradwatch.watch(model, optimizer, run="my-run")
+    for batch in data:
+        loss = ...; loss.backward(); optimizer.step(); optimizer.zero_grad()
+        watcher.step(loss=loss)        # tensors are fine: no host sync
+    watcher.close()
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import sys
+import time
+from collections.abc import Mapping
+
+from gradwatch.agent.batch import AgentCounters
+from gradwatch.agent.config import AgentConfig
+from gradwatch.agent.watcher import Watcher
+
+__all__ = ["AgentConfig", "AgentCounters", "Watcher", "watch"]
+
+
+def watch(model, optimizer=None, *, run: str | None = None, collector: str | None = None, every: int | None = None,
+          token: str | None = None, hyperparameters: Mapping[str, object] | None = None,
+          labels: Mapping[str, str] | None = None, config: AgentConfig | None = None) -> Watcher:
+    """Watch every parameter and gradient of `model`; returns a Watcher (also a context manager).
+
+    run: run id shared by all ranks (default: $GRADWATCH_RUN, torchrun's $TORCHELASTIC_RUN_ID, or a
+    generated one). collector: host:port (default $GRADWATCH_COLLECTOR or 127.0.0.1:4770).
+    every: log every N-th optimizer step (default 1).
+    """
+    cfg = config or AgentConfig.from_env(collector=collector, every=every, token=token)
+    cfg.validate()
+    return Watcher(model, optimizer, run or default_run_id(), cfg, hyperparameters, labels)
+
+
+def default_run_id() -> str:
+    explicit = os.environ.get("GRADWATCH_RUN") or os.environ.get("TORCHELASTIC_RUN_ID")
+    if explicit and explicit != "none":
+        return explicit
+    script = os.path.splitext(os.path.basename(sys.argv[0] or "python"))[0] or "run"
+    script = re.sub(r"[^A-Za-z0-9_.-]", "-", script)[:64]
+    return f"{script}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"

@@ -1,0 +1,205 @@
+"""The agent's bounded pipeline between the training thread and the network.
+
+  training thread --submit()--> pending (bounded by the host slots) --reader thread--> reports
+  (bounded deque, drop oldest, counted) --exporter thread--> Export RPC
+
+submit() never blocks. The reader waits for each step's device->host copy (an event, off the training
+thread) and encodes it; the exporter batches reports, retries under one deadline and puts a batch
+back at the front of the queue when the collector is unreachable, so a short outage loses nothing
+while a long one costs the oldest reports, counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from gradwatch.agent.exporter import Exporter
+from gradwatch.v1 import ingest_service_pb2, report_pb2, run_pb2
+
+log = logging.getLogger("gradwatch.agent")
+
+
+@dataclass
+class AgentCounters:
+    """What happened to the agent's reports; all monotonic."""
+
+    captured: int = 0          # steps whose statistics were queued on the device
+    exported: int = 0          # reports the collector acknowledged
+    dropped: int = 0           # reports dropped: queue full or refused for good
+    skipped_busy: int = 0      # logged steps skipped because every host slot was still in flight
+    rejected: int = 0          # reports the collector refused one by one (partial success)
+    export_errors: int = 0     # Export calls that failed after their retries
+    internal_errors: int = 0   # agent bugs caught before they reached the training loop
+
+
+class ReportPipeline:
+    def __init__(self, exporter: Exporter, encode: Callable[[object], report_pb2.StepReport],
+                 registration: run_pb2.RunRegistration, counters: AgentCounters, *, queue_size: int,
+                 batch_reports: int, batch_bytes: int, export_interval_s: float):
+        self._exporter = exporter
+        self._encode = encode
+        self._registration = registration
+        self._registered = False
+        self.counters = counters
+        self._queue_size = queue_size
+        self._batch_reports = batch_reports
+        self._batch_bytes = batch_bytes
+        self._interval = export_interval_s
+        self._pending: deque = deque()
+        self._reports: deque[report_pb2.StepReport] = deque()
+        self._lock = threading.Lock()
+        self._wake_reader = threading.Event()
+        self._wake_exporter = threading.Event()
+        self._stopping = threading.Event()
+        self._busy = 0  # items taken off a queue but not yet finished (for force_flush)
+        self._last_error = ""
+        self._dead = False
+        self._threads = [
+            threading.Thread(target=self._read_loop, name="gradwatch-reader", daemon=True),
+            threading.Thread(target=self._export_loop, name="gradwatch-exporter", daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+        ref = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: (p := ref()) and p._after_fork())
+
+    def _after_fork(self) -> None:
+        # A forked child (a DataLoader worker) has no threads and shares the parent's socket: go quiet.
+        self._dead = True
+
+    def submit(self, captured) -> None:
+        """Hand a captured step to the reader. Never blocks."""
+        if self._dead:
+            captured.release()
+            return
+        with self._lock:
+            self._pending.append(captured)
+        self._wake_reader.set()
+
+    def _read_loop(self) -> None:
+        while True:
+            self._wake_reader.wait(0.1)
+            self._wake_reader.clear()
+            while True:
+                with self._lock:
+                    if not self._pending:
+                        break
+                    captured = self._pending.popleft()
+                    self._busy += 1
+                try:
+                    self._offer(self._encode(captured))
+                except Exception:
+                    self.counters.internal_errors += 1
+                    log.exception("gradwatch: could not encode a step report")
+                finally:
+                    captured.release()
+                    with self._lock:
+                        self._busy -= 1
+            if self._stopping.is_set() and not self._pending:
+                return
+
+    def _offer(self, report: report_pb2.StepReport) -> None:
+        with self._lock:
+            while len(self._reports) >= self._queue_size:
+                self._reports.popleft()
+                self.counters.dropped += 1
+            self._reports.append(report)
+            full = len(self._reports) >= self._batch_reports
+        if full:
+            self._wake_exporter.set()
+
+    def _take_batch(self) -> list[report_pb2.StepReport]:
+        batch, size = [], 0
+        with self._lock:
+            while self._reports and len(batch) < self._batch_reports:
+                n = self._reports[0].ByteSize()
+                if batch and size + n > self._batch_bytes:
+                    break
+                batch.append(self._reports.popleft())
+                size += n
+            if batch:
+                self._busy += 1
+        return batch
+
+    def _export_loop(self) -> None:
+        while True:
+            self._wake_exporter.wait(self._interval)
+            self._wake_exporter.clear()
+            if self._stopping.is_set():
+                return  # shutdown() flushed what it could and counts the rest
+            while batch := self._take_batch():
+                try:
+                    sent = self._export(batch)
+                finally:
+                    with self._lock:
+                        self._busy -= 1
+                if not sent:
+                    break  # collector unreachable: wait for the next interval
+
+    def _export(self, batch: list[report_pb2.StepReport]) -> bool:
+        request = ingest_service_pb2.ExportRequest(reports=batch)
+        if not self._registered:
+            request.registrations.append(self._registration)
+        result = self._exporter.export(request)
+        if result.ok:
+            self._registered = True
+            self.counters.exported += len(batch) - result.rejected_reports
+            self.counters.rejected += result.rejected_reports
+            if result.rejected_reports:
+                self._log_once(f"collector refused {result.rejected_reports} report(s): {result.error}")
+            return True
+        self.counters.export_errors += 1
+        self._log_once(f"export to {self._exporter.target} failed: {result.error}")
+        if result.retryable:
+            with self._lock:  # back to the front, oldest first; the queue bound still applies
+                self._reports.extendleft(reversed(batch))
+                while len(self._reports) > self._queue_size:
+                    self._reports.popleft()
+                    self.counters.dropped += 1
+        else:
+            self.counters.dropped += len(batch)
+        return False
+
+    def _log_once(self, message: str) -> None:
+        # One line per distinct error: a dead collector must not flood the training job's log.
+        if message != self._last_error:
+            log.warning("gradwatch: %s (counting further failures silently)", message)
+            self._last_error = message
+
+    def force_flush(self, timeout: float) -> bool:
+        """Wait until every submitted step was exported or dropped; False on timeout."""
+        deadline = time.monotonic() + timeout
+        self._wake_reader.set()
+        self._wake_exporter.set()
+        while time.monotonic() < deadline:
+            with self._lock:
+                idle = not self._pending and not self._reports and not self._busy
+            if idle:
+                return True
+            self._wake_exporter.set()
+            time.sleep(0.01)
+        return False
+
+    def shutdown(self, timeout: float) -> None:
+        """Flush within `timeout`, then stop the threads and close the channel. Idempotent."""
+        if self._stopping.is_set():
+            return
+        deadline = time.monotonic() + timeout
+        self.force_flush(timeout)
+        self._stopping.set()
+        self._exporter.shutdown()  # interrupts a backoff; what is left is dropped and counted
+        self._wake_reader.set()
+        self._wake_exporter.set()
+        for t in self._threads:
+            t.join(max(deadline - time.monotonic(), 0.05))
+        with self._lock:
+            self.counters.dropped += len(self._reports) + len(self._pending)
+            self._reports.clear()
+            self._pending.clear()

@@ -1,0 +1,67 @@
+"""Agent configuration: defaults as named constants, environment overrides, validation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gradwatch.envconfig import ConfigError, env
+
+DEFAULT_COLLECTOR = "127.0.0.1:4770"
+DEFAULT_EVERY = 1                  # log every N-th optimizer step
+DEFAULT_HISTOGRAM = True           # log2-magnitude histograms (64 fixed buckets) for every tensor
+DEFAULT_HOST_SLOTS = 4             # pinned host buffers in flight; a step finding none free is skipped, counted
+DEFAULT_QUEUE_SIZE = 2048          # reports waiting for export; when full the oldest is dropped, counted
+DEFAULT_BATCH_REPORTS = 64         # reports per Export call at most
+DEFAULT_BATCH_BYTES = 2 << 20      # encoded bytes per Export call at most (collectors accept 4 MiB)
+DEFAULT_EXPORT_INTERVAL_S = 0.5    # export at least this often while reports wait
+DEFAULT_EXPORT_TIMEOUT_S = 10.0    # one deadline for an Export call and all of its retries
+DEFAULT_SHUTDOWN_TIMEOUT_S = 5.0   # close() waits this long to flush
+DEFAULT_CHUNK_ELEMENTS = 1 << 22   # tensors are summarized in chunks so temporaries stay bounded
+
+
+@dataclass
+class AgentConfig:
+    """Everything the agent needs; `from_env()` applies GRADWATCH_* overrides."""
+
+    collector: str = DEFAULT_COLLECTOR
+    token: str | None = None
+    every: int = DEFAULT_EVERY
+    histogram: bool = DEFAULT_HISTOGRAM
+    host_slots: int = DEFAULT_HOST_SLOTS
+    queue_size: int = DEFAULT_QUEUE_SIZE
+    batch_reports: int = DEFAULT_BATCH_REPORTS
+    batch_bytes: int = DEFAULT_BATCH_BYTES
+    export_interval_s: float = DEFAULT_EXPORT_INTERVAL_S
+    export_timeout_s: float = DEFAULT_EXPORT_TIMEOUT_S
+    shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+
+    @classmethod
+    def from_env(cls, **overrides) -> AgentConfig:
+        """Defaults, then GRADWATCH_* environment variables, then explicit (non-None) overrides."""
+        cfg = cls(
+            collector=env("GRADWATCH_COLLECTOR", DEFAULT_COLLECTOR),
+            token=env("GRADWATCH_TOKEN", "") or None,
+            every=env("GRADWATCH_EVERY", DEFAULT_EVERY),
+            histogram=env("GRADWATCH_HISTOGRAM", DEFAULT_HISTOGRAM),
+            queue_size=env("GRADWATCH_AGENT_QUEUE_SIZE", DEFAULT_QUEUE_SIZE),
+            export_timeout_s=env("GRADWATCH_EXPORT_TIMEOUT_S", DEFAULT_EXPORT_TIMEOUT_S),
+        )
+        for key, value in overrides.items():
+            if value is not None:
+                setattr(cfg, key, value)
+        return cfg
+
+    def validate(self) -> AgentConfig:
+        host, _, port = self.collector.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(f"collector must be host:port, got {self.collector!r}")
+        for name in ("every", "host_slots", "queue_size", "batch_reports", "batch_bytes", "chunk_elements"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        for name in ("export_interval_s", "export_timeout_s", "shutdown_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.batch_reports > self.queue_size:
+            raise ConfigError("batch_reports must be <= queue_size")
+        return self

@@ -1,0 +1,221 @@
+"""The Watcher: hooks into a model and optimizer, captures due steps, never disturbs training.
+
+Capture window: with an optimizer, a step pre-hook summarizes gradients and parameters right before
+the update (after backward, after GradScaler's unscale_, before zero_grad). Without one, the user's
+`watcher.step()` call is the window. Every public entry point swallows its own errors (counted): the
+agent must never raise into the training loop.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from gradwatch.agent import encode
+from gradwatch.agent.batch import AgentCounters, ReportPipeline
+from gradwatch.agent.config import AgentConfig
+from gradwatch.agent.exporter import Exporter
+from gradwatch.agent.slots import build_slots, distributed_info
+from gradwatch.agent.summarize import NCOLS, Summarizer
+from gradwatch.v1 import report_pb2
+
+log = logging.getLogger("gradwatch.agent")
+
+
+@dataclass
+class CapturedStep:
+    """One logged step between the training thread and the reader thread."""
+
+    step: int
+    sequence: int
+    capture_time: float
+    host: torch.Tensor
+    event: object | None
+    present: list
+    scalars: dict = field(default_factory=dict)        # Python floats
+    tensor_scalars: list = field(default_factory=list)  # names of scalar-row slots, in slot order
+    release: object = None
+
+    def wait(self) -> None:
+        if self.event is not None:
+            self.event.synchronize()  # sync: reader thread waits for the async device->host copy
+
+
+def _guarded(method):
+    """Count and log (once) any internal error instead of raising into the training loop."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except Exception:
+            self.counters.internal_errors += 1
+            if self.counters.internal_errors == 1:
+                log.exception("gradwatch: internal error in %s (training continues)", method.__name__)
+            return None
+
+    return wrapper
+
+
+class Watcher:
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, run: str,
+                 config: AgentConfig, hyperparameters: Mapping[str, object] | None = None,
+                 labels: Mapping[str, str] | None = None):
+        self.config = config
+        self.run = run
+        self.counters = AgentCounters()
+        self.rank, self.world_size = distributed_info()
+        self.model = model
+        self.optimizer = optimizer
+        self.slots, self._sources = build_slots(model)
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        self._summarizer = Summarizer(len(self.slots), device, config.histogram, config.chunk_elements)
+        pin = device.type == "cuda"
+        self._free_slots = [torch.empty((len(self.slots) + 1, NCOLS), dtype=torch.float64, pin_memory=pin)
+                            for _ in range(config.host_slots)]
+        self._slot_lock = threading.Lock()
+        self._step = 0
+        self._sequence = 0
+        self._captured: CapturedStep | None = None  # captured by the optimizer hook, not yet submitted
+        self._opt_stepped = False
+        self._closed = False
+        self._last_step_time = time.monotonic()
+        self._pipeline = ReportPipeline(
+            Exporter(config.collector, config.token, config.export_timeout_s), self._encode,
+            encode.registration(run, self.rank, self.world_size, self.slots, hyperparameters, labels, None,
+                                time.time()),
+            self.counters, queue_size=config.queue_size, batch_reports=config.batch_reports,
+            batch_bytes=config.batch_bytes, export_interval_s=config.export_interval_s,
+        )
+        self._hooks = []
+        if optimizer is not None:
+            self._hooks.append(optimizer.register_step_pre_hook(self._before_optimizer_step))
+
+    # ---- training-thread API -------------------------------------------------------------------
+
+    @_guarded
+    def step(self, **scalars) -> None:
+        """Mark the end of one optimizer step and attach scalars (loss=..., accuracy=...).
+
+        Tensor values are copied on the device (no host sync). Call after backward; with an optimizer
+        passed to watch(), before or after optimizer.step().
+        """
+        if self._closed:
+            return
+        captured = self._captured
+        if captured is None and self._due():
+            captured = self._capture()
+        self._finish(captured, scalars)
+
+    def _before_optimizer_step(self, optimizer, args, kwargs) -> None:
+        try:
+            if self._closed:
+                return
+            if self._opt_stepped:  # the user does not call watcher.step(): every optimizer step is a step
+                self._finish(self._captured, {})
+            self._captured = self._capture() if self._due() else None
+            self._opt_stepped = True
+        except Exception:
+            self.counters.internal_errors += 1
+            if self.counters.internal_errors == 1:
+                log.exception("gradwatch: internal error in the optimizer hook (training continues)")
+
+    def _due(self) -> bool:
+        return self._step % self.config.every == 0
+
+    def _capture(self) -> CapturedStep | None:
+        with self._slot_lock:
+            host = self._free_slots.pop() if self._free_slots else None
+        self._sequence += 1
+        if host is None:
+            self.counters.skipped_busy += 1
+            return None
+        present = []
+        for slot, source in zip(self.slots, self._sources, strict=True):
+            tensor = source()
+            if tensor is None or tensor.is_sparse:
+                continue  # unused parameters have no gradient this step
+            self._summarizer.summarize(slot.id, tensor)
+            present.append(slot)
+        self.counters.captured += 1
+        return CapturedStep(self._step, self._sequence, time.time(), host, None, present,
+                            release=lambda h=host: self._release(h))
+
+    def _finish(self, captured: CapturedStep | None, scalars: Mapping[str, object]) -> None:
+        if captured is not None:
+            self._attach_scalars(captured, scalars)
+            captured.host.copy_(self._summarizer.buffer, non_blocking=True)
+            if captured.host.is_pinned():
+                captured.event = torch.cuda.Event()
+                captured.event.record()
+            self._pipeline.submit(captured)
+        self._captured = None
+        self._opt_stepped = False
+        self._step += 1
+
+    def _attach_scalars(self, captured: CapturedStep, scalars: Mapping[str, object]) -> None:
+        values = dict(scalars)
+        if self.optimizer is not None:
+            for i, group in enumerate(self.optimizer.param_groups):
+                values[f"lr/{i}"] = group.get("lr", float("nan"))
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                if value.numel() != 1 or len(captured.tensor_scalars) >= NCOLS:
+                    continue
+                self._summarizer.set_scalar(len(captured.tensor_scalars), value)
+                captured.tensor_scalars.append(name)
+            elif isinstance(value, (int, float)):
+                captured.scalars[name] = float(value)
+
+    def _release(self, host: torch.Tensor) -> None:
+        with self._slot_lock:
+            self._free_slots.append(host)
+
+    # ---- reader thread -------------------------------------------------------------------------
+
+    def _encode(self, captured: CapturedStep) -> report_pb2.StepReport:
+        captured.wait()
+        rows = captured.host.numpy()  # sync: reader thread, after the copy's event completed
+        scalars = dict(captured.scalars)
+        scalar_row = rows[len(self.slots)]
+        for i, name in enumerate(captured.tensor_scalars):
+            scalars[name] = float(scalar_row[i])
+        lrs = [scalars.pop(f"lr/{i}") for i in range(len(self.optimizer.param_groups))] if self.optimizer else []
+        return encode.step_report(self.run, self.rank, captured.step, captured.sequence, captured.capture_time,
+                                  report_pb2.PHASE_TRAIN, rows, captured.present, self.config.histogram, scalars,
+                                  lrs)
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until everything captured so far was exported (or dropped); False on timeout."""
+        if self._captured is not None:
+            self._finish(self._captured, {})
+        return self._pipeline.force_flush(self.config.shutdown_timeout_s if timeout is None else timeout)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Flush what is queued (within the timeout), stop the threads, remove the hooks. Idempotent."""
+        if self._closed:
+            return
+        try:
+            if self._captured is not None:
+                self._finish(self._captured, {})
+            self._closed = True
+            for h in self._hooks:
+                h.remove()
+            self._pipeline.shutdown(self.config.shutdown_timeout_s if timeout is None else timeout)
+        except Exception:
+            self.counters.internal_errors += 1
+            log.exception("gradwatch: error while closing (training continues)")
+
+    def __enter__(self) -> Watcher:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,96 @@
+"""The `gradwatch` command: up, demo, collector, aggregator."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from gradwatch import __version__
+from gradwatch.envconfig import ConfigError
+
+
+def _stack_args(parser: argparse.ArgumentParser) -> None:
+    from gradwatch.stack import StackConfig
+
+    d = StackConfig.from_env()
+    parser.add_argument("--redis-url", default=d.redis_url,
+                        help="use this Redis instead of an embedded one (env GRADWATCH_REDIS_URL)")
+    parser.add_argument("--data-dir", default=d.data_dir, help="where the embedded Redis keeps its data (%(default)s)")
+    parser.add_argument("--collector-listen", default=d.collector_listen, help="gRPC address (%(default)s)")
+    parser.add_argument("--collector-metrics-listen", default=d.collector_metrics_listen,
+                        help="collector self-metrics (%(default)s)")
+    parser.add_argument("--aggregator-metrics-listen", "--metrics-listen", dest="aggregator_metrics_listen",
+                        default=d.aggregator_metrics_listen, help="Prometheus /metrics (%(default)s)")
+    parser.add_argument("--alertmanager-url", default=d.alertmanager_url,
+                        help="push alerts to this Alertmanager (env GRADWATCH_ALERTMANAGER_URL)")
+
+
+def _config(args):
+    from gradwatch.stack import StackConfig
+
+    return StackConfig(redis_url=args.redis_url, data_dir=args.data_dir, collector_listen=args.collector_listen,
+                       collector_metrics_listen=args.collector_metrics_listen,
+                       aggregator_metrics_listen=args.aggregator_metrics_listen, alertmanager_url=args.alertmanager_url,
+                       token=StackConfig.from_env().token)
+
+
+def cmd_up(args) -> int:
+    from gradwatch.stack import Stack, run_forever
+
+    cfg = _config(args).validate()
+    stack = Stack(cfg).start()
+    where = f" (embedded, data in {cfg.data_dir})" if stack.redis else ""
+    print(f"gradwatch is up\n  redis      {stack.redis_url}{where}"
+          f"\n  collector  {cfg.collector_listen}  (point agents here: GRADWATCH_COLLECTOR)"
+          f"\n  metrics    http://{cfg.aggregator_metrics_listen}/metrics  (aggregator)"
+          f"\n             http://{cfg.collector_metrics_listen}/metrics  (collector)"
+          f"\nCtrl-C stops it.", flush=True)
+    return run_forever(stack)
+
+
+def cmd_demo(args) -> int:
+    from gradwatch.demo import print_summary, run_demo
+
+    result = run_demo(_config(args), steps=args.steps, blowup_step=args.blowup_step)
+    return 0 if print_summary(result) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="gradwatch", description="Live telemetry for neural-network training.")
+    parser.add_argument("--version", action="version", version=f"gradwatch {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="run the whole stack on this machine (embedded Redis unless --redis-url)")
+    _stack_args(up)
+    demo = sub.add_parser("demo", help="the stack plus a small model whose learning rate blows up")
+    _stack_args(demo)
+    demo.add_argument("--steps", type=int, default=300)
+    demo.add_argument("--blowup-step", type=int, default=200)
+    sub.add_parser("collector", help="run a collector (see gradwatch collector --help)", add_help=False)
+    sub.add_parser("aggregator", help="run an aggregator (see gradwatch aggregator --help)", add_help=False)
+
+    # The component commands own their flags: pass everything after the name straight through.
+    if argv and argv[0] in ("collector", "aggregator"):
+        if argv[0] == "collector":
+            from gradwatch.collector.__main__ import main as component_main
+        else:
+            from gradwatch.aggregator.__main__ import main as component_main
+        return component_main(argv[1:])
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        return {"up": cmd_up, "demo": cmd_demo}[args.command](args)
+    except ConfigError as err:
+        print(f"gradwatch {args.command}: {err}", file=sys.stderr)
+        return 2
+    except (RuntimeError, OSError) as err:
+        print(f"gradwatch {args.command}: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""A real gRPC server on 127.0.0.1 that records Export requests (the agent's side of the contract)."""
+
+from __future__ import annotations
+
+import threading
+from concurrent import futures
+
+import grpc
+import pytest
+
+from gradwatch.v1 import ingest_service_pb2, ingest_service_pb2_grpc
+
+
+class RecordingIngest(ingest_service_pb2_grpc.IngestServiceServicer):
+    def __init__(self):
+        self.requests: list[ingest_service_pb2.ExportRequest] = []
+        self.metadata: list[dict] = []
+        self.fail_with: list[grpc.StatusCode] = []  # codes to answer with, one per call, before succeeding
+        self.lock = threading.Lock()
+
+    def Export(self, request, context):
+        with self.lock:
+            if self.fail_with:
+                context.abort(self.fail_with.pop(0), "injected failure")
+            self.requests.append(request)
+            self.metadata.append(dict(context.invocation_metadata()))
+        return ingest_service_pb2.ExportResponse()
+
+    @property
+    def reports(self):
+        with self.lock:
+            return [r for req in self.requests for r in req.reports]
+
+
+@pytest.fixture
+def ingest():
+    servicer = RecordingIngest()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    ingest_service_pb2_grpc.add_IngestServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    servicer.target = f"127.0.0.1:{port}"
+    yield servicer
+    server.stop(0)

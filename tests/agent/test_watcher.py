@@ -1,0 +1,179 @@
+"""The Watcher in real training loops against a real gRPC server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+from torch import nn
+
+import gradwatch
+from gradwatch.agent import AgentConfig
+from gradwatch.v1 import run_pb2
+
+
+def make_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+
+
+def train(model, optimizer, watcher, steps, accumulate=1, step_scalars=True):
+    for _ in range(steps):
+        for _ in range(accumulate):
+            loss = model(torch.randn(4, 8)).pow(2).mean() / accumulate
+            loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step_scalars:
+            watcher.step(loss=loss, accuracy=0.5)
+
+
+def test_reports_reach_the_collector_with_dictionary_and_sequence(ingest):
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradwatch.watch(model, opt, run="unit-1", collector=ingest.target, hyperparameters={"lr": 0.1}) as w:
+        train(model, opt, w, steps=6)
+        assert w.flush(5)
+    reports = ingest.reports
+    assert [r.step for r in reports] == list(range(6))
+    assert [r.sequence for r in reports] == list(range(1, 7))
+    reg = ingest.requests[0].registrations[0]
+    assert reg.run_id == "unit-1" and reg.world_size == 1 and reg.hyperparameters["lr"].number == 0.1
+    names = {t.id: t for t in reg.tensors}
+    assert {t.name for t in reg.tensors} >= {"0.weight", "0.weight.grad", "2.bias.grad"}
+    assert all(not req.registrations for req in ingest.requests[1:])  # sent once, until acknowledged
+    first = reports[0]
+    assert first.loss > 0 and first.scalars["accuracy"] == 0.5 and list(first.learning_rates) == [0.1]
+    grads = [s for s in first.tensors if names[s.tensor_id].kind == run_pb2.TENSOR_KIND_GRADIENT]
+    assert len(grads) == 4 and all(s.sum_squares > 0 for s in grads)  # measured before zero_grad
+    assert w.counters.exported == 6 and w.counters.dropped == 0
+
+
+def test_every_n_and_gradient_accumulation_count_optimizer_steps(ingest):
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    w = gradwatch.watch(model, opt, run="unit-2", collector=ingest.target, every=3)
+    train(model, opt, w, steps=7, accumulate=4)
+    w.close()
+    assert [r.step for r in ingest.reports] == [0, 3, 6]
+
+
+def test_optimizer_hook_alone_reports_every_optimizer_step(ingest):
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    w = gradwatch.watch(model, opt, run="unit-3", collector=ingest.target)
+    train(model, opt, w, steps=5, step_scalars=False)
+    w.close()
+    assert [r.step for r in ingest.reports] == [0, 1, 2, 3, 4]
+
+
+def test_without_optimizer_step_is_the_capture_window(ingest):
+    model = make_model()
+    w = gradwatch.watch(model, run="unit-4", collector=ingest.target)
+    for _ in range(3):
+        model(torch.randn(4, 8)).sum().backward()
+        w.step(loss=1.5)
+        model.zero_grad()
+    w.close()
+    assert [r.loss for r in ingest.reports] == [1.5, 1.5, 1.5]
+    assert all(len(r.tensors) == 8 for r in ingest.reports)
+
+
+def test_token_travels_as_bearer_metadata(ingest):
+    model = make_model()
+    w = gradwatch.watch(model, run="unit-5", collector=ingest.target, token="s3cret")
+    w.step()
+    w.close()
+    assert ingest.metadata[0]["authorization"] == "Bearer s3cret"
+
+
+def test_retryable_failures_are_retried_and_nothing_is_lost(ingest):
+    import grpc
+
+    ingest.fail_with = [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED]
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    w = gradwatch.watch(model, opt, run="unit-6", collector=ingest.target)
+    train(model, opt, w, steps=4)
+    w.close()
+    assert [r.sequence for r in ingest.reports] == [1, 2, 3, 4]
+    assert w.counters.export_errors == 0 and w.counters.dropped == 0
+
+
+def test_collector_unreachable_training_goes_on_and_drops_are_counted():
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    cfg = AgentConfig(collector="127.0.0.1:1", queue_size=4, batch_reports=2, export_timeout_s=0.3,
+                      shutdown_timeout_s=0.5)
+    w = gradwatch.watch(model, opt, run="unit-7", config=cfg)
+    started = time.monotonic()
+    train(model, opt, w, steps=20)
+    w.close()
+    assert time.monotonic() - started < 10
+    c = w.counters
+    assert c.captured + c.skipped_busy == 20
+    assert c.exported == 0 and c.dropped == c.captured  # every captured report accounted for
+    assert c.internal_errors == 0
+
+
+def test_agent_errors_never_reach_the_training_loop(ingest, monkeypatch):
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    w = gradwatch.watch(model, opt, run="unit-8", collector=ingest.target)
+    monkeypatch.setattr(w._summarizer, "summarize", lambda *a: 1 / 0)
+    train(model, opt, w, steps=3)  # must not raise
+    w.close()
+    assert w.counters.internal_errors >= 3
+
+
+def test_training_thread_makes_no_host_reads(ingest, monkeypatch):
+    """CPU stand-in for set_sync_debug_mode: any host read of a tensor on the training thread fails."""
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    w = gradwatch.watch(model, opt, run="unit-9", collector=ingest.target)
+    training_thread = threading.current_thread()
+    offenders = []
+
+    def trap(name, original):
+        def wrapped(self, *args, **kwargs):
+            if threading.current_thread() is training_thread:
+                offenders.append(name)
+            return original(self, *args, **kwargs)
+        return wrapped
+
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, trap(name, getattr(torch.Tensor, name)))
+    for _ in range(5):
+        loss = model(torch.randn(4, 8)).pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        w.step(loss=loss)
+    monkeypatch.undo()
+    w.close()
+    assert offenders == []
+    assert len(ingest.reports) == 5 and all(r.loss > 0 for r in ingest.reports)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_hot_path_passes_sync_debug_mode_error(ingest):
+    model = make_model().cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    w = gradwatch.watch(model, opt, run="unit-cuda", collector=ingest.target)
+    x = torch.randn(4, 8, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(5):
+            loss = model(x).pow(2).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            w.step(loss=loss)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    w.close()
+    assert len(ingest.reports) == 5
