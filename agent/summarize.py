@@ -18,6 +18,7 @@ from gradwatch.stats import HIST_BUCKETS, HIST_MIN_EXPONENT
 COL_NAN, COL_INF, COL_ZERO, COL_SUM, COL_SUMSQ, COL_MIN, COL_MAX, COL_HIST = range(8)
 NCOLS = COL_HIST + HIST_BUCKETS
 _INF = float("inf")
+_ZERO_BUCKET = -1 - HIST_MIN_EXPONENT  # where frexp puts 0
 
 
 class Summarizer:
@@ -57,24 +58,24 @@ class Summarizer:
     def _row(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype not in (torch.float32, torch.float64):
             x = x.float()  # half, bfloat16, integers: a bounded temporary (one chunk)
-        a = x.abs()
-        finite = a < _INF  # False for NaN and for +-Inf
-        n_finite = finite.sum()
+        finite = torch.isfinite(x)
+        clean = torch.where(finite, x, 0.0)  # non-finite values are counted, never summed
+        nonfinite = x.numel() - finite.sum()
         nan = torch.isnan(x).sum()
-        inf = (x.numel() - n_finite) - nan
-        zero = (x == 0).sum()
-        xd = torch.where(finite, x, 0.0).double()  # float64 accumulation, as DESIGN.md asks
+        zeros_in_clean = (clean == 0).sum()  # true zeros plus the non-finite values replaced above
         head = torch.stack([
-            nan.double(), inf.double(), zero.double(), xd.sum(), torch.dot(xd, xd),
+            nan.double(), (nonfinite - nan).double(), (zeros_in_clean - nonfinite).double(),
+            clean.sum(dtype=torch.float64),
+            torch.linalg.vector_norm(clean, dtype=torch.float64).square(),  # float64 accumulation
             torch.where(finite, x, _INF).amin().double(),
             torch.where(finite, x, -_INF).amax().double(),
         ])
         if not self.histogram:
             return torch.cat([head, head.new_zeros(HIST_BUCKETS)])
-        # |x| = m * 2**e with m in [0.5, 1): floor(log2|x|) = e - 1. Zeros and non-finite values go to
-        # a discard bucket; scatter_add_ into a fixed-size buffer needs no host sync (bincount would).
-        exponent = torch.frexp(a)[1]
-        idx = (exponent - (1 + HIST_MIN_EXPONENT)).clamp_(0, HIST_BUCKETS - 1)
-        idx = torch.where(finite & (a > 0), idx, HIST_BUCKETS).long()
-        hist = head.new_zeros(HIST_BUCKETS + 1).scatter_add_(0, idx, self._ones.expand(idx.numel()))
-        return torch.cat([head, hist[:HIST_BUCKETS]])
+        # |x| = m * 2**e with m in [0.5, 1): floor(log2|x|) = e - 1. frexp(0) has e = 0, so zeros (and the
+        # replaced non-finite values) all land in _ZERO_BUCKET and are subtracted there. scatter_add_ into
+        # a fixed-size buffer needs no host sync (bincount on CUDA would).
+        idx = (torch.frexp(clean)[1] - (1 + HIST_MIN_EXPONENT)).clamp_(0, HIST_BUCKETS - 1).long()
+        hist = head.new_zeros(HIST_BUCKETS).scatter_add_(0, idx, self._ones.expand(idx.numel()))
+        hist[_ZERO_BUCKET] -= zeros_in_clean
+        return torch.cat([head, hist])

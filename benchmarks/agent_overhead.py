@@ -1,0 +1,211 @@
+"""Step-time overhead of the gradwatch agent beside other telemetry approaches, side by side, one process.
+
+Model: a GPT-2-shaped decoder (see ../shared/anchors/anchor_overhead.py for the reference figures);
+`--small` (default on a CPU) shrinks it so the CPU run takes a minute. Every variant collects
+statistics of every parameter and gradient on every logged step.
+
+Variants:
+  base               no telemetry
+  item_sync          hand-rolled per-tensor norm / absmax / isfinite with .item() (3 host syncs per tensor)
+  gradwatch          gradwatch.watch(model, opt): full statistics + log2 histogram, every step, exported
+                     over gRPC to an in-process collector stub on 127.0.0.1
+  gradwatch_nohist   the same without histograms
+  gradwatch_every10  the same, every 10th step
+  tb_hist            TensorBoard add_histogram per tensor (only if tensorboard is installed)
+
+Run: python benchmarks/agent_overhead.py [--small|--full] [--steps 30] [--variants a,b] [--out results.json]
+Prints medians and the ratio of each variant's overhead to gradwatch's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from concurrent import futures
+
+import grpc
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gradwatch
+from gradwatch.agent import AgentConfig
+from gradwatch.v1 import ingest_service_pb2, ingest_service_pb2_grpc
+
+
+class Block(nn.Module):
+    def __init__(self, d, h):
+        super().__init__()
+        self.h = h
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc, self.out = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.h, C // self.h).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(y.transpose(1, 2).reshape(B, T, C))
+        return x + self.out(F.gelu(self.fc(self.ln2(x))))
+
+
+class GPT(nn.Module):
+    def __init__(self, vocab, seq, d, h, layers):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(seq, d)
+        self.blocks = nn.ModuleList([Block(d, h) for _ in range(layers)])
+        self.lnf = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, idx):
+        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
+        for b in self.blocks:
+            x = b(x)
+        return self.head(self.lnf(x))
+
+
+class NullIngest(ingest_service_pb2_grpc.IngestServiceServicer):
+    """Accepts and discards: measures the agent, not a collector."""
+
+    def __init__(self):
+        self.reports = 0
+        self.bytes = 0
+
+    def Export(self, request, context):
+        self.reports += len(request.reports)
+        self.bytes += request.ByteSize()
+        return ingest_service_pb2.ExportResponse()
+
+
+class ItemSync:
+    def __init__(self, model):
+        self.named = list(model.named_parameters())
+
+    def after_backward(self):
+        return {n: (p.grad.norm().item(), p.grad.abs().max().item(), bool(torch.isfinite(p.grad).all().item()))
+                for n, p in self.named}
+
+
+class TBHist:
+    def __init__(self, model, logdir):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(logdir)
+        self.named = list(model.named_parameters())
+        self.step = 0
+
+    def after_backward(self):
+        for n, p in self.named:
+            self.writer.add_histogram("param/" + n, p.detach(), self.step)
+            self.writer.add_histogram("grad/" + n, p.grad.detach(), self.step)
+        self.step += 1
+
+
+def run_variant(name, cfg, dev, steps, warmup, target, tmpdir):
+    torch.manual_seed(0)
+    model = GPT(**cfg["model"]).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=(dev == "cuda"))
+    B, T, V = cfg["batch"], cfg["model"]["seq"], cfg["model"]["vocab"]
+    x = torch.randint(0, V, (B, T), device=dev)
+    y = torch.randint(0, V, (B, T), device=dev)
+    tele, watcher = None, None
+    if name == "item_sync":
+        tele = ItemSync(model)
+    elif name == "tb_hist":
+        tele = TBHist(model, os.path.join(tmpdir, "tb"))
+    elif name.startswith("gradwatch"):
+        cfg_agent = AgentConfig(collector=target, every=10 if name.endswith("every10") else 1,
+                                                histogram=not name.endswith("nohist"))
+        watcher = gradwatch.watch(model, opt, run=f"bench-{name}", config=cfg_agent)
+    amp = torch.autocast(dev, dtype=torch.bfloat16)
+    times = []
+    for i in range(warmup + steps):
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with amp:
+            loss = F.cross_entropy(model(x).float().view(-1, V), y.view(-1))
+        loss.backward()
+        if tele is not None:
+            tele.after_backward()
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+        if watcher is not None:
+            watcher.step(loss=loss)
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    extra = {}
+    if watcher is not None:
+        watcher.close()
+        c = watcher.counters
+        extra = {"exported": c.exported, "dropped": c.dropped, "skipped_busy": c.skipped_busy}
+    return times, extra
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    size = ap.add_mutually_exclusive_group()
+    size.add_argument("--small", action="store_true", help="small model (default on a CPU)")
+    size.add_argument("--full", action="store_true", help="GPT-2-small shape (default on a GPU)")
+    ap.add_argument("--variants", default="base,item_sync,gradwatch,gradwatch_nohist,gradwatch_every10,tb_hist")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--out")
+    a = ap.parse_args()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    small = a.small or (dev == "cpu" and not a.full)
+    cfg = (dict(model=dict(vocab=2048, seq=128, d=128, h=4, layers=4), batch=8) if small
+           else dict(model=dict(vocab=50304, seq=1024, d=768, h=12, layers=12), batch=8))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    sink = NullIngest()
+    ingest_service_pb2_grpc.add_IngestServiceServicer_to_server(sink, server)
+    target = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    server.start()
+    model = GPT(**cfg["model"])
+    res = {"device": torch.cuda.get_device_name() if dev == "cuda" else f"cpu ({os.cpu_count()} cores)",
+           "torch": torch.__version__, "cfg": cfg, "params": sum(p.numel() for p in model.parameters()),
+           "tensors": 2 * len(list(model.parameters())), "variants": {}}
+    del model
+    print(json.dumps({k: res[k] for k in ("device", "torch", "params", "tensors")}), flush=True)
+    order = a.variants.split(",")
+    if order[0] == "base":
+        order.append("base")  # base first and last shows drift
+    with tempfile.TemporaryDirectory() as tmp:
+        for v in order:
+            steps = a.steps if v != "tb_hist" else max(5, a.steps // 4)
+            try:
+                times, extra = run_variant(v, cfg, dev, steps, 3, target, tmp)
+            except ImportError as err:
+                print(f"{v:18s} skipped: {err}", flush=True)
+                continue
+            key = v if v not in res["variants"] else v + "_again"
+            med = statistics.median(times)
+            res["variants"][key] = {"median_ms": med * 1e3, "min_ms": min(times) * 1e3, "n": len(times), **extra}
+            print(f"{key:18s} median {med * 1e3:9.2f} ms  min {min(times) * 1e3:9.2f} ms  n={len(times)} {extra or ''}",
+                  flush=True)
+    server.stop(0)
+    base = statistics.mean(r["median_ms"] for k, r in res["variants"].items() if k.startswith("base"))
+    gw = res["variants"].get("gradwatch", {}).get("median_ms")
+    print(f"\nbaseline {base:.2f} ms (mean of the base runs); bytes on the wire per report: "
+          f"{sink.bytes / max(sink.reports, 1):.0f} B for {res['tensors']} tensors")
+    for k, r in res["variants"].items():
+        r["overhead_pct"] = 100 * (r["median_ms"] - base) / base
+        ratio = ""
+        if gw and k not in ("gradwatch",) and not k.startswith("base") and gw - base > 0:
+            ratio = f"   {(r['median_ms'] - base) / (gw - base):6.1f}x gradwatch's added cost"
+        print(f"{k:18s} overhead {r['overhead_pct']:8.1f} %{ratio}")
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
