@@ -120,6 +120,11 @@ class ReportPipeline:
         with self._lock:
             while self._reports and len(batch) < self._batch_reports:
                 n = self._reports[0].ByteSize()
+                if not batch and n > self._batch_bytes:
+                    self._reports.popleft()  # can never fit a request: drop it, counted, keep going
+                    self.counters.dropped += 1
+                    self._log_once(f"dropping a {n} B report: larger than batch_bytes ({self._batch_bytes} B)")
+                    continue
                 if batch and size + n > self._batch_bytes:
                     break
                 batch.append(self._reports.popleft())
@@ -149,6 +154,9 @@ class ReportPipeline:
             request.registrations.append(self._registration)
         result = self._exporter.export(request)
         if result.ok:
+            if result.rejected_registrations:
+                # Reports still flow, but the aggregator will not know this run's tensor names.
+                self._log_once(f"collector refused the run registration: {result.error}")
             self._registered = True
             self.counters.exported += len(batch) - result.rejected_reports
             self.counters.rejected += result.rejected_reports

@@ -42,6 +42,14 @@ class TensorSlot:
     partition: int = run_pb2.PARTITION_REPLICATED
 
 
+MAX_STRING_BYTES = 1024  # collectors refuse longer names, labels and values
+
+
+def _short(value: object) -> str:
+    text = str(value)
+    return text if len(text.encode()) <= MAX_STRING_BYTES else text.encode()[:MAX_STRING_BYTES].decode(errors="ignore")
+
+
 def registration(run_id: str, rank: int, world_size: int, slots: Sequence[TensorSlot],
                  hyperparameters: Mapping[str, object] | None, labels: Mapping[str, str] | None,
                  topology: run_pb2.ModelGraph | None, start_time: float) -> run_pb2.RunRegistration:
@@ -49,7 +57,7 @@ def registration(run_id: str, rank: int, world_size: int, slots: Sequence[Tensor
                                   host=socket.gethostname())
     reg.start_time.FromNanoseconds(int(start_time * 1e9))
     for key, value in (hyperparameters or {}).items():
-        hp = reg.hyperparameters[str(key)]
+        hp = reg.hyperparameters[_short(key)]
         if isinstance(value, bool):
             hp.flag = value
         elif isinstance(value, int):
@@ -57,9 +65,9 @@ def registration(run_id: str, rank: int, world_size: int, slots: Sequence[Tensor
         elif isinstance(value, float):
             hp.number = value
         else:
-            hp.text = str(value)
+            hp.text = _short(value)
     for key, value in (labels or {}).items():
-        reg.labels[str(key)] = str(value)
+        reg.labels[_short(key)] = _short(value)
     for s in slots:
         reg.tensors.add(id=s.id, name=s.name, kind=s.kind, shape=s.shape, dtype=s.dtype,
                         module_path=s.module_path, order=s.order, partition=s.partition)

@@ -42,6 +42,7 @@ class ExportResult:
     ok: bool
     retryable: bool = False
     rejected_reports: int = 0
+    rejected_registrations: int = 0
     error: str = ""
 
 
@@ -88,7 +89,8 @@ class Exporter:
             except Exception as err:  # e.g. ValueError on a channel closed by shutdown()
                 return ExportResult(ok=False, retryable=False, error=f"{type(err).__name__}: {err}")
             partial = response.partial_success
-            return ExportResult(ok=True, rejected_reports=partial.rejected_reports, error=partial.error_message)
+            return ExportResult(ok=True, rejected_reports=partial.rejected_reports,
+                                rejected_registrations=partial.rejected_registrations, error=partial.error_message)
 
     def shutdown(self) -> None:
         self._shutdown.set()

@@ -1,0 +1,1 @@
+"""gradwatch.collector: accepts agents' Export calls over gRPC and writes them into Redis streams."""

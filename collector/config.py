@@ -1,0 +1,118 @@
+"""Collector configuration: defaults, environment overrides and start-up validation, in one place."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit, urlunsplit
+
+from gradwatch.envconfig import ConfigError, env
+
+DEFAULT_LISTEN = "127.0.0.1:4770"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+# Entries per run stream (XADD MAXLEN ~): bounds Redis memory if no aggregator reads a run.
+DEFAULT_STREAM_MAXLEN = 100_000
+# gRPC's own receive limit; bigger messages are refused with RESOURCE_EXHAUSTED before we see them.
+DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+# Per Export call, for reports and (separately) registrations: bounds the work one call can cause.
+DEFAULT_MAX_REPORTS_PER_REQUEST = 10_000
+DEFAULT_MAX_TENSORS_PER_REPORT = 100_000
+# Names, module paths and label values end up in Redis, logs and dashboards: keep them bounded.
+DEFAULT_MAX_STRING_BYTES = 1024
+# Request bytes being processed at once; above it the collector refuses with a retryable status
+# (OTel memory_limiter) instead of growing until the OOM killer ends it.
+DEFAULT_MAX_INFLIGHT_BYTES = 64 * 1024 * 1024
+DEFAULT_TOKEN: str | None = None
+DEFAULT_METRICS_LISTEN = "127.0.0.1:4771"
+DEFAULT_REDIS_TIMEOUT_S = 5.0
+
+_PORT_RE = re.compile(r"^[0-9]{1,5}$")
+
+
+@dataclass
+class CollectorConfig:
+    """Everything the collector process needs; `validate()` before use."""
+
+    listen: str = DEFAULT_LISTEN
+    redis_url: str = DEFAULT_REDIS_URL
+    stream_maxlen: int = DEFAULT_STREAM_MAXLEN
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_reports_per_request: int = DEFAULT_MAX_REPORTS_PER_REQUEST
+    max_tensors_per_report: int = DEFAULT_MAX_TENSORS_PER_REPORT
+    max_string_bytes: int = DEFAULT_MAX_STRING_BYTES
+    max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES
+    # repr=False: a config printed in a log or traceback must not leak the secret.
+    token: str | None = field(default=DEFAULT_TOKEN, repr=False)
+    metrics_listen: str = DEFAULT_METRICS_LISTEN
+    redis_timeout_s: float = DEFAULT_REDIS_TIMEOUT_S
+
+    @classmethod
+    def from_env(cls) -> CollectorConfig:
+        """Defaults overridden by GRADWATCH_* environment variables (invalid numbers are logged and ignored)."""
+        return cls(
+            listen=env("GRADWATCH_COLLECTOR_LISTEN", DEFAULT_LISTEN),
+            redis_url=env("GRADWATCH_REDIS_URL", DEFAULT_REDIS_URL),
+            stream_maxlen=env("GRADWATCH_STREAM_MAXLEN", DEFAULT_STREAM_MAXLEN),
+            max_message_bytes=env("GRADWATCH_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES),
+            max_inflight_bytes=env("GRADWATCH_MAX_INFLIGHT_BYTES", DEFAULT_MAX_INFLIGHT_BYTES),
+            token=env("GRADWATCH_TOKEN", DEFAULT_TOKEN, str),
+            # Read raw: an empty value is meaningful here (it disables the metrics endpoint).
+            metrics_listen=_env_allow_empty("GRADWATCH_COLLECTOR_METRICS_LISTEN", DEFAULT_METRICS_LISTEN),
+        )
+
+    def validate(self) -> CollectorConfig:
+        """Raise ConfigError naming the first invalid setting; return self for chaining."""
+        parse_host_port(self.listen, "listen")
+        if self.metrics_listen:
+            parse_host_port(self.metrics_listen, "metrics listen")
+        scheme = urlsplit(self.redis_url).scheme
+        if scheme not in ("redis", "rediss", "unix"):
+            raise ConfigError(
+                f"redis url {redact_url(self.redis_url)!r} must start with redis://, rediss:// or unix://"
+            )
+        for name in ("stream_maxlen", "max_message_bytes", "max_reports_per_request", "max_tensors_per_report",
+                     "max_string_bytes", "max_inflight_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_inflight_bytes < self.max_message_bytes:
+            # Otherwise one maximal request could never be admitted and its agent would retry forever.
+            raise ConfigError(
+                f"max_inflight_bytes ({self.max_inflight_bytes}) must be at least max_message_bytes "
+                f"({self.max_message_bytes})"
+            )
+        if not self.redis_timeout_s > 0:
+            raise ConfigError(f"redis_timeout_s must be positive, got {self.redis_timeout_s!r}")
+        if self.token is not None:
+            if not self.token.strip():
+                raise ConfigError("token must not be empty or blank (leave it unset to disable authentication)")
+            if not self.token.isascii() or any(c.isspace() for c in self.token):
+                # gRPC metadata values are ASCII, and the token travels as "Bearer <token>".
+                raise ConfigError("token must be printable ASCII without spaces")
+        return self
+
+
+def parse_host_port(value: str, what: str = "address") -> tuple[str, int]:
+    """Split "host:port" (IPv6 hosts in brackets); ConfigError with an example if it is not one."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not _PORT_RE.match(port) or int(port) > 65535:
+        raise ConfigError(f"{what} must be host:port (e.g. 127.0.0.1:4770 or [::]:4770), got {value!r}")
+    if host.startswith("[") != host.endswith("]"):
+        raise ConfigError(f"{what} has an unbalanced IPv6 bracket: {value!r}")
+    return host.strip("[]"), int(port)
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ***, for logs and error messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+def _env_allow_empty(name: str, default: str) -> str:
+    raw = os.environ.get(name)
+    return default if raw is None else raw

@@ -1,0 +1,183 @@
+"""The collector process's parts in start order: Redis first, then /metrics, then the gRPC listener."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+from wsgiref.simple_server import WSGIServer
+
+import grpc
+import redis.asyncio as aioredis
+from prometheus_client import CollectorRegistry, start_http_server
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import RedisError
+
+from gradwatch.collector.config import CollectorConfig, parse_host_port, redact_url
+from gradwatch.collector.service import SERVICE_NAME, ExportService
+from gradwatch.collector.telemetry import CollectorMetrics
+
+log = logging.getLogger("gradwatch.collector")
+
+
+class CollectorStartError(RuntimeError):
+    """The collector cannot start (Redis unreachable, port taken); the message says what to do."""
+
+
+class CollectorServer:
+    """One collector: `await start()`, serve until `await stop()`. Not restartable once stopped."""
+
+    def __init__(self, config: CollectorConfig, registry: CollectorRegistry | None = None):
+        self.config = config
+        # A registry of our own, never prometheus_client's global one: two servers in one process (tests,
+        # `gradwatch up`) must not collide, and /metrics shows only the collector's series.
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.metrics = CollectorMetrics(self.registry)
+        self._redis: aioredis.Redis | None = None
+        self._grpc: grpc.aio.Server | None = None
+        self._metrics_http: WSGIServer | None = None
+        self._bound_port: int | None = None
+        self._stopped = False
+
+    @property
+    def bound_port(self) -> int:
+        """The gRPC port actually bound (the chosen one when listen ends in :0)."""
+        if self._bound_port is None:
+            raise RuntimeError("collector not started")
+        return self._bound_port
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The /metrics port actually bound, None when disabled or not started."""
+        return None if self._metrics_http is None else self._metrics_http.server_address[1]
+
+    @property
+    def address(self) -> str:
+        """host:port agents can dial (the listen host with the bound port)."""
+        host, _ = parse_host_port(self.config.listen)
+        host = f"[{host}]" if ":" in host else host
+        return f"{host}:{self.bound_port}"
+
+    async def start(self) -> None:
+        if self._stopped or self._grpc is not None:
+            raise RuntimeError("a CollectorServer starts once")
+        try:
+            await self._connect_redis()
+            self._start_metrics()
+            await self._start_grpc()
+        except BaseException:
+            await self._close_downstream()
+            raise
+        log.info("gradwatch collector listening on %s -> redis %s%s", self.address,
+                 redact_url(self.config.redis_url),
+                 f" (metrics on {self.config.metrics_listen.rpartition(':')[0]}:{self.metrics_port})"
+                 if self.metrics_port is not None else "")
+
+    async def stop(self, grace: float | None = 5.0) -> None:
+        """Stop accepting calls, let in-flight ones finish within `grace` seconds, then close Redis."""
+        if self._stopped:
+            return
+        self._stopped = True
+        # Upstream first: every call that was answered OK is in Redis before the connection closes.
+        if self._grpc is not None:
+            await self._grpc.stop(grace)
+        await self._close_downstream()
+
+    async def wait_for_termination(self) -> None:
+        if self._grpc is not None:
+            await self._grpc.wait_for_termination()
+
+    async def _connect_redis(self) -> None:
+        timeout = self.config.redis_timeout_s
+        url = redact_url(self.config.redis_url)
+        try:
+            self._redis = aioredis.Redis.from_url(
+                self.config.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout,
+                # One quick retry covers a connection Redis closed while idle; longer outages are the agent's
+                # to retry (its backoff, its deadline), not ours to hide behind a slow answer.
+                retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 1),
+            )
+            await self._redis.ping()
+        except (RedisError, OSError, ValueError) as err:
+            raise CollectorStartError(
+                f"cannot reach redis at {url}: {err} (start one, e.g. `gradwatch up`, or choose one with "
+                "--redis-url)") from None
+
+    def _start_metrics(self) -> None:
+        if not self.config.metrics_listen:
+            return
+        host, port = parse_host_port(self.config.metrics_listen, "metrics listen")
+        try:
+            self._metrics_http, _ = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as err:
+            raise CollectorStartError(
+                f"cannot serve metrics on {self.config.metrics_listen}: {err.strerror or err} (choose another "
+                "with --metrics-listen, or disable it with --metrics-listen '')") from None
+
+    async def _start_grpc(self) -> None:
+        service = ExportService(self.config, self._redis, self.metrics)
+        server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", self.config.max_message_bytes),
+            # gRPC sets SO_REUSEPORT by default: a second collector would then share the port silently and
+            # take half the traffic. Refuse instead.
+            ("grpc.so_reuseport", 0),
+            # Agents ping every 30 s to notice a dead collector (agent/exporter.py); the default policy (at
+            # most one ping per 5 min without calls) would answer those pings with GOAWAY too_many_pings.
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ])
+        server.add_generic_rpc_handlers((service.rpc_handler(),))
+        # Also as registered methods: the generated client stub calls registered methods (the faster path).
+        server.add_registered_method_handlers(SERVICE_NAME, service.method_handlers())
+        failure = _bind_failure(self.config.listen)
+        port = 0
+        if failure is None:
+            try:
+                port = server.add_insecure_port(self.config.listen)
+            except RuntimeError:
+                failure = "address in use or not available"  # lost a race with another process since the probe
+        if not port:
+            await server.stop(None)
+            raise CollectorStartError(f"cannot listen on {self.config.listen}: {failure or 'address not available'} "
+                                      "(another collector running? choose one with --listen)")
+        await server.start()
+        self._grpc = server
+        self._bound_port = port
+
+    async def _close_downstream(self) -> None:
+        if self._metrics_http is not None:
+            # Shut down in a thread: shutdown() waits for serve_forever's poll loop to notice.
+            await asyncio.to_thread(self._metrics_http.shutdown)
+            self._metrics_http.server_close()
+            self._metrics_http = None
+        if self._redis is not None:
+            await self._redis.aclose()
+            self._redis = None
+
+
+def _bind_failure(listen: str) -> str | None:
+    """Why `listen` cannot be bound, in words, or None if it can.
+
+    Probed before gRPC tries: gRPC's own failure is a bare RuntimeError plus a C-core log line on stderr.
+    """
+    host, port = parse_host_port(listen)
+    if port == 0:
+        return None
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as err:
+        return f"cannot resolve {host!r}: {err.strerror or err}"
+    reason = "address not available"
+    for family, kind, proto, _, sockaddr in infos:
+        try:
+            with socket.socket(family, kind, proto) as probe:
+                # As gRPC binds: SO_REUSEADDR, so a port in TIME_WAIT is not mistaken for a taken one.
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(sockaddr)
+        except OSError as err:
+            reason = "address in use" if err.errno == errno.EADDRINUSE else (err.strerror or str(err))
+            continue
+        return None  # gRPC binds what it can of the resolved addresses: one is enough
+    return reason

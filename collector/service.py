@@ -1,0 +1,217 @@
+"""The Export RPC: authenticate, admit, split, validate, write to Redis in one round trip, then answer.
+
+Requests arrive as raw bytes (no request deserializer), so what lands in Redis is exactly what the agent
+encoded. The answer is sent only after Redis accepted the write: a failure is UNAVAILABLE, the agent
+retries, and delivery is at-least-once end to end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections.abc import Callable
+
+import grpc
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from gradwatch.collector.config import CollectorConfig
+from gradwatch.collector.streams import FIELD_REGISTRATION, FIELD_REPORT, RUNS_KEY, registrations_key, reports_key
+from gradwatch.collector.telemetry import CollectorMetrics
+from gradwatch.collector.validate import registration_problem, report_problem
+from gradwatch.collector.wire import WireError, split_export_request
+from gradwatch.v1.ingest_service_pb2 import ExportPartialSuccess, ExportResponse
+from gradwatch.v1.report_pb2 import StepReport
+from gradwatch.v1.run_pb2 import RunRegistration
+
+SERVICE_NAME = "gradwatch.v1.IngestService"
+# Refusal reasons quoted in partial_success.error_message: enough to debug an agent, bounded in size.
+MAX_REASONS_IN_MESSAGE = 5
+# A Redis outage fails every request: log it once per interval, count the rest.
+_LOG_INTERVAL_S = 10.0
+
+log = logging.getLogger("gradwatch.collector")
+
+
+class _Refused(Exception):
+    """The whole request is refused with a gRPC status (and counted under `reason`)."""
+
+    def __init__(self, code: grpc.StatusCode, reason: str, details: str):
+        super().__init__(details)
+        self.code, self.reason, self.details = code, reason, details
+
+
+class ExportService:
+    """Handles Export calls for one grpc.aio server; `rpc_handler()` is what the server registers."""
+
+    def __init__(self, config: CollectorConfig, redis: aioredis.Redis, metrics: CollectorMetrics,
+                 clock: Callable[[], float] = time.time):
+        self._config = config
+        self._redis = redis
+        self._metrics = metrics
+        self._clock = clock
+        self._inflight_bytes = 0
+        self._expected_token = config.token.encode() if config.token is not None else None
+        self._last_redis_log = -_LOG_INTERVAL_S
+        self._suppressed_redis_errors = 0
+
+    def method_handlers(self) -> dict[str, grpc.RpcMethodHandler]:
+        return {
+            "Export": grpc.unary_unary_rpc_method_handler(
+                self.export,
+                request_deserializer=None,  # raw bytes: stored as encoded, never re-encoded
+                response_serializer=ExportResponse.SerializeToString,
+            )
+        }
+
+    def rpc_handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(SERVICE_NAME, self.method_handlers())
+
+    async def export(self, request: bytes, context: grpc.aio.ServicerContext) -> ExportResponse:
+        started = time.perf_counter()
+        self._metrics.received_bytes.inc(len(request))
+        # Each outcome is counted before it is answered: whoever sees the answer also sees it counted.
+        try:
+            response = await self._export(request, context)
+        except _Refused as refused:
+            self._metrics.refused.labels(reason=refused.reason).inc()
+            self._count(refused.code, started)
+            await context.abort(refused.code, refused.details)
+            raise  # unreachable: abort raises
+        except asyncio.CancelledError:
+            self._count(grpc.StatusCode.CANCELLED, started)  # client gone or deadline passed; the agent retries
+            raise
+        except Exception:
+            # Never crash on a request: a bug here is INTERNAL for this call and a log line, not an outage.
+            log.exception("Export failed unexpectedly")
+            self._count(grpc.StatusCode.INTERNAL, started)
+            await context.abort(grpc.StatusCode.INTERNAL, "collector internal error; see the collector log")
+            raise
+        self._count(grpc.StatusCode.OK, started)
+        return response
+
+    def _count(self, code: grpc.StatusCode, started: float) -> None:
+        self._metrics.requests.labels(code=code.name).inc()
+        self._metrics.request_duration.observe(time.perf_counter() - started)
+
+    async def _export(self, request: bytes, context: grpc.aio.ServicerContext) -> ExportResponse:
+        self._authenticate(context)
+        size = len(request)
+        if self._inflight_bytes + size > self._config.max_inflight_bytes:
+            raise _Refused(grpc.StatusCode.UNAVAILABLE, "over_limit",
+                           "collector over its in-flight byte limit; retry")
+        self._inflight_bytes += size
+        self._metrics.inflight_bytes.set(self._inflight_bytes)
+        try:
+            return await self._process(request)
+        finally:
+            self._inflight_bytes -= size
+            self._metrics.inflight_bytes.set(self._inflight_bytes)
+
+    def _authenticate(self, context: grpc.aio.ServicerContext) -> None:
+        if self._expected_token is None:
+            return
+        given = b""
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization":
+                scheme, _, credential = (value if isinstance(value, str) else "").partition(" ")
+                if scheme.lower() == "bearer":
+                    given = credential.strip().encode()
+                break
+        # Constant-time comparison: response timing must not reveal how much of a guess was right.
+        if not hmac.compare_digest(given, self._expected_token):
+            what = "wrong bearer token" if given else "missing bearer token (metadata authorization: Bearer <token>)"
+            raise _Refused(grpc.StatusCode.UNAUTHENTICATED, "unauthenticated", f"{what}; set the agent's token")
+
+    async def _process(self, request: bytes) -> ExportResponse:
+        try:
+            raw_registrations, raw_reports = split_export_request(request)
+        except WireError as err:
+            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "malformed", f"malformed ExportRequest: {err}") from None
+        limit = self._config.max_reports_per_request
+        for what, items in (("reports", raw_reports), ("registrations", raw_registrations)):
+            if len(items) > limit:
+                raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "too_large",
+                               f"request carries {len(items)} {what}, more than the limit of {limit}; "
+                               "send smaller batches")
+
+        reasons: list[str] = []
+        registrations = self._accepted(raw_registrations, RunRegistration, registration_problem, "registration",
+                                       reasons)
+        reports = self._accepted(raw_reports, StepReport, report_problem, "report", reasons)
+        rejected_registrations = len(raw_registrations) - len(registrations)
+        rejected_reports = len(raw_reports) - len(reports)
+        if rejected_registrations:
+            self._metrics.refused.labels(reason="invalid_registration").inc(rejected_registrations)
+        if rejected_reports:
+            self._metrics.refused.labels(reason="invalid_report").inc(rejected_reports)
+
+        if registrations or reports:
+            await self._write(registrations, reports)
+            self._metrics.registrations.inc(len(registrations))
+            self._metrics.reports.inc(len(reports))
+            self._metrics.summaries.inc(sum(len(report.tensors) for report, _ in reports))
+
+        if not reasons:
+            return ExportResponse()
+        shown = "; ".join(reasons[:MAX_REASONS_IN_MESSAGE])
+        if len(reasons) > MAX_REASONS_IN_MESSAGE:
+            shown += f"; and {len(reasons) - MAX_REASONS_IN_MESSAGE} more"
+        return ExportResponse(partial_success=ExportPartialSuccess(
+            rejected_reports=rejected_reports, rejected_registrations=rejected_registrations, error_message=shown))
+
+    def _accepted(self, raws: list[bytes], message_type, problem, what: str, reasons: list[str]) -> list:
+        """(decoded, raw bytes) of the items that pass; the others' reasons are appended to `reasons`."""
+        accepted = []
+        for index, raw in enumerate(raws):
+            try:
+                item = message_type.FromString(raw)
+            except Exception as err:  # noqa: BLE001 - any decode failure refuses this item only
+                reasons.append(f"{what} {index}: cannot decode ({err or type(err).__name__})")
+                continue
+            reason = problem(item, self._config.max_tensors_per_report, self._config.max_string_bytes)
+            if reason is None:
+                accepted.append((item, raw))
+            else:
+                reasons.append(f"{what} {index}: {reason}")
+        return accepted
+
+    async def _write(self, registrations: list[tuple[RunRegistration, bytes]],
+                     reports: list[tuple[StepReport, bytes]]) -> None:
+        maxlen = self._config.stream_maxlen
+        pipe = self._redis.pipeline(transaction=False)
+        runs: set[str] = set()
+        # Registrations first: the aggregator then knows a run's tensor names before its first report.
+        for reg, raw in registrations:
+            pipe.hset(registrations_key(reg.run_id), str(reg.rank), raw)
+            pipe.xadd(reports_key(reg.run_id), {FIELD_REGISTRATION: raw}, maxlen=maxlen, approximate=True)
+            runs.add(reg.run_id)
+        for report, raw in reports:
+            pipe.xadd(reports_key(report.run_id), {FIELD_REPORT: raw}, maxlen=maxlen, approximate=True)
+            runs.add(report.run_id)
+        now = self._clock()
+        for run_id in runs:
+            pipe.zadd(RUNS_KEY, {run_id: now})
+        try:
+            async with asyncio.timeout(self._config.redis_timeout_s):
+                await pipe.execute()
+        except (RedisError, OSError, TimeoutError) as err:
+            self._metrics.redis_errors.inc()
+            self._log_redis_error(err)
+            detail = str(err) or type(err).__name__
+            raise _Refused(grpc.StatusCode.UNAVAILABLE, "redis_error", f"redis write failed: {detail}; retry") from None
+        finally:
+            await pipe.reset()
+
+    def _log_redis_error(self, err: BaseException) -> None:
+        now = time.monotonic()
+        if now - self._last_redis_log < _LOG_INTERVAL_S:
+            self._suppressed_redis_errors += 1
+            return
+        suppressed = self._suppressed_redis_errors
+        more = f" ({suppressed} more since the last message)" if suppressed else ""
+        log.warning("redis write failed: %s; answering UNAVAILABLE so agents retry%s", err, more)
+        self._last_redis_log = now
+        self._suppressed_redis_errors = 0
