@@ -89,7 +89,7 @@ def step_report(run_id: str, rank: int, step: int, sequence: int, capture_time: 
             report.loss = value
         else:
             report.scalars[key] = value
-    counts = rows[:, :COL_SUM].astype(np.int64)
+    counts = rows[:-1, :COL_SUM].astype(np.int64)  # the last row holds scalars, not counts
     for slot in present:
         r = rows[slot.id]
         c = counts[slot.id]

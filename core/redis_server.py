@@ -52,7 +52,7 @@ class RedisServer:
                  extra_args: list[str] | None = None, appendonly: bool = True):
         self.host = host
         self.port = port or free_port(host)
-        self.data_dir = Path(data_dir)
+        self.data_dir = Path(data_dir).resolve()  # redis-server chdirs to --dir before opening its log
         self.extra_args = list(extra_args or [])
         self.appendonly = appendonly
         self.proc: subprocess.Popen | None = None

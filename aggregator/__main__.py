@@ -1,0 +1,117 @@
+"""`python -m gradwatch.aggregator`: runs one aggregator process until SIGINT or SIGTERM.
+
+Start-up order is downstream first: Redis must answer, then the metrics port must open, then the
+consumer starts. Any of these failing is one clear line on stderr and exit status 1 (2 for an
+invalid setting). A signal lets the current batch finish and be acked, then exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+from prometheus_client import CollectorRegistry, ProcessCollector
+
+from gradwatch.aggregator.config import DEFAULT_METRICS_LISTEN, DEFAULT_REDIS_URL, AggregatorConfig
+from gradwatch.aggregator.consumer import Aggregator
+from gradwatch.aggregator.exposition import ListenError, serve_metrics
+from gradwatch.envconfig import ConfigError
+
+log = logging.getLogger("gradwatch.aggregator")
+PROG = "gradwatch aggregator"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG, description="Reads gradwatch report streams from Redis, evaluates alert rules, serves "
+                               "Prometheus metrics and pushes alerts to Alertmanager.")
+    p.add_argument("--redis-url", help=f"Redis to read (env GRADWATCH_REDIS_URL; default {DEFAULT_REDIS_URL})")
+    p.add_argument("--metrics-listen", metavar="HOST:PORT",
+                   help=f"where /metrics is served (env GRADWATCH_AGGREGATOR_METRICS_LISTEN; "
+                        f"default {DEFAULT_METRICS_LISTEN})")
+    p.add_argument("--alertmanager-url", metavar="URL",
+                   help="Alertmanager to push alerts to, e.g. http://127.0.0.1:9093 "
+                        "(env GRADWATCH_ALERTMANAGER_URL; default: none, alerts go to Redis and /metrics only)")
+    p.add_argument("--consumer", help="consumer name in the Redis group (env GRADWATCH_AGGREGATOR_CONSUMER; "
+                                      "default HOSTNAME-PID)")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = AggregatorConfig.from_env()
+    for name in ("redis_url", "metrics_listen", "alertmanager_url", "consumer"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(config, name, value)
+    return run(config)
+
+
+def run(config: AggregatorConfig, stop: threading.Event | None = None,
+        registry: CollectorRegistry | None = None) -> int:
+    """Runs until `stop` is set (or SIGINT/SIGTERM when called from the main thread); returns the exit
+    status. For `gradwatch up`, which runs this in-process next to the other components."""
+    try:
+        config.validate()
+        host, port = config.metrics_address()
+    except ConfigError as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 2
+    if registry is None:
+        registry = CollectorRegistry()
+        ProcessCollector(registry=registry)  # process_cpu_seconds_total, memory: the aggregator's own cost
+    aggregator = Aggregator(config, registry)
+    try:
+        aggregator.client.ping()
+    except redis.RedisError as e:
+        print(f"{PROG}: cannot reach Redis at {redact(config.redis_url)}: {e} (start it, or choose one with "
+              f"--redis-url)", file=sys.stderr)
+        aggregator.stop(0)
+        return 1
+    try:
+        server, _ = serve_metrics(host, port, registry)
+    except ListenError as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        aggregator.stop(0)
+        return 1
+
+    stop = stop if stop is not None else threading.Event()
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda *_: stop.set())
+    log.info("aggregator %s reading %s; metrics on http://%s:%d/metrics; alerts to %s", config.consumer,
+             redact(config.redis_url), host, server.server_port, config.alertmanager_url or "Redis only")
+    aggregator.start()
+    try:
+        while not stop.wait(0.5):  # a timed wait keeps the main thread responsive to signals
+            pass
+        log.info("stopping: finishing the current batch")
+    finally:
+        aggregator.stop(timeout=10.0)
+        server.shutdown()
+        server.server_close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Prometheus exposition: metric families built at scrape time from a bounded snapshot of the state,
+and the HTTP server that serves them.
+
+Series exist only while their run is in the state (runs expire, layers are capped by
+max_layer_series), so nothing accumulates in long-lived labelled children.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from gradwatch.aggregator.alert import Alert
+from gradwatch.aggregator.state import RunSnapshot
+
+COUNTERS = {
+    "reports": "Step reports applied.",
+    "registrations": "Run registrations applied.",
+    "duplicates": "Redelivered step reports skipped (same run, rank and sequence number).",
+    "decode_errors": "Stream entries that could not be decoded or processed, moved to the run's dead-letter stream.",
+    "unregistered_reports": "Step reports applied without a tensor dictionary (tensors named tensor_<id>).",
+    "series_dropped": "Layer updates without a series because max_layer_series was reached.",
+    "claimed": "Entries taken over from idle consumers with XAUTOCLAIM.",
+    "redis_errors": "Failed Redis commands.",
+    "alerts_suppressed": "Recurrences of a condition inside the cooldown of its previous alert.",
+    "alertmanager_sent": "Alerts Alertmanager accepted.",
+    "alertmanager_errors": "Failed POSTs to Alertmanager.",
+    "alertmanager_dropped": "Alerts never delivered to Alertmanager: queue full or retries exhausted.",
+    "runs_expired": "Runs forgotten after run_expiry_s without a report.",
+}
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    runs: list[RunSnapshot] = field(default_factory=list)
+    firing: list[Alert] = field(default_factory=list)
+    counters: dict[str, int] = field(default_factory=dict)
+    alerts: dict[str, int] = field(default_factory=dict)  # rule -> firing alerts raised
+    layer_series: int = 0
+
+
+class AggregatorCollector:
+    """A custom collector: every scrape calls collect(), which copies the state once (under the
+    aggregator's lock, via `snapshot`) and builds the families from that copy without the lock."""
+
+    def __init__(self, snapshot: Callable[[], Snapshot]):
+        self._snapshot = snapshot
+
+    def describe(self) -> Iterator[Metric]:
+        # Names only, so registering twice in one registry fails loudly as it should.
+        return self._families(Snapshot())
+
+    def collect(self) -> Iterator[Metric]:
+        return self._families(self._snapshot())
+
+    @staticmethod
+    def _families(snap: Snapshot) -> Iterator[Metric]:
+        run_gauges = {
+            "step": ("gradwatch_run_step", "Latest optimizer step reported."),
+            "loss": ("gradwatch_run_loss", "Training loss of the latest step."),
+            "eval_loss": ("gradwatch_run_eval_loss", "Loss of the latest evaluation step."),
+            "learning_rate": ("gradwatch_run_learning_rate", "Learning rate of optimizer parameter group 0."),
+            "grad_norm": ("gradwatch_run_grad_norm", "Global L2 norm of the gradients of the latest step."),
+            "steps_per_second": ("gradwatch_run_steps_per_second", "Optimizer steps per second, recent reports."),
+            "last_report_time": ("gradwatch_run_last_report_timestamp_seconds",
+                                 "Capture time of the latest report, unix seconds."),
+        }
+        families = {attr: GaugeMetricFamily(name, doc, labels=["run"]) for attr, (name, doc) in run_gauges.items()}
+        grad = GaugeMetricFamily("gradwatch_layer_grad_norm", "L2 norm of the layer's parameter gradients.",
+                                 labels=["run", "layer"])
+        param = GaugeMetricFamily("gradwatch_layer_param_norm", "L2 norm of the layer's parameters.",
+                                  labels=["run", "layer"])
+        nonfinite = GaugeMetricFamily("gradwatch_layer_nonfinite_values",
+                                      "NaN and Inf values in the layer's tensors of one kind, latest report.",
+                                      labels=["run", "layer", "kind"])
+        for run in snap.runs:
+            for attr, family in families.items():
+                value = getattr(run, attr)
+                if value is not None and (attr != "step" or value >= 0):
+                    family.add_metric([run.run], float(value))
+            for layer, grad_norm, param_norm, kinds in run.layers:
+                if grad_norm is not None:
+                    grad.add_metric([run.run, layer], grad_norm)
+                if param_norm is not None:
+                    param.add_metric([run.run, layer], param_norm)
+                for kind, count in kinds:
+                    nonfinite.add_metric([run.run, layer, kind], count)
+        yield from families.values()
+        yield from (grad, param, nonfinite)
+
+        firing = GaugeMetricFamily("gradwatch_alert_firing", "1 while the rule's alert is firing for the run.",
+                                   labels=["run", "rule", "layer"])
+        for alert in snap.firing:
+            firing.add_metric([alert.run, alert.rule, alert.layer], 1)
+        yield firing
+
+        for name, doc in COUNTERS.items():
+            yield CounterMetricFamily(f"gradwatch_aggregator_{name}", doc, value=snap.counters.get(name, 0))
+        alerts = CounterMetricFamily("gradwatch_aggregator_alerts", "Alerts raised (firing transitions).",
+                                     labels=["rule"])
+        for rule, count in sorted(snap.alerts.items()):
+            alerts.add_metric([rule], count)
+        yield alerts
+        yield GaugeMetricFamily("gradwatch_aggregator_runs", "Runs held in the state.", value=len(snap.runs))
+        yield GaugeMetricFamily("gradwatch_aggregator_layer_series", "Layers held in the state, all runs.",
+                                value=snap.layer_series)
+
+
+class ListenError(OSError):
+    """The metrics port cannot be opened; the message is meant for the command line."""
+
+
+def serve_metrics(host: str, port: int, registry: CollectorRegistry):
+    """Starts the /metrics HTTP server on a daemon thread; returns (server, thread)."""
+    try:
+        return start_http_server(port, addr=host, registry=registry)
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            why = "address in use (another aggregator running? choose one with --metrics-listen)"
+        else:
+            why = e.strerror or str(e)
+        raise ListenError(f"cannot listen on {host}:{port}: {why}") from e

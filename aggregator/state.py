@@ -1,0 +1,287 @@
+"""Per-run state built from registrations and step reports: what /metrics shows and what rules see.
+
+Each report is applied on its own (cross-rank joins come later), at most once per (run, rank,
+sequence), within a fixed budget of layer series, and runs that stop reporting expire.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from google.protobuf.message import DecodeError
+
+from gradwatch.aggregator.config import AggregatorConfig
+from gradwatch.aggregator.counters import Counters
+from gradwatch.aggregator.sequence import SequenceTracker
+from gradwatch.v1 import report_pb2, run_pb2
+
+PARAMETER = run_pb2.TENSOR_KIND_PARAMETER
+GRADIENT = run_pb2.TENSOR_KIND_GRADIENT
+KIND_NAMES = {v: run_pb2.TensorKind.Name(v).removeprefix("TENSOR_KIND_").lower() for v in run_pb2.TensorKind.values()}
+# Tensors without a dictionary entry sort after every known one in forward order.
+UNKNOWN_ORDER = 1 << 32
+RATE_WINDOW = 10
+
+
+@dataclass(frozen=True, slots=True)
+class TensorMeta:
+    name: str
+    kind: int
+    layer: str
+    order: int
+    kind_name: str  # label value of `kind`, precomputed: it is needed for every tensor of every report
+
+    @classmethod
+    def of(cls, name: str, kind: int, layer: str, order: int) -> TensorMeta:
+        return cls(name, kind, layer, order, KIND_NAMES.get(kind, "unspecified"))
+
+
+def unknown_tensor(tensor_id: int) -> TensorMeta:
+    name = f"tensor_{tensor_id}"
+    return TensorMeta.of(name, run_pb2.TENSOR_KIND_UNSPECIFIED, name, UNKNOWN_ORDER)
+
+
+@dataclass(slots=True)
+class ReportView:
+    """What the rules see of one applied report."""
+
+    run: str
+    rank: int
+    step: int
+    time: float                            # capture time (unix seconds), else when it was applied
+    loss: float | None
+    grad_norms: dict[str, float]           # layer -> gradient norm, layers within the series budget
+    global_grad_norm: float | None
+    nonfinite: list[tuple[TensorMeta, int]]  # tensors holding NaN/Inf, with their count
+    layer_order: dict[str, int]
+
+
+class RankState:
+    __slots__ = ("dictionary", "layer_order", "start_ns", "fetched", "seq", "rate")
+
+    def __init__(self) -> None:
+        self.dictionary: dict[int, TensorMeta] | None = None
+        self.layer_order: dict[str, int] = {}
+        self.start_ns = 0
+        self.fetched = False
+        self.seq = SequenceTracker()
+        self.rate: deque[tuple[float, int]] = deque(maxlen=RATE_WINDOW)
+
+    def steps_per_second(self) -> float | None:
+        if len(self.rate) < 2:
+            return None
+        (t0, s0), (t1, s1) = self.rate[0], self.rate[-1]
+        return (s1 - s0) / (t1 - t0) if t1 > t0 and s1 >= s0 else None
+
+
+class LayerState:
+    __slots__ = ("step", "grad_norm", "param_norm", "nonfinite")
+
+    def __init__(self) -> None:
+        self.step = -1
+        self.grad_norm: float | None = None
+        self.param_norm: float | None = None
+        self.nonfinite: dict[str, int] = {}
+
+
+class RunState:
+    def __init__(self, run: str):
+        self.run = run
+        self.ranks: dict[int, RankState] = {}
+        self.world_size = 0
+        self.step = -1
+        self.phase = "train"
+        self.loss: float | None = None
+        self.eval_loss: float | None = None
+        self.learning_rate: float | None = None
+        self.grad_norm: float | None = None
+        self.last_report_time: float | None = None
+        self.last_seen = time.monotonic()
+        self.layers: dict[str, LayerState] = {}
+
+
+@dataclass(frozen=True, slots=True)
+class RunSnapshot:
+    run: str
+    step: int
+    loss: float | None
+    eval_loss: float | None
+    learning_rate: float | None
+    grad_norm: float | None
+    steps_per_second: float | None
+    last_report_time: float | None
+    # (layer, grad norm, param norm, ((kind, non-finite count), ...))
+    layers: tuple[tuple[str, float | None, float | None, tuple[tuple[str, int], ...]], ...]
+
+
+def _sqrt(x: float) -> float:
+    return math.sqrt(x) if x > 0 else (0.0 if x <= 0 else math.nan)
+
+
+class State:
+    """All runs this aggregator follows. Not thread-safe: the consumer serialises access."""
+
+    def __init__(self, config: AggregatorConfig, counters: Counters,
+                 fetch_registration: Callable[[str, int], bytes | None] | None = None):
+        self.config = config
+        self.counters = counters
+        # Raises on a transient error (the fetch is retried on the next report), None when absent.
+        self._fetch_registration = fetch_registration
+        self.runs: dict[str, RunState] = {}
+        self.layer_series = 0
+
+    def register(self, run: str, reg: run_pb2.RunRegistration) -> None:
+        rs = self._run(run)
+        rank = rs.ranks.setdefault(reg.rank, RankState())
+        start_ns = reg.start_time.ToNanoseconds() if reg.HasField("start_time") else 0
+        if rank.dictionary is not None and start_ns and rank.start_ns:
+            if start_ns < rank.start_ns:
+                return  # a redelivered registration of an earlier agent process
+            if start_ns > rank.start_ns:
+                # A restarted agent numbers its reports from 1 again.
+                rank.seq = SequenceTracker()
+                rank.rate.clear()
+        rank.start_ns = max(start_ns, rank.start_ns)
+        rank.dictionary = {t.id: TensorMeta.of(t.name, t.kind, t.module_path or t.name, t.order) for t in reg.tensors}
+        order: dict[str, int] = {}
+        for meta in rank.dictionary.values():
+            order[meta.layer] = min(order.get(meta.layer, meta.order), meta.order)
+        rank.layer_order = order
+        rank.fetched = True
+        rs.world_size = max(rs.world_size, reg.world_size)
+        self.counters.add("registrations")
+
+    def apply(self, run: str, report: report_pb2.StepReport) -> ReportView | None:
+        """Applies one report; None when this (run, rank, sequence) was applied before."""
+        rs = self._run(run)
+        rank = rs.ranks.setdefault(report.rank, RankState())
+        if not rank.seq.first_time(report.sequence):
+            self.counters.add("duplicates")
+            return None
+        if rank.dictionary is None and not rank.fetched:
+            self._fetch(run, report.rank, rank)
+        dictionary = rank.dictionary
+        if dictionary is None:
+            self.counters.add("unregistered_reports")
+            dictionary = {}
+
+        grad_sq: dict[str, float] = {}
+        param_sq: dict[str, float] = {}
+        nonfinite: dict[str, dict[str, int]] = {}
+        bad: list[tuple[TensorMeta, int]] = []
+        for s in report.tensors:
+            meta = dictionary.get(s.tensor_id) or unknown_tensor(s.tensor_id)
+            if meta.kind == GRADIENT:
+                grad_sq[meta.layer] = grad_sq.get(meta.layer, 0.0) + s.sum_squares
+            elif meta.kind == PARAMETER:
+                param_sq[meta.layer] = param_sq.get(meta.layer, 0.0) + s.sum_squares
+            n = s.nan_count + s.inf_count
+            if n:
+                bad.append((meta, n))
+            kinds = nonfinite.setdefault(meta.layer, {})
+            kinds[meta.kind_name] = kinds.get(meta.kind_name, 0) + n
+
+        step = report.step
+        now = time.time()
+        t = report.capture_time.seconds + report.capture_time.nanos * 1e-9 if report.HasField("capture_time") else now
+        train = report.phase != report_pb2.PHASE_EVAL
+        global_norm = _sqrt(math.fsum(grad_sq.values())) if grad_sq else None
+        loss = report.loss if report.HasField("loss") else None
+        if step >= rs.step:  # a late redelivery must not move the gauges backwards
+            rs.step = step
+            rs.phase = "train" if train else "eval"
+            if loss is not None:
+                if train:
+                    rs.loss = loss
+                else:
+                    rs.eval_loss = loss
+            if report.learning_rates:
+                rs.learning_rate = report.learning_rates[0]
+            if global_norm is not None:
+                rs.grad_norm = global_norm
+            rs.last_report_time = t
+        rs.last_seen = time.monotonic()
+        if train and (not rank.rate or step > rank.rate[-1][1]):
+            rank.rate.append((t, step))
+        self.counters.add("reports")
+
+        grad_norms: dict[str, float] = {}
+        dropped = 0
+        for layer, kinds in nonfinite.items():
+            ls = rs.layers.get(layer)
+            if ls is None:
+                if self.layer_series >= self.config.max_layer_series:
+                    dropped += 1
+                    continue
+                ls = rs.layers[layer] = LayerState()
+                self.layer_series += 1
+            sq = grad_sq.get(layer)
+            if sq is not None:
+                grad_norms[layer] = _sqrt(sq)
+            if step < ls.step:
+                continue
+            ls.step = step
+            if sq is not None:
+                ls.grad_norm = grad_norms[layer]
+            if layer in param_sq:
+                ls.param_norm = _sqrt(param_sq[layer])
+            ls.nonfinite.update(kinds)
+        if dropped:
+            self.counters.add("series_dropped", dropped)
+        return ReportView(run, report.rank, step, t, loss, grad_norms, global_norm, bad, rank.layer_order)
+
+    def expire(self, now: float | None = None) -> list[str]:
+        """Forgets runs without a report for run_expiry_s; returns their ids."""
+        now = time.monotonic() if now is None else now
+        gone = [r for r, rs in self.runs.items() if now - rs.last_seen > self.config.run_expiry_s]
+        for run in gone:
+            self.forget(run)
+        if gone:
+            self.counters.add("runs_expired", len(gone))
+        return gone
+
+    def forget(self, run: str) -> None:
+        rs = self.runs.pop(run, None)
+        if rs is not None:
+            self.layer_series -= len(rs.layers)
+
+    def snapshot(self) -> list[RunSnapshot]:
+        out = []
+        for rs in self.runs.values():
+            sps = next((v for _, r in sorted(rs.ranks.items()) if (v := r.steps_per_second()) is not None), None)
+            layers = tuple((name, ls.grad_norm, ls.param_norm, tuple(ls.nonfinite.items()))
+                           for name, ls in rs.layers.items())
+            out.append(RunSnapshot(rs.run, rs.step, rs.loss, rs.eval_loss, rs.learning_rate, rs.grad_norm, sps,
+                                   rs.last_report_time, layers))
+        return out
+
+    def _run(self, run: str) -> RunState:
+        rs = self.runs.get(run)
+        if rs is None:
+            rs = self.runs[run] = RunState(run)
+        return rs
+
+    def _fetch(self, run: str, rank_id: int, rank: RankState) -> None:
+        """The registration entry may have been trimmed from the stream or read by another replica:
+        ask the registrations hash, once per (run, rank)."""
+        if self._fetch_registration is None:
+            rank.fetched = True
+            return
+        try:
+            raw = self._fetch_registration(run, rank_id)
+        except Exception:  # transient (Redis down): retried on the next report
+            return
+        rank.fetched = True
+        if not raw:
+            return
+        try:
+            reg = run_pb2.RunRegistration.FromString(raw)
+        except DecodeError:
+            self.counters.add("decode_errors")
+            return
+        if reg.rank == rank_id and reg.run_id in ("", run):
+            self.register(run, reg)

@@ -1,0 +1,138 @@
+"""Aggregator fixtures: protobuf builders for registrations and reports, a publisher that writes them to
+Redis the way the collector does, and aggregators on a fresh metrics registry per test."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+import redis
+from prometheus_client import CollectorRegistry
+
+from gradwatch.aggregator.config import AggregatorConfig
+from gradwatch.aggregator.consumer import Aggregator
+from gradwatch.collector.streams import FIELD_REGISTRATION, FIELD_REPORT, RUNS_KEY, registrations_key, reports_key
+from gradwatch.v1 import report_pb2, run_pb2
+
+# A four-layer model in forward order: each layer has a weight, its gradient and its output.
+LAYERS = ("embed", "fc1", "fc2", "head")
+KINDS = {"parameter": run_pb2.TENSOR_KIND_PARAMETER, "gradient": run_pb2.TENSOR_KIND_GRADIENT,
+         "activation": run_pb2.TENSOR_KIND_ACTIVATION}
+KIND_SLOT = {"parameter": 1, "gradient": 2, "activation": 3}
+T0 = 1_700_000_000.0
+
+
+class Build:
+    """Registrations and reports as an agent would encode them."""
+
+    layers = LAYERS
+
+    @staticmethod
+    def tensor_id(layer: str, kind: str) -> int:
+        return 10 * LAYERS.index(layer) + KIND_SLOT[kind]
+
+    @staticmethod
+    def tensor_name(layer: str, kind: str) -> str:
+        return {"parameter": f"{layer}.weight", "gradient": f"{layer}.weight.grad", "activation": f"{layer}.out"}[kind]
+
+    def registration(self, run: str = "demo", rank: int = 0, start_s: float = T0) -> run_pb2.RunRegistration:
+        reg = run_pb2.RunRegistration(run_id=run, rank=rank, world_size=1, agent_version="test", host="test-host")
+        reg.start_time.FromNanoseconds(int(start_s * 1e9))
+        for order, layer in enumerate(LAYERS):
+            for kind, value in KINDS.items():
+                reg.tensors.add(id=self.tensor_id(layer, kind), name=self.tensor_name(layer, kind), kind=value,
+                                shape=[16, 16], dtype="float32", module_path=layer, order=order)
+        return reg
+
+    def report(self, step: int, *, run: str = "demo", rank: int = 0, seq: int | None = None,
+               grad: float | dict[str, float] = 1.0, param: float | dict[str, float] = 10.0,
+               loss: float | None = 0.5, lr: float = 1e-3, nonfinite: dict[tuple[str, str], int] | None = None,
+               phase: int = report_pb2.PHASE_TRAIN, t: float | None = None) -> report_pb2.StepReport:
+        """grad/param: a norm for every layer, or per layer; nonfinite: {(layer, kind): NaN count}."""
+        r = report_pb2.StepReport(run_id=run, rank=rank, step=step, sequence=step + 1 if seq is None else seq,
+                                  phase=phase, learning_rates=[lr, lr / 10])
+        r.capture_time.FromNanoseconds(int((T0 + step * 0.1 if t is None else t) * 1e9))
+        if loss is not None:
+            r.loss = loss
+        nonfinite = nonfinite or {}
+        for layer in LAYERS:
+            for kind, norms in (("parameter", param), ("gradient", grad), ("activation", 3.0)):
+                norm = norms.get(layer, 1.0) if isinstance(norms, dict) else norms
+                r.tensors.add(tensor_id=self.tensor_id(layer, kind), count=256, sum=0.0, sum_squares=norm * norm,
+                              min=-norm, max=norm, nan_count=nonfinite.get((layer, kind), 0))
+        return r
+
+
+class Publisher:
+    """Writes to Redis exactly what the collector writes (see gradwatch.collector.streams)."""
+
+    def __init__(self, client: redis.Redis):
+        self.client = client
+
+    def registration(self, reg: run_pb2.RunRegistration, stream: bool = True, hash_: bool = True) -> None:
+        raw = reg.SerializeToString()
+        if hash_:
+            self.client.hset(registrations_key(reg.run_id), str(reg.rank), raw)
+        if stream:
+            self.client.xadd(reports_key(reg.run_id), {FIELD_REGISTRATION: raw})
+        self.client.zadd(RUNS_KEY, {reg.run_id: time.time()})
+
+    def report(self, report: report_pb2.StepReport) -> bytes:
+        entry_id = self.client.xadd(reports_key(report.run_id), {FIELD_REPORT: report.SerializeToString()})
+        self.client.zadd(RUNS_KEY, {report.run_id: time.time()})
+        return entry_id
+
+    def raw(self, run: str, fields: dict) -> bytes:
+        entry_id = self.client.xadd(reports_key(run), fields)
+        self.client.zadd(RUNS_KEY, {run: time.time()})
+        return entry_id
+
+
+@pytest.fixture
+def build() -> Build:
+    return Build()
+
+
+@pytest.fixture
+def publish(redis_client) -> Publisher:
+    return Publisher(redis_client)
+
+
+@pytest.fixture
+def agg_config(redis_url) -> AggregatorConfig:
+    """Fast loops for tests: discover and claim on every run_once()."""
+    return AggregatorConfig(redis_url=redis_url, metrics_listen="127.0.0.1:0", consumer="test-aggregator",
+                            block_ms=20, discover_interval_s=0.0, claim_interval_s=0.0)
+
+
+@pytest.fixture
+def make_aggregator(agg_config) -> Iterator[Callable[..., Aggregator]]:
+    """make_aggregator(**config overrides) -> an Aggregator on its own fresh CollectorRegistry."""
+    made: list[Aggregator] = []
+
+    def make(**overrides) -> Aggregator:
+        agg = Aggregator(dataclasses.replace(agg_config, **overrides), CollectorRegistry())
+        made.append(agg)
+        return agg
+
+    yield make
+    for agg in made:
+        agg.stop(2.0)
+
+
+def drain(agg: Aggregator, max_rounds: int = 20) -> int:
+    """run_once() until nothing is left to read; returns the entries handled."""
+    total = 0
+    for _ in range(max_rounds):
+        n = agg.run_once()
+        total += n
+        if n == 0:
+            return total
+    return total
+
+
+@pytest.fixture
+def run_all() -> Callable[[Aggregator], int]:
+    return drain

@@ -1,0 +1,56 @@
+"""AggregatorConfig: defaults, environment overrides, validation messages."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from gradwatch.aggregator import config as cfg
+from gradwatch.aggregator.config import AggregatorConfig
+from gradwatch.envconfig import ConfigError
+
+
+def test_defaults_are_valid():
+    c = AggregatorConfig().validate()
+    assert (c.redis_url, c.metrics_listen, c.alertmanager_url) == ("redis://127.0.0.1:6379/0", "127.0.0.1:4772", None)
+    assert (c.block_ms, c.read_count, c.claim_idle_ms, c.claim_interval_s) == (200, 500, 30_000, 5)
+    assert (c.exploding_abs_limit, c.exploding_ratio, c.exploding_window, c.exploding_min_history) == (1e4, 10, 50, 10)
+    assert (c.cooldown_steps, c.resolve_after_steps, c.max_layer_series, c.run_expiry_s) == (50, 5, 5_000, 3600)
+    assert c.keep_firing_s == 300
+    assert c.consumer.endswith(f"-{__import__('os').getpid()}")
+    assert c.metrics_address() == ("127.0.0.1", 4772)
+
+
+def test_environment_overrides(monkeypatch):
+    monkeypatch.setenv("GRADWATCH_REDIS_URL", "redis://redis:6379/2")
+    monkeypatch.setenv("GRADWATCH_AGGREGATOR_METRICS_LISTEN", "0.0.0.0:9000")
+    monkeypatch.setenv("GRADWATCH_ALERTMANAGER_URL", "http://am:9093")
+    monkeypatch.setenv("GRADWATCH_AGGREGATOR_EXPLODING_RATIO", "20")
+    monkeypatch.setenv("GRADWATCH_AGGREGATOR_BLOCK_MS", "not-a-number")  # logged and ignored
+    c = AggregatorConfig.from_env().validate()
+    assert (c.redis_url, c.metrics_listen, c.alertmanager_url) == ("redis://redis:6379/2", "0.0.0.0:9000",
+                                                                   "http://am:9093")
+    assert c.exploding_ratio == 20.0 and c.block_ms == cfg.DEFAULT_BLOCK_MS
+    assert c.metrics_address() == ("0.0.0.0", 9000)
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("redis_url", "http://x", "GRADWATCH_REDIS_URL"),
+    ("metrics_listen", "4772", "host:port"),
+    ("metrics_listen", "host:99999", "GRADWATCH_AGGREGATOR_METRICS_LISTEN"),
+    ("alertmanager_url", "am:9093", "http(s)://"),
+    ("read_count", 0, ">= 1"),
+    ("exploding_ratio", 1.0, "> 1"),
+    ("exploding_min_history", 60, "at most exploding_window"),
+    ("claim_interval_s", float("nan"), "seconds"),
+    ("consumer", "", "non-empty"),
+])
+def test_invalid_values_name_the_setting(field, value, message):
+    with pytest.raises(ConfigError, match=field) as e:
+        dataclasses.replace(AggregatorConfig(), **{field: value}).validate()
+    assert message in str(e.value)
+
+
+def test_ipv6_listen_address():
+    assert AggregatorConfig(metrics_listen="[::1]:4772").metrics_address() == ("::1", 4772)

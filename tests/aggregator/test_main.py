@@ -1,0 +1,92 @@
+"""`python -m gradwatch.aggregator` as a real process: start-up errors, serving, graceful stop."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from gradwatch.aggregator.__main__ import redact, run
+from gradwatch.aggregator.config import AggregatorConfig
+from gradwatch.redis_server import free_port
+
+
+def aggregator(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "gradwatch.aggregator", "--consumer", "test", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_taken_metrics_port_is_one_clear_line(redis_url):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = aggregator("--redis-url", redis_url, "--metrics-listen", f"127.0.0.1:{port}")
+        _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 1
+    assert err.strip() == (f"gradwatch aggregator: cannot listen on 127.0.0.1:{port}: address in use (another "
+                           "aggregator running? choose one with --metrics-listen)")
+
+
+def test_unreachable_redis_is_one_clear_line():
+    port = free_port()
+    proc = aggregator("--redis-url", f"redis://:secret@127.0.0.1:{port}/0", "--metrics-listen",
+                      f"127.0.0.1:{free_port()}")
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 1
+    assert err.startswith(f"gradwatch aggregator: cannot reach Redis at redis://:***@127.0.0.1:{port}/0: ")
+    assert "secret" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_invalid_setting_exits_2(redis_url):
+    proc = aggregator("--redis-url", redis_url, "--metrics-listen", "no-port-here")
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 2
+    assert "GRADWATCH_AGGREGATOR_METRICS_LISTEN" in err
+
+
+def test_serves_metrics_and_stops_on_sigterm(redis_url, build, publish):
+    publish.registration(build.registration())
+    publish.report(build.report(0, grad={"fc2": 7.0}))
+    port = free_port()
+    proc = aggregator("--redis-url", redis_url, "--metrics-listen", f"127.0.0.1:{port}")
+    try:
+        text, deadline = "", time.monotonic() + 15
+        while 'gradwatch_layer_grad_norm{layer="fc2",run="demo"} 7.0' not in text and time.monotonic() < deadline:
+            try:
+                text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1).read().decode()
+            except OSError:
+                time.sleep(0.05)
+        assert 'gradwatch_layer_grad_norm{layer="fc2",run="demo"} 7.0' in text
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=15)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "stopping" in err
+
+
+def test_run_in_process_stops_on_event(agg_config):
+    stop = threading.Event()
+    config = AggregatorConfig(**{**agg_config.__dict__, "metrics_listen": f"127.0.0.1:{free_port()}"})
+    result = []
+    thread = threading.Thread(target=lambda: result.append(run(config, stop)))
+    thread.start()
+    time.sleep(0.3)
+    stop.set()
+    thread.join(10)
+    assert result == [0]
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+    ("redis://user:pw@host:6380/1", "redis://user:***@host:6380/1"),
+])
+def test_redact(url, shown):
+    assert redact(url) == shown
