@@ -181,3 +181,48 @@ def test_up_refuses_a_taken_port_with_a_clear_message(tmp_path):
                                "--data-dir", str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert f"127.0.0.1:{port}" in proc.stderr and "address in use" in proc.stderr
+
+
+def test_up_serves_then_stops_cleanly_on_sigterm(tmp_path):
+    """`gradwatch up` with its embedded Redis: agents can export, metrics answer, SIGTERM stops all."""
+    import signal
+
+    import torch
+
+    import gradwatch
+
+    collector, metrics = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    env = dict(os.environ)
+    env.pop("GRADWATCH_REDIS_URL", None)
+    proc = subprocess.Popen([sys.executable, "-m", "gradwatch", "up", "--data-dir", str(tmp_path / "data"),
+                             "--collector-listen", collector, "--metrics-listen", metrics,
+                             "--collector-metrics-listen", f"127.0.0.1:{free_port()}"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until(lambda: _http_ok(f"http://{metrics}/metrics") and _tcp_ok(collector), 60, "gradwatch up")
+        model = torch.nn.Linear(3, 3)
+        with gradwatch.watch(model, run="e2e-up", collector=collector) as w:
+            for _ in range(3):
+                model(torch.randn(2, 3)).sum().backward()
+                w.step(loss=0.5)
+                model.zero_grad()
+            assert w.flush(10)
+        wait_until(lambda: sample(scrape(metrics), "gradwatch_run_step", run="e2e-up") == 2, 20, "step 2 on /metrics")
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    assert "gradwatch is up" in out and "stopping" in out
+    assert not _tcp_ok(collector) and not _http_ok(f"http://{metrics}/metrics")
+    assert (tmp_path / "data" / "redis" / "appendonly.aof").exists()
+
+
+def _tcp_ok(address: str) -> bool:
+    host, port = address.rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=0.5):
+            return True
+    except OSError:
+        return False
