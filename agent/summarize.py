@@ -18,7 +18,13 @@ from gradwatch.stats import HIST_BUCKETS, HIST_MIN_EXPONENT
 COL_NAN, COL_INF, COL_ZERO, COL_SUM, COL_SUMSQ, COL_MIN, COL_MAX, COL_HIST = range(8)
 NCOLS = COL_HIST + HIST_BUCKETS
 _INF = float("inf")
-_ZERO_BUCKET = -1 - HIST_MIN_EXPONENT  # where frexp puts 0
+# dtype -> (integer view, exponent shift, exponent mask, exponent bias) of IEEE formats read bit-wise.
+# For a normal number, floor(log2|x|) is exactly the biased exponent minus the bias.
+_EXPONENT_BITS = {
+    torch.float32: (torch.int32, 23, 0xFF, 127),
+    torch.bfloat16: (torch.int16, 7, 0xFF, 127),
+    torch.float64: (torch.int64, 52, 0x7FF, 1023),
+}
 
 
 class Summarizer:
@@ -30,7 +36,7 @@ class Summarizer:
         self.histogram = histogram
         self.chunk_elements = chunk_elements
         self.buffer = torch.zeros(n_rows + 1, NCOLS, dtype=torch.float64, device=device)
-        self._ones = torch.ones(1, dtype=torch.float64, device=device)
+        self._maps: dict[torch.dtype, torch.Tensor] = {}
 
     @property
     def scalar_row(self) -> torch.Tensor:
@@ -56,26 +62,48 @@ class Summarizer:
         self.scalar_row[slot].copy_(value.detach().reshape(()), non_blocking=True)
 
     def _row(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype not in (torch.float32, torch.float64):
-            x = x.float()  # half, bfloat16, integers: a bounded temporary (one chunk)
-        finite = torch.isfinite(x)
-        clean = torch.where(finite, x, 0.0)  # non-finite values are counted, never summed
-        nonfinite = x.numel() - finite.sum()
-        nan = torch.isnan(x).sum()
-        zeros_in_clean = (clean == 0).sum()  # true zeros plus the non-finite values replaced above
+        spec = _EXPONENT_BITS.get(x.dtype)
+        if spec is None:
+            x = x.float()  # half (5-bit exponent: denormals matter), integers, fp8: a bounded temporary
+            spec = _EXPONENT_BITS[torch.float32]
+        view, shift, mask, _ = spec
+        n = x.numel()
+        # Biased IEEE exponent of every element, straight from the bits: all ones marks NaN/Inf, zero marks
+        # zeros and denormals. Its histogram gives the non-finite count and the log2 histogram in one pass.
+        exponent = (x.view(view) >> shift) & mask
+        counts = self._count(exponent, mask + 1)
+        nonfinite = counts[mask]
+        nan = torch.count_nonzero(torch.isnan(x))
+        clean = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)  # non-finite values count, never sum
+        zero = n - nonfinite - torch.count_nonzero(clean)
+        cd = clean.double()  # float64 accumulation, as DESIGN.md asks
         head = torch.stack([
-            nan.double(), (nonfinite - nan).double(), (zeros_in_clean - nonfinite).double(),
-            clean.sum(dtype=torch.float64),
-            torch.linalg.vector_norm(clean, dtype=torch.float64).square(),  # float64 accumulation
-            torch.where(finite, x, _INF).amin().double(),
-            torch.where(finite, x, -_INF).amax().double(),
-        ])
+            nan, nonfinite - nan, zero, cd.sum(), torch.dot(cd, cd),
+            torch.nan_to_num(x, nan=_INF, posinf=_INF, neginf=_INF).amin(),
+            torch.nan_to_num(x, nan=-_INF, posinf=-_INF, neginf=-_INF).amax(),
+        ]).double()
         if not self.histogram:
             return torch.cat([head, head.new_zeros(HIST_BUCKETS)])
-        # |x| = m * 2**e with m in [0.5, 1): floor(log2|x|) = e - 1. frexp(0) has e = 0, so zeros (and the
-        # replaced non-finite values) all land in _ZERO_BUCKET and are subtracted there. scatter_add_ into
-        # a fixed-size buffer needs no host sync (bincount on CUDA would).
-        idx = (torch.frexp(clean)[1] - (1 + HIST_MIN_EXPONENT)).clamp_(0, HIST_BUCKETS - 1).long()
-        hist = head.new_zeros(HIST_BUCKETS).scatter_add_(0, idx, self._ones.expand(idx.numel()))
-        hist[_ZERO_BUCKET] -= zeros_in_clean
-        return torch.cat([head, hist])
+        # Fold exponents into the 64 log2 buckets; the map sends zeros/denormals and NaN/Inf to a discard
+        # slot, and denormals (exponent 0 minus true zeros) join the underflow bucket.
+        hist = counts.new_zeros(HIST_BUCKETS + 1).index_add_(0, self._bucket_map(x.dtype), counts)[:HIST_BUCKETS]
+        hist[0] += counts[0] - zero
+        return torch.cat([head, hist.double()])
+
+    def _count(self, values: torch.Tensor, bins: int) -> torch.Tensor:
+        if values.device.type == "cpu":
+            return torch.bincount(values, minlength=bins)  # host memory: nothing to sync with
+        # bincount on an accelerator reads the maximum back to size its output: a sync. Fixed-size
+        # scatter_add_ is not.
+        ones = torch.ones(1, dtype=torch.int64, device=values.device).expand(values.numel())
+        return torch.zeros(bins, dtype=torch.int64, device=values.device).scatter_add_(0, values.long(), ones)
+
+    def _bucket_map(self, dtype: torch.dtype) -> torch.Tensor:
+        cached = self._maps.get(dtype)
+        if cached is None:
+            _, _, mask, bias = _EXPONENT_BITS.get(dtype, _EXPONENT_BITS[torch.float32])
+            b = torch.arange(mask + 1)
+            buckets = (b - bias - HIST_MIN_EXPONENT).clamp(0, HIST_BUCKETS - 1)
+            buckets[0] = buckets[mask] = HIST_BUCKETS  # zeros/denormals, NaN/Inf: handled apart
+            cached = self._maps[dtype] = buckets.to(self.device)
+        return cached

@@ -12,8 +12,9 @@ Variants:
   gradwatch_nohist   the same without histograms
   gradwatch_every10  the same, every 10th step
   tb_hist            TensorBoard add_histogram per tensor (only if tensorboard is installed)
+  wandb_all          wandb.watch(model, log="all", log_freq=1), offline (only if wandb is installed)
 
-Run: python benchmarks/agent_overhead.py [--small|--full] [--steps 30] [--variants a,b] [--out results.json]
+Run: python benchmarks/agent_overhead.py [--small|--full] [--steps 30] [--rounds 2] [--variants a,b] [--out f.json]
 Prints medians and the ratio of each variant's overhead to gradwatch's.
 """
 
@@ -114,11 +115,18 @@ def run_variant(name, cfg, dev, steps, warmup, target, tmpdir):
     B, T, V = cfg["batch"], cfg["model"]["seq"], cfg["model"]["vocab"]
     x = torch.randint(0, V, (B, T), device=dev)
     y = torch.randint(0, V, (B, T), device=dev)
-    tele, watcher = None, None
+    tele, watcher, wb = None, None, None
     if name == "item_sync":
         tele = ItemSync(model)
     elif name == "tb_hist":
         tele = TBHist(model, os.path.join(tmpdir, "tb"))
+    elif name == "wandb_all":
+        import wandb
+
+        os.environ.setdefault("WANDB_MODE", "offline")
+        os.environ.setdefault("WANDB_SILENT", "true")
+        wb = wandb.init(project="gradwatch-bench", dir=tmpdir, mode="offline")
+        wandb.watch(model, log="all", log_freq=1)
     elif name.startswith("gradwatch"):
         cfg_agent = AgentConfig(collector=target, every=10 if name.endswith("every10") else 1,
                                                 histogram=not name.endswith("nohist"))
@@ -138,11 +146,15 @@ def run_variant(name, cfg, dev, steps, warmup, target, tmpdir):
         opt.zero_grad(set_to_none=False)
         if watcher is not None:
             watcher.step(loss=loss)
+        if wb is not None:
+            wb.log({"loss": loss.detach()})  # commits the step's histograms, as a user's loop would
         if dev == "cuda":
             torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     extra = {}
+    if wb is not None:
+        wb.finish()
     if watcher is not None:
         watcher.close()
         c = watcher.counters
@@ -155,8 +167,10 @@ def main() -> int:
     size = ap.add_mutually_exclusive_group()
     size.add_argument("--small", action="store_true", help="small model (default on a CPU)")
     size.add_argument("--full", action="store_true", help="GPT-2-small shape (default on a GPU)")
-    ap.add_argument("--variants", default="base,item_sync,gradwatch,gradwatch_nohist,gradwatch_every10,tb_hist")
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--variants",
+                    default="base,item_sync,gradwatch,gradwatch_nohist,gradwatch_every10,tb_hist,wandb_all")
+    ap.add_argument("--steps", type=int, default=30, help="measured steps per variant and round")
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds over all variants")
     ap.add_argument("--out")
     a = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -175,30 +189,38 @@ def main() -> int:
     del model
     print(json.dumps({k: res[k] for k in ("device", "torch", "params", "tensors")}), flush=True)
     order = a.variants.split(",")
-    if order[0] == "base":
-        order.append("base")  # base first and last shows drift
+    samples: dict[str, list[float]] = {}
+    extras: dict[str, dict] = {}
+    skipped: set[str] = set()
     with tempfile.TemporaryDirectory() as tmp:
-        for v in order:
-            steps = a.steps if v != "tb_hist" else max(5, a.steps // 4)
-            try:
-                times, extra = run_variant(v, cfg, dev, steps, 3, target, tmp)
-            except ImportError as err:
-                print(f"{v:18s} skipped: {err}", flush=True)
-                continue
-            key = v if v not in res["variants"] else v + "_again"
-            med = statistics.median(times)
-            res["variants"][key] = {"median_ms": med * 1e3, "min_ms": min(times) * 1e3, "n": len(times), **extra}
-            print(f"{key:18s} median {med * 1e3:9.2f} ms  min {min(times) * 1e3:9.2f} ms  n={len(times)} {extra or ''}",
-                  flush=True)
+        # Rounds interleave the variants, so drift (thermal, other load) spreads over all of them.
+        for rnd in range(a.rounds):
+            for v in order:
+                if v in skipped:
+                    continue
+                steps = a.steps if v not in ("tb_hist", "wandb_all") else max(5, a.steps // 4)
+                try:
+                    times, extra = run_variant(v, cfg, dev, steps, 3, target, tmp)
+                except ImportError as err:
+                    print(f"{v:18s} skipped: {err}", flush=True)
+                    skipped.add(v)
+                    continue
+                samples.setdefault(v, []).extend(times)
+                extras[v] = extra
+                print(f"round {rnd + 1}: {v:18s} median {statistics.median(times) * 1e3:9.2f} ms  n={len(times)} "
+                      f"{extra or ''}", flush=True)
+    for v, times in samples.items():
+        res["variants"][v] = {"median_ms": statistics.median(times) * 1e3, "min_ms": min(times) * 1e3,
+                              "n": len(times), **extras[v]}
     server.stop(0)
-    base = statistics.mean(r["median_ms"] for k, r in res["variants"].items() if k.startswith("base"))
+    base = res["variants"]["base"]["median_ms"]
     gw = res["variants"].get("gradwatch", {}).get("median_ms")
-    print(f"\nbaseline {base:.2f} ms (mean of the base runs); bytes on the wire per report: "
+    print(f"\nbaseline {base:.2f} ms; bytes on the wire per report: "
           f"{sink.bytes / max(sink.reports, 1):.0f} B for {res['tensors']} tensors")
     for k, r in res["variants"].items():
         r["overhead_pct"] = 100 * (r["median_ms"] - base) / base
         ratio = ""
-        if gw and k not in ("gradwatch",) and not k.startswith("base") and gw - base > 0:
+        if gw and k not in ("gradwatch", "base") and gw - base > 0:
             ratio = f"   {(r['median_ms'] - base) / (gw - base):6.1f}x gradwatch's added cost"
         print(f"{k:18s} overhead {r['overhead_pct']:8.1f} %{ratio}")
     if a.out:
