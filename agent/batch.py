@@ -183,6 +183,8 @@ class ReportPipeline:
 
     def force_flush(self, timeout: float) -> bool:
         """Wait until every submitted step was exported or dropped; False on timeout."""
+        if self._dead:
+            return True  # a forked child: its parent owns the queue
         deadline = time.monotonic() + timeout
         self._wake_reader.set()
         self._wake_exporter.set()
@@ -197,7 +199,7 @@ class ReportPipeline:
 
     def shutdown(self, timeout: float) -> None:
         """Flush within `timeout`, then stop the threads and close the channel. Idempotent."""
-        if self._stopping.is_set():
+        if self._stopping.is_set() or self._dead:
             return
         deadline = time.monotonic() + timeout
         self.force_flush(timeout)

@@ -177,3 +177,28 @@ def test_cuda_hot_path_passes_sync_debug_mode_error(ingest):
         torch.cuda.set_sync_debug_mode(0)
     w.close()
     assert len(ingest.reports) == 5
+
+
+def test_forked_child_stays_quiet_and_parent_keeps_exporting(ingest):
+    """DataLoader workers fork: the child must neither export nor hang, the parent goes on."""
+    import os
+
+    model = make_model()
+    w = gradwatch.watch(model, run="unit-fork", collector=ingest.target)
+    w.step()
+    assert w.flush(5)
+    pid = os.fork()
+    if pid == 0:  # child: a few steps and a close must return at once and send nothing
+        code = 1
+        try:
+            started = time.monotonic()
+            w.step()
+            w.close()
+            code = 0 if time.monotonic() - started < 2 else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    w.step()
+    w.close()
+    assert [r.sequence for r in ingest.reports] == [1, 2]
