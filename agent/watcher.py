@@ -84,6 +84,7 @@ class Watcher:
         self._sequence = 0
         self._captured: CapturedStep | None = None  # captured by the optimizer hook, not yet submitted
         self._opt_stepped = False
+        self._held_scalars: dict[str, object] = {}  # scalars of watcher.step() calls between optimizer steps
         self._closed = False
         self._last_step_time = time.monotonic()
         self._pipeline = ReportPipeline(
@@ -101,17 +102,24 @@ class Watcher:
 
     @_guarded
     def step(self, **scalars) -> None:
-        """Mark the end of one optimizer step and attach scalars (loss=..., accuracy=...).
+        """Mark the end of one training step and attach scalars (loss=..., accuracy=...).
 
-        Tensor values are copied on the device (no host sync). Call after backward; with an optimizer
-        passed to watch(), before or after optimizer.step().
+        Tensor values are copied on the device (no host sync). Without an optimizer, call it after
+        backward and before zero_grad: it is the capture window. With an optimizer passed to watch(),
+        call it after optimizer.step(); a call when the optimizer did not step (a micro-batch of
+        gradient accumulation, or a step GradScaler skipped for overflow) reports nothing and keeps its
+        scalars for the next report, so steps count optimizer steps and overflow steps are no alarm.
         """
         if self._closed:
             return
+        if self.optimizer is not None and not self._opt_stepped:
+            # Detached: holding a loss must not keep its autograd graph alive until the next report.
+            self._held_scalars.update({k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in scalars.items()})
+            return
         captured = self._captured
-        if captured is None and self._due():
+        if captured is None and self.optimizer is None and self._due():
             captured = self._capture()
-        self._finish(captured, scalars)
+        self._finish(captured, {**self._held_scalars, **scalars})
 
     def _before_optimizer_step(self, optimizer, args, kwargs) -> None:
         try:
@@ -157,6 +165,7 @@ class Watcher:
             self._pipeline.submit(captured)
         self._captured = None
         self._opt_stepped = False
+        self._held_scalars = {}
         self._step += 1
 
     def _attach_scalars(self, captured: CapturedStep, scalars: Mapping[str, object]) -> None:
@@ -196,7 +205,7 @@ class Watcher:
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything captured so far was exported (or dropped); False on timeout."""
         if self._captured is not None:
-            self._finish(self._captured, {})
+            self._finish(self._captured, self._held_scalars)
         return self._pipeline.force_flush(self.config.shutdown_timeout_s if timeout is None else timeout)
 
     def close(self, timeout: float | None = None) -> None:
@@ -205,7 +214,7 @@ class Watcher:
             return
         try:
             if self._captured is not None:
-                self._finish(self._captured, {})
+                self._finish(self._captured, self._held_scalars)
             self._closed = True
             for h in self._hooks:
                 h.remove()

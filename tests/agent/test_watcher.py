@@ -202,3 +202,28 @@ def test_forked_child_stays_quiet_and_parent_keeps_exporting(ingest):
     w.step()
     w.close()
     assert [r.sequence for r in ingest.reports] == [1, 2]
+
+
+def test_micro_batch_calls_and_gradscaler_skipped_steps_report_optimizer_steps_only(ingest):
+    """watcher.step() per micro-batch, and a step GradScaler skips for overflow: neither is a report,
+    so fp16 loss-scale overflows (routine) never look like NaN gradients downstream."""
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
+    w = gradwatch.watch(model, opt, run="unit-amp", collector=ingest.target)
+    for i in range(6):
+        for micro in range(2):
+            loss = model(torch.randn(4, 8)).pow(2).mean()
+            scaler.scale(loss).backward()
+            w.step(micro=float(micro))
+        if i == 3:
+            next(model.parameters()).grad[0, 0] = float("inf")  # overflow: scaler.step skips opt.step()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        w.step(loss=loss)
+    w.close()
+    reports = ingest.reports
+    assert [r.step for r in reports] == [0, 1, 2, 3, 4]  # 6 iterations, one skipped by the scaler
+    assert all(s.nan_count == 0 and s.inf_count == 0 for r in reports for s in r.tensors)
+    assert all(r.scalars["micro"] == 1.0 and r.loss > 0 for r in reports)  # held scalars attach
