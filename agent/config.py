@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from gradwatch.envconfig import ConfigError, env
@@ -17,6 +18,7 @@ DEFAULT_EXPORT_INTERVAL_S = 0.5    # export at least this often while reports wa
 DEFAULT_EXPORT_TIMEOUT_S = 10.0    # one deadline for an Export call and all of its retries
 DEFAULT_SHUTDOWN_TIMEOUT_S = 5.0   # close() waits this long to flush
 DEFAULT_CHUNK_ELEMENTS = 1 << 22   # tensors are summarized in chunks so temporaries stay bounded
+DEFAULT_TLS = False                # plaintext unless asked; the collector decides whether it serves TLS
 
 
 @dataclass
@@ -35,6 +37,10 @@ class AgentConfig:
     export_timeout_s: float = DEFAULT_EXPORT_TIMEOUT_S
     shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+    tls: bool = DEFAULT_TLS
+    tls_ca_file: str | None = None    # PEM roots to trust; None: gRPC's default roots
+    tls_cert_file: str | None = None  # client certificate and key, for collectors that require mTLS
+    tls_key_file: str | None = None
 
     @classmethod
     def from_env(cls, **overrides) -> AgentConfig:
@@ -46,6 +52,10 @@ class AgentConfig:
             histogram=env("GRADWATCH_HISTOGRAM", DEFAULT_HISTOGRAM),
             queue_size=env("GRADWATCH_AGENT_QUEUE_SIZE", DEFAULT_QUEUE_SIZE),
             export_timeout_s=env("GRADWATCH_EXPORT_TIMEOUT_S", DEFAULT_EXPORT_TIMEOUT_S),
+            tls=env("GRADWATCH_TLS", DEFAULT_TLS),
+            tls_ca_file=env("GRADWATCH_TLS_CA", None, str),
+            tls_cert_file=env("GRADWATCH_TLS_CERT", None, str),
+            tls_key_file=env("GRADWATCH_TLS_KEY", None, str),
         )
         for key, value in overrides.items():
             if value is not None:
@@ -64,4 +74,21 @@ class AgentConfig:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if self.batch_reports > self.queue_size:
             raise ConfigError("batch_reports must be <= queue_size")
+        self._validate_tls()
         return self
+
+    def _validate_tls(self) -> None:
+        files = {"tls_ca_file": self.tls_ca_file, "tls_cert_file": self.tls_cert_file,
+                 "tls_key_file": self.tls_key_file}
+        if not self.tls:
+            given = [name for name, path in files.items() if path]
+            if given:
+                # Silently sending plaintext when certificates were configured would be the worse surprise.
+                raise ConfigError(f"{', '.join(given)} set but tls is off (set tls=True or GRADWATCH_TLS=1)")
+            return
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ConfigError("a client certificate needs both tls_cert_file and tls_key_file "
+                              "(GRADWATCH_TLS_CERT and GRADWATCH_TLS_KEY), or neither")
+        for name, path in files.items():
+            if path and not os.access(path, os.R_OK):
+                raise ConfigError(f"{name} {path!r} does not exist or is not readable")

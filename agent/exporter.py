@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from gradwatch.agent.config import AgentConfig
 from gradwatch.v1 import ingest_service_pb2, ingest_service_pb2_grpc
 
 log = logging.getLogger("gradwatch.agent")
@@ -46,18 +47,43 @@ class ExportResult:
     error: str = ""
 
 
+def channel_credentials(config: AgentConfig) -> grpc.ChannelCredentials | None:
+    """TLS credentials from the config's PEM files (read once, here), None for plaintext."""
+    if not config.tls:
+        return None
+
+    def read(path: str | None) -> bytes | None:
+        if not path:
+            return None
+        with open(path, "rb") as f:
+            return f.read()
+
+    return grpc.ssl_channel_credentials(root_certificates=read(config.tls_ca_file),
+                                        private_key=read(config.tls_key_file),
+                                        certificate_chain=read(config.tls_cert_file))
+
+
 class Exporter:
-    def __init__(self, target: str, token: str | None = None, timeout_s: float = 10.0):
+    def __init__(self, target: str, token: str | None = None, timeout_s: float = 10.0,
+                 credentials: grpc.ChannelCredentials | None = None):
         self.target = target
         self.timeout_s = timeout_s
+        self._credentials = credentials
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self._shutdown = threading.Event()
         self._channel: grpc.Channel | None = None
         self._stub: ingest_service_pb2_grpc.IngestServiceStub | None = None
 
+    @classmethod
+    def from_config(cls, config: AgentConfig) -> Exporter:
+        return cls(config.collector, config.token, config.export_timeout_s, channel_credentials(config))
+
     def _connect(self) -> ingest_service_pb2_grpc.IngestServiceStub:
         if self._stub is None:
-            self._channel = grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+            if self._credentials is None:
+                self._channel = grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+            else:
+                self._channel = grpc.secure_channel(self.target, self._credentials, options=CHANNEL_OPTIONS)
             self._stub = ingest_service_pb2_grpc.IngestServiceStub(self._channel)
         return self._stub
 

@@ -88,7 +88,7 @@ class Watcher:
         self._closed = False
         self._last_step_time = time.monotonic()
         self._pipeline = ReportPipeline(
-            Exporter(config.collector, config.token, config.export_timeout_s), self._encode,
+            Exporter.from_config(config), self._encode,
             encode.registration(run, self.rank, self.world_size, self.slots, hyperparameters, labels, None,
                                 time.time()),
             self.counters, queue_size=config.queue_size, batch_reports=config.batch_reports,

@@ -35,6 +35,14 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: CollectorConfig | N
     parser.add_argument("--metrics-listen", default=d.metrics_listen, metavar="HOST:PORT",
                         help="address of the collector's own /metrics, '' disables (env "
                              "GRADWATCH_COLLECTOR_METRICS_LISTEN; default %(default)s)")
+    parser.add_argument("--tls-cert", default=d.tls_cert_file, metavar="FILE",
+                        help="PEM certificate (chain) to serve TLS with, needs --tls-key (env "
+                             "GRADWATCH_COLLECTOR_TLS_CERT; default: plaintext)")
+    parser.add_argument("--tls-key", default=d.tls_key_file, metavar="FILE",
+                        help="PEM private key of --tls-cert (env GRADWATCH_COLLECTOR_TLS_KEY)")
+    parser.add_argument("--tls-client-ca", default=d.tls_client_ca_file, metavar="FILE",
+                        help="PEM CA bundle; when set, agents must present a certificate it signed (mTLS) (env "
+                             "GRADWATCH_COLLECTOR_TLS_CLIENT_CA)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="default %(default)s")
     # Kept so add_arguments() callers can rebuild the config from the same environment.
@@ -44,8 +52,11 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: CollectorConfig | N
 def config_from_args(args: argparse.Namespace) -> CollectorConfig:
     """The validated config the parsed flags describe; raises ConfigError."""
     base: CollectorConfig = getattr(args, "_collector_defaults", None) or CollectorConfig.from_env()
+    # An empty flag value means "not set", so `--tls-cert ''` can switch off TLS configured in the environment.
     return dataclasses.replace(base, listen=args.listen, redis_url=args.redis_url, stream_maxlen=args.stream_maxlen,
-                               token=args.token, metrics_listen=args.metrics_listen).validate()
+                               token=args.token, metrics_listen=args.metrics_listen,
+                               tls_cert_file=args.tls_cert or None, tls_key_file=args.tls_key or None,
+                               tls_client_ca_file=args.tls_client_ca or None).validate()
 
 
 async def serve(config: CollectorConfig, stop: asyncio.Event | None = None) -> None:

@@ -26,6 +26,10 @@ DEFAULT_MAX_INFLIGHT_BYTES = 64 * 1024 * 1024
 DEFAULT_TOKEN: str | None = None
 DEFAULT_METRICS_LISTEN = "127.0.0.1:4771"
 DEFAULT_REDIS_TIMEOUT_S = 5.0
+# TLS is off unless a certificate and key are given; a client CA also turns on mTLS (client certificates required).
+DEFAULT_TLS_CERT_FILE: str | None = None
+DEFAULT_TLS_KEY_FILE: str | None = None
+DEFAULT_TLS_CLIENT_CA_FILE: str | None = None
 
 _PORT_RE = re.compile(r"^[0-9]{1,5}$")
 
@@ -46,6 +50,13 @@ class CollectorConfig:
     token: str | None = field(default=DEFAULT_TOKEN, repr=False)
     metrics_listen: str = DEFAULT_METRICS_LISTEN
     redis_timeout_s: float = DEFAULT_REDIS_TIMEOUT_S
+    tls_cert_file: str | None = DEFAULT_TLS_CERT_FILE
+    tls_key_file: str | None = DEFAULT_TLS_KEY_FILE
+    tls_client_ca_file: str | None = DEFAULT_TLS_CLIENT_CA_FILE
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None
 
     @classmethod
     def from_env(cls) -> CollectorConfig:
@@ -59,6 +70,9 @@ class CollectorConfig:
             token=env("GRADWATCH_TOKEN", DEFAULT_TOKEN, str),
             # Read raw: an empty value is meaningful here (it disables the metrics endpoint).
             metrics_listen=_env_allow_empty("GRADWATCH_COLLECTOR_METRICS_LISTEN", DEFAULT_METRICS_LISTEN),
+            tls_cert_file=env("GRADWATCH_COLLECTOR_TLS_CERT", DEFAULT_TLS_CERT_FILE, str),
+            tls_key_file=env("GRADWATCH_COLLECTOR_TLS_KEY", DEFAULT_TLS_KEY_FILE, str),
+            tls_client_ca_file=env("GRADWATCH_COLLECTOR_TLS_CLIENT_CA", DEFAULT_TLS_CLIENT_CA_FILE, str),
         )
 
     def validate(self) -> CollectorConfig:
@@ -90,7 +104,34 @@ class CollectorConfig:
             if not self.token.isascii() or any(c.isspace() for c in self.token):
                 # gRPC metadata values are ASCII, and the token travels as "Bearer <token>".
                 raise ConfigError("token must be printable ASCII without spaces")
+        self._validate_tls()
         return self
+
+    def _validate_tls(self) -> None:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ConfigError("TLS needs both a certificate and its private key (--tls-cert and --tls-key, env "
+                              "GRADWATCH_COLLECTOR_TLS_CERT and GRADWATCH_COLLECTOR_TLS_KEY), or neither")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ConfigError("a client CA (mTLS) needs TLS: set --tls-cert and --tls-key as well")
+        for what, path, marker in (("tls_cert_file", self.tls_cert_file, "CERTIFICATE"),
+                                   ("tls_key_file", self.tls_key_file, "PRIVATE KEY"),
+                                   ("tls_client_ca_file", self.tls_client_ca_file, "CERTIFICATE")):
+            if path is not None:
+                check_pem_file(path, what, marker)
+
+
+def check_pem_file(path: str, what: str, marker: str) -> None:
+    """ConfigError unless `path` is a readable PEM file holding a `marker` block (CERTIFICATE, PRIVATE KEY).
+
+    Checked here because gRPC, given a bad one, only fails to bind with a bare "Failed to bind" error.
+    """
+    try:
+        with open(path, "rb") as f:
+            text = f.read()
+    except OSError as err:
+        raise ConfigError(f"{what} {path!r}: {err.strerror or err}") from None
+    if b"-----BEGIN " not in text or marker.encode() + b"-----" not in text:
+        raise ConfigError(f"{what} {path!r} is not a PEM file with a {marker} block")
 
 
 def parse_host_port(value: str, what: str = "address") -> tuple[str, int]:

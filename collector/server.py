@@ -10,6 +10,7 @@ from wsgiref.simple_server import WSGIServer
 
 import grpc
 import redis.asyncio as aioredis
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, start_http_server
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
@@ -37,6 +38,7 @@ class CollectorServer:
         self.metrics = CollectorMetrics(self.registry)
         self._redis: aioredis.Redis | None = None
         self._grpc: grpc.aio.Server | None = None
+        self._health: health.aio.HealthServicer | None = None
         self._metrics_http: WSGIServer | None = None
         self._bound_port: int | None = None
         self._stopped = False
@@ -70,16 +72,21 @@ class CollectorServer:
         except BaseException:
             await self._close_downstream()
             raise
-        log.info("gradwatch collector listening on %s -> redis %s%s", self.address,
+        log.info("gradwatch collector listening on %s -> redis %s%s%s", self.address,
                  redact_url(self.config.redis_url),
                  f" (metrics on {self.config.metrics_listen.rpartition(':')[0]}:{self.metrics_port})"
-                 if self.metrics_port is not None else "")
+                 if self.metrics_port is not None else "",
+                 ("; TLS, client certificates required" if self.config.tls_client_ca_file else "; TLS")
+                 if self.config.tls else "")
 
     async def stop(self, grace: float | None = 5.0) -> None:
         """Stop accepting calls, let in-flight ones finish within `grace` seconds, then close Redis."""
         if self._stopped:
             return
         self._stopped = True
+        if self._health is not None:
+            # Health watchers (load balancers) see NOT_SERVING while in-flight calls drain.
+            await self._health.enter_graceful_shutdown()
         # Upstream first: every call that was answered OK is in Redis before the connection closes.
         if self._grpc is not None:
             await self._grpc.stop(grace)
@@ -117,6 +124,7 @@ class CollectorServer:
                 "with --metrics-listen, or disable it with --metrics-listen '')") from None
 
     async def _start_grpc(self) -> None:
+        credentials = self._server_credentials()
         service = ExportService(self.config, self._redis, self.metrics)
         server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", self.config.max_message_bytes),
@@ -131,13 +139,25 @@ class CollectorServer:
         server.add_generic_rpc_handlers((service.rpc_handler(),))
         # Also as registered methods: the generated client stub calls registered methods (the faster path).
         server.add_registered_method_handlers(SERVICE_NAME, service.method_handlers())
+        # The standard health service (grpc.health.v1.Health), for load balancers and probes. It sits outside
+        # ExportService, so it needs no bearer token. Redis answered in _connect_redis: both names are SERVING.
+        # Server reflection is deliberately not enabled: it would describe the service to anyone who asks.
+        self._health = health.aio.HealthServicer()
+        for name in ("", SERVICE_NAME):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         failure = _bind_failure(self.config.listen)
         port = 0
         if failure is None:
             try:
-                port = server.add_insecure_port(self.config.listen)
+                if credentials is None:
+                    port = server.add_insecure_port(self.config.listen)
+                else:
+                    port = server.add_secure_port(self.config.listen, credentials)
             except RuntimeError:
-                failure = "address in use or not available"  # lost a race with another process since the probe
+                # Lost a race with another process since the probe, or (TLS) gRPC refused the certificate or key.
+                failure = ("address in use or not available" if credentials is None else
+                           "TLS certificate or key refused (does the key match the certificate?), or address in use")
         if not port:
             await server.stop(None)
             raise CollectorStartError(f"cannot listen on {self.config.listen}: {failure or 'address not available'} "
@@ -145,6 +165,24 @@ class CollectorServer:
         await server.start()
         self._grpc = server
         self._bound_port = port
+
+    def _server_credentials(self) -> grpc.ServerCredentials | None:
+        """TLS credentials from the configured files (validate() checked them), None for plaintext."""
+        config = self.config
+        if not config.tls:
+            return None
+        try:
+            with open(config.tls_key_file, "rb") as key, open(config.tls_cert_file, "rb") as cert:
+                pair = (key.read(), cert.read())
+            client_ca = None
+            if config.tls_client_ca_file is not None:
+                with open(config.tls_client_ca_file, "rb") as ca:
+                    client_ca = ca.read()
+        except OSError as err:
+            raise CollectorStartError(f"cannot read TLS file {err.filename}: {err.strerror or err}") from None
+        # A client CA means mTLS: the handshake fails for clients without a certificate it signed.
+        return grpc.ssl_server_credentials([pair], root_certificates=client_ca,
+                                           require_client_auth=client_ca is not None)
 
     async def _close_downstream(self) -> None:
         if self._metrics_http is not None:

@@ -1,0 +1,55 @@
+"""AgentConfig: TLS settings from the environment, and validate()'s refusals (as a table)."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from gradwatch.agent.config import AgentConfig
+from gradwatch.agent.exporter import channel_credentials
+from gradwatch.envconfig import ConfigError
+
+
+@pytest.fixture
+def pem(tmp_path):
+    """Paths of readable files named ca.pem, cert.pem, key.pem (contents are not checked by validate())."""
+    paths = {}
+    for name in ("ca", "cert", "key"):
+        path = tmp_path / f"{name}.pem"
+        path.write_text(f"-----BEGIN {name}-----\n")
+        paths[name] = str(path)
+    return paths
+
+
+def test_tls_is_off_by_default():
+    config = AgentConfig().validate()
+    assert not config.tls and channel_credentials(config) is None
+
+
+def test_tls_from_env(monkeypatch, pem):
+    monkeypatch.setenv("GRADWATCH_TLS", "1")
+    monkeypatch.setenv("GRADWATCH_TLS_CA", pem["ca"])
+    monkeypatch.setenv("GRADWATCH_TLS_CERT", pem["cert"])
+    monkeypatch.setenv("GRADWATCH_TLS_KEY", pem["key"])
+    config = AgentConfig.from_env().validate()
+    assert (config.tls, config.tls_ca_file, config.tls_cert_file, config.tls_key_file) == (
+        True, pem["ca"], pem["cert"], pem["key"])
+
+
+def test_tls_with_system_roots_builds_credentials():
+    assert isinstance(channel_credentials(AgentConfig(tls=True).validate()), grpc.ChannelCredentials)
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"tls_ca_file": "ca"}, r"tls_ca_file set but tls is off \(set tls=True or GRADWATCH_TLS=1\)"),
+    ({"tls_cert_file": "cert", "tls_key_file": "key"}, "tls_cert_file, tls_key_file set but tls is off"),
+    ({"tls": True, "tls_cert_file": "cert"}, "needs both tls_cert_file and tls_key_file"),
+    ({"tls": True, "tls_key_file": "key"}, "needs both tls_cert_file and tls_key_file"),
+    ({"tls": True, "tls_ca_file": "missing"}, "tls_ca_file '.*missing.pem' does not exist or is not readable"),
+    ({"tls": True, "tls_cert_file": "cert", "tls_key_file": "missing"}, "tls_key_file .* does not exist"),
+])
+def test_tls_validation(pem, tmp_path, changes, message):
+    values = {key: pem.get(value, str(tmp_path / "missing.pem")) if key.endswith("_file") else value
+              for key, value in changes.items()}
+    with pytest.raises(ConfigError, match=message):
+        AgentConfig(**values).validate()
