@@ -69,7 +69,8 @@ class RedisServer:
             "--port", str(self.port),
             "--dir", str(self.data_dir),
             "--save", "",
-            # AOF everysec: a crash loses at most a second of acknowledged writes (documented).
+            # AOF everysec: a crash of redis-server alone loses nothing acknowledged (the AOF is written
+            # before the reply, it sits in the page cache); a crash of the host loses up to ~1-2 s.
             "--appendonly", "yes" if self.appendonly else "no",
             "--appendfsync", "everysec",
             "--protected-mode", "yes",
