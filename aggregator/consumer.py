@@ -25,7 +25,14 @@ from gradwatch.aggregator.entries import dead_letter, dead_letter_key, decode_en
 from gradwatch.aggregator.exposition import AggregatorCollector, Snapshot
 from gradwatch.aggregator.rules import RuleEngine
 from gradwatch.aggregator.state import State
-from gradwatch.collector.streams import AGGREGATOR_GROUP, RUNS_KEY, registrations_key, reports_key, valid_run_id
+from gradwatch.collector.streams import (
+    AGGREGATOR_GROUP,
+    RUNS_KEY,
+    quiet_handshake,
+    registrations_key,
+    reports_key,
+    valid_run_id,
+)
 from gradwatch.v1 import report_pb2
 
 log = logging.getLogger("gradwatch.aggregator")
@@ -54,7 +61,7 @@ class Aggregator:
         # The socket timeout must outlast XREADGROUP's BLOCK, or every idle read would fail.
         self.client = client or redis.Redis.from_url(
             config.redis_url, socket_timeout=config.block_ms / 1000 + 10, socket_connect_timeout=5,
-            health_check_interval=30)
+            health_check_interval=30, **quiet_handshake())
         self._lock = threading.Lock()  # state and rules: the consumer writes, scrapes read
         self.state = State(config, self.counters, self._fetch_registration)
         self.rules = RuleEngine(config, self.counters)

@@ -18,6 +18,7 @@ from redis.exceptions import RedisError
 
 from gradwatch.collector.config import CollectorConfig, parse_host_port, redact_url
 from gradwatch.collector.service import SERVICE_NAME, ExportService
+from gradwatch.collector.streams import quiet_handshake
 from gradwatch.collector.telemetry import CollectorMetrics
 
 log = logging.getLogger("gradwatch.collector")
@@ -105,6 +106,7 @@ class CollectorServer:
                 # One quick retry covers a connection Redis closed while idle; longer outages are the agent's
                 # to retry (its backoff, its deadline), not ours to hide behind a slow answer.
                 retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 1),
+                **quiet_handshake(),
             )
             await self._redis.ping()
         except (RedisError, OSError, ValueError) as err:

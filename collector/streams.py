@@ -25,6 +25,14 @@ AGGREGATOR_GROUP = "gradwatch-aggregator"
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 
 
+# Connection options for every gradwatch Redis client: no optional CLIENT SETINFO or MAINT_NOTIFICATIONS
+# handshake, so a least-privilege ACL user (deploy/redis/users.acl) logs no denial per connection.
+def quiet_handshake() -> dict:
+    from redis.maint_notifications import MaintNotificationsConfig
+
+    return {"driver_info": None, "maint_notifications_config": MaintNotificationsConfig(enabled=False)}
+
+
 def reports_key(run_id: str) -> str:
     return f"gradwatch:{{{run_id}}}:reports"
 
