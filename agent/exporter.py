@@ -1,6 +1,7 @@
 """gRPC client for IngestService.Export: one deadline per export, jittered backoff on retryable codes.
 
-Runs on the agent's exporter thread. shutdown() interrupts a backoff sleep at once.
+Runs on the agent's exporter thread. shutdown() interrupts a backoff sleep at once. A server's push-back
+(google.rpc.RetryInfo in the trailing metadata, as OTLP) lengthens the backoff, never past the deadline.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import time
 from dataclasses import dataclass
 
 import grpc
+from google.rpc import error_details_pb2
 
 from gradwatch.agent.config import AgentConfig
 from gradwatch.v1 import ingest_service_pb2, ingest_service_pb2_grpc
@@ -30,6 +32,8 @@ RETRYABLE_CODES = frozenset({
 })
 INITIAL_BACKOFF_S = 0.1
 MAX_BACKOFF_S = 5.0
+# The collector's push-back (a google.rpc.RetryInfo), as OTLP servers send it: wait at least that long.
+RETRY_INFO_KEY = "google.rpc.retryinfo-bin"
 # Keepalive: notice a dead collector within ~40 s even when idle; collectors must allow 30 s pings.
 CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 30_000),
@@ -61,6 +65,18 @@ def channel_credentials(config: AgentConfig) -> grpc.ChannelCredentials | None:
     return grpc.ssl_channel_credentials(root_certificates=read(config.tls_ca_file),
                                         private_key=read(config.tls_key_file),
                                         certificate_chain=read(config.tls_cert_file))
+
+
+def server_retry_delay(err: grpc.RpcError) -> float:
+    """Seconds the server asked us to wait (its RetryInfo trailer), 0.0 without a usable one."""
+    try:
+        for key, value in err.trailing_metadata() or ():
+            if key == RETRY_INFO_KEY:
+                delay = error_details_pb2.RetryInfo.FromString(value).retry_delay
+                return max(delay.seconds + delay.nanos / 1e9, 0.0)
+    except Exception:  # noqa: BLE001 - no trailer API or a garbled trailer: fall back to our own backoff
+        pass
+    return 0.0
 
 
 class Exporter:
@@ -108,6 +124,7 @@ class Exporter:
                 if code is grpc.StatusCode.UNAVAILABLE:
                     self._reconnect()
                 backoff = min(INITIAL_BACKOFF_S * 2**attempt, MAX_BACKOFF_S) * random.uniform(0.8, 1.2)
+                backoff = max(backoff, server_retry_delay(err))
                 attempt += 1
                 if backoff > deadline - time.monotonic() or self._shutdown.wait(backoff):
                     return ExportResult(ok=False, retryable=True, error=message)

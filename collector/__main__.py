@@ -27,6 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: CollectorConfig | N
                         help=f"gRPC address agents export to (default {d.listen}; env GRADWATCH_COLLECTOR_LISTEN)")
     parser.add_argument("--redis-url", default=d.redis_url, metavar="URL",
                         help=f"Redis to write streams to (env GRADWATCH_REDIS_URL; default {redact_url(d.redis_url)})")
+    parser.add_argument("--redis-cluster", action=argparse.BooleanOptionalAction, default=d.redis_cluster,
+                        help="--redis-url is any node of a Redis Cluster (env GRADWATCH_REDIS_CLUSTER)")
     parser.add_argument("--stream-maxlen", type=int, default=d.stream_maxlen, metavar="N",
                         help="approximate entries kept per run stream (env GRADWATCH_STREAM_MAXLEN; "
                              "default %(default)s)")
@@ -53,7 +55,8 @@ def config_from_args(args: argparse.Namespace) -> CollectorConfig:
     """The validated config the parsed flags describe; raises ConfigError."""
     base: CollectorConfig = getattr(args, "_collector_defaults", None) or CollectorConfig.from_env()
     # An empty flag value means "not set", so `--tls-cert ''` can switch off TLS configured in the environment.
-    return dataclasses.replace(base, listen=args.listen, redis_url=args.redis_url, stream_maxlen=args.stream_maxlen,
+    return dataclasses.replace(base, listen=args.listen, redis_url=args.redis_url,
+                               redis_cluster=args.redis_cluster, stream_maxlen=args.stream_maxlen,
                                token=args.token, metrics_listen=args.metrics_listen,
                                tls_cert_file=args.tls_cert or None, tls_key_file=args.tls_key or None,
                                tls_client_ca_file=args.tls_client_ca or None).validate()

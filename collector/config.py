@@ -26,6 +26,10 @@ DEFAULT_MAX_INFLIGHT_BYTES = 64 * 1024 * 1024
 DEFAULT_TOKEN: str | None = None
 DEFAULT_METRICS_LISTEN = "127.0.0.1:4771"
 DEFAULT_REDIS_TIMEOUT_S = 5.0
+# Off: --redis-url names one Redis. On: it names any node of a Redis Cluster, and the client follows the slots.
+DEFAULT_REDIS_CLUSTER = False
+# Delay suggested to agents (google.rpc.RetryInfo, as OTLP) when refused over the in-flight limit.
+DEFAULT_RETRY_AFTER_S = 1.0
 # TLS is off unless a certificate and key are given; a client CA also turns on mTLS (client certificates required).
 DEFAULT_TLS_CERT_FILE: str | None = None
 DEFAULT_TLS_KEY_FILE: str | None = None
@@ -50,6 +54,8 @@ class CollectorConfig:
     token: str | None = field(default=DEFAULT_TOKEN, repr=False)
     metrics_listen: str = DEFAULT_METRICS_LISTEN
     redis_timeout_s: float = DEFAULT_REDIS_TIMEOUT_S
+    redis_cluster: bool = DEFAULT_REDIS_CLUSTER
+    retry_after_s: float = DEFAULT_RETRY_AFTER_S
     tls_cert_file: str | None = DEFAULT_TLS_CERT_FILE
     tls_key_file: str | None = DEFAULT_TLS_KEY_FILE
     tls_client_ca_file: str | None = DEFAULT_TLS_CLIENT_CA_FILE
@@ -64,9 +70,11 @@ class CollectorConfig:
         return cls(
             listen=env("GRADWATCH_COLLECTOR_LISTEN", DEFAULT_LISTEN),
             redis_url=env("GRADWATCH_REDIS_URL", DEFAULT_REDIS_URL),
+            redis_cluster=env("GRADWATCH_REDIS_CLUSTER", DEFAULT_REDIS_CLUSTER),
             stream_maxlen=env("GRADWATCH_STREAM_MAXLEN", DEFAULT_STREAM_MAXLEN),
             max_message_bytes=env("GRADWATCH_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES),
             max_inflight_bytes=env("GRADWATCH_MAX_INFLIGHT_BYTES", DEFAULT_MAX_INFLIGHT_BYTES),
+            retry_after_s=env("GRADWATCH_COLLECTOR_RETRY_AFTER_S", DEFAULT_RETRY_AFTER_S),
             token=env("GRADWATCH_TOKEN", DEFAULT_TOKEN, str),
             # Read raw: an empty value is meaningful here (it disables the metrics endpoint).
             metrics_listen=_env_allow_empty("GRADWATCH_COLLECTOR_METRICS_LISTEN", DEFAULT_METRICS_LISTEN),
@@ -85,6 +93,8 @@ class CollectorConfig:
             raise ConfigError(
                 f"redis url {redact_url(self.redis_url)!r} must start with redis://, rediss:// or unix://"
             )
+        if self.redis_cluster:
+            self._validate_cluster_url()
         for name in ("stream_maxlen", "max_message_bytes", "max_reports_per_request", "max_tensors_per_report",
                      "max_string_bytes", "max_inflight_bytes"):
             value = getattr(self, name)
@@ -98,6 +108,8 @@ class CollectorConfig:
             )
         if not self.redis_timeout_s > 0:
             raise ConfigError(f"redis_timeout_s must be positive, got {self.redis_timeout_s!r}")
+        if not 0 <= self.retry_after_s <= 3600:
+            raise ConfigError(f"retry_after_s must be between 0 and 3600 seconds, got {self.retry_after_s!r}")
         if self.token is not None:
             if not self.token.strip():
                 raise ConfigError("token must not be empty or blank (leave it unset to disable authentication)")
@@ -106,6 +118,14 @@ class CollectorConfig:
                 raise ConfigError("token must be printable ASCII without spaces")
         self._validate_tls()
         return self
+
+    def _validate_cluster_url(self) -> None:
+        # A cluster has no unix sockets and only database 0; redis-py would refuse both at connect time.
+        parts = urlsplit(self.redis_url)
+        if parts.scheme == "unix":
+            raise ConfigError("a Redis Cluster is reached over TCP: give a redis:// or rediss:// url of a node")
+        if parts.path.strip("/") not in ("", "0"):
+            raise ConfigError(f"a Redis Cluster has only database 0, got {redact_url(self.redis_url)!r}")
 
     def _validate_tls(self) -> None:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):

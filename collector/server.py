@@ -12,9 +12,10 @@ import grpc
 import redis.asyncio as aioredis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, start_http_server
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from gradwatch.collector.config import CollectorConfig, parse_host_port, redact_url
 from gradwatch.collector.service import SERVICE_NAME, ExportService
@@ -37,7 +38,7 @@ class CollectorServer:
         # `gradwatch up`) must not collide, and /metrics shows only the collector's series.
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = CollectorMetrics(self.registry)
-        self._redis: aioredis.Redis | None = None
+        self._redis: aioredis.Redis | RedisCluster | None = None
         self._grpc: grpc.aio.Server | None = None
         self._health: health.aio.HealthServicer | None = None
         self._metrics_http: WSGIServer | None = None
@@ -101,18 +102,23 @@ class CollectorServer:
         timeout = self.config.redis_timeout_s
         url = redact_url(self.config.redis_url)
         try:
-            self._redis = aioredis.Redis.from_url(
+            # A cluster client follows the slots itself (MOVED, topology refresh): the pipeline in service.py
+            # then sends each node the commands for its slots.
+            client_class = RedisCluster if self.config.redis_cluster else aioredis.Redis
+            self._redis = client_class.from_url(
                 self.config.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout,
                 # One quick retry covers a connection Redis closed while idle; longer outages are the agent's
-                # to retry (its backoff, its deadline), not ours to hide behind a slow answer.
+                # to retry (its backoff, its deadline), not ours to hide behind a slow answer. (A cluster client
+                # takes only the count from it, and refreshes its view of the slots before that retry.)
                 retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 1),
                 **quiet_handshake(),
             )
             await self._redis.ping()
-        except (RedisError, OSError, ValueError) as err:
-            raise CollectorStartError(
-                f"cannot reach redis at {url}: {err} (start one, e.g. `gradwatch up`, or choose one with "
-                "--redis-url)") from None
+        except (RedisError, RedisClusterException, OSError, ValueError) as err:
+            hint = ("give a node of a running Redis Cluster with --redis-url, or drop --redis-cluster for a single "
+                    "Redis" if self.config.redis_cluster else
+                    "start one, e.g. `gradwatch up`, or choose one with --redis-url")
+            raise CollectorStartError(f"cannot reach redis at {url}: {err} ({hint})") from None
 
     def _start_metrics(self) -> None:
         if not self.config.metrics_listen:

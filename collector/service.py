@@ -15,7 +15,8 @@ from collections.abc import Callable
 
 import grpc
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from google.rpc import error_details_pb2
+from redis.exceptions import RedisClusterException, RedisError
 
 from gradwatch.collector.config import CollectorConfig
 from gradwatch.collector.streams import FIELD_REGISTRATION, FIELD_REPORT, RUNS_KEY, registrations_key, reports_key
@@ -31,6 +32,10 @@ SERVICE_NAME = "gradwatch.v1.IngestService"
 MAX_REASONS_IN_MESSAGE = 5
 # A Redis outage fails every request: log it once per interval, count the rest.
 _LOG_INTERVAL_S = 10.0
+# Retryable refusals carry a google.rpc.RetryInfo in this trailer, as OTLP servers do: agents wait at least that long.
+RETRY_INFO_KEY = "google.rpc.retryinfo-bin"
+# After a failed Redis write: long enough for a restart or failover to make progress, short enough to catch up.
+REDIS_RETRY_AFTER_S = 1.0
 
 log = logging.getLogger("gradwatch.collector")
 
@@ -38,9 +43,17 @@ log = logging.getLogger("gradwatch.collector")
 class _Refused(Exception):
     """The whole request is refused with a gRPC status (and counted under `reason`)."""
 
-    def __init__(self, code: grpc.StatusCode, reason: str, details: str):
+    def __init__(self, code: grpc.StatusCode, reason: str, details: str, retry_after_s: float | None = None):
         super().__init__(details)
         self.code, self.reason, self.details = code, reason, details
+        self.retry_after_s = retry_after_s  # push-back: sent as RetryInfo when set
+
+    def trailing_metadata(self) -> tuple[tuple[str, bytes], ...]:
+        if self.retry_after_s is None:
+            return ()
+        info = error_details_pb2.RetryInfo()
+        info.retry_delay.FromNanoseconds(round(self.retry_after_s * 1e9))
+        return ((RETRY_INFO_KEY, info.SerializeToString()),)
 
 
 class ExportService:
@@ -78,7 +91,7 @@ class ExportService:
         except _Refused as refused:
             self._metrics.refused.labels(reason=refused.reason).inc()
             self._count(refused.code, started)
-            await context.abort(refused.code, refused.details)
+            await context.abort(refused.code, refused.details, refused.trailing_metadata())
             raise  # unreachable: abort raises
         except asyncio.CancelledError:
             self._count(grpc.StatusCode.CANCELLED, started)  # client gone or deadline passed; the agent retries
@@ -101,7 +114,7 @@ class ExportService:
         size = len(request)
         if self._inflight_bytes + size > self._config.max_inflight_bytes:
             raise _Refused(grpc.StatusCode.UNAVAILABLE, "over_limit",
-                           "collector over its in-flight byte limit; retry")
+                           "collector over its in-flight byte limit; retry", self._config.retry_after_s)
         self._inflight_bytes += size
         self._metrics.inflight_bytes.set(self._inflight_bytes)
         try:
@@ -197,11 +210,13 @@ class ExportService:
         try:
             async with asyncio.timeout(self._config.redis_timeout_s):
                 await pipe.execute()
-        except (RedisError, OSError, TimeoutError) as err:
+        # RedisClusterException: a cluster client that reaches no node to learn the slot map from (not a RedisError).
+        except (RedisError, RedisClusterException, OSError, TimeoutError) as err:
             self._metrics.redis_errors.inc()
             self._log_redis_error(err)
             detail = str(err) or type(err).__name__
-            raise _Refused(grpc.StatusCode.UNAVAILABLE, "redis_error", f"redis write failed: {detail}; retry") from None
+            raise _Refused(grpc.StatusCode.UNAVAILABLE, "redis_error", f"redis write failed: {detail}; retry",
+                           REDIS_RETRY_AFTER_S) from None
         finally:
             await pipe.reset()
 

@@ -105,7 +105,9 @@ class Stack:
                                        *(["--alertmanager-url", cfg.alertmanager_url] if cfg.alertmanager_url else [])])
             self._wait_http("aggregator", f"http://{cfg.aggregator_metrics_listen}/metrics")
             self._spawn("collector", ["--listen", cfg.collector_listen, "--redis-url", self.redis_url,
-                                      "--metrics-listen", cfg.collector_metrics_listen])
+                                      "--metrics-listen", cfg.collector_metrics_listen,
+                                      # the embedded Redis is never a cluster, whatever the environment says
+                                      *(["--no-redis-cluster"] if self.redis else [])])
             host, port = split_hostport(cfg.collector_listen)
             self._wait("collector", lambda deadline: wait_for_tcp(host, port, deadline))
         except BaseException:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 
 import pytest
 
 from gradwatch.collector import config as cfg
+from gradwatch.collector.__main__ import add_arguments, config_from_args
 from gradwatch.collector.config import CollectorConfig, parse_host_port, redact_url
 from gradwatch.envconfig import ConfigError
 
@@ -37,6 +39,21 @@ def test_from_env(monkeypatch):
     assert config.metrics_listen == ""  # empty disables /metrics instead of falling back to the default
 
 
+def test_redis_cluster_from_env_and_flags(monkeypatch):
+    assert CollectorConfig().redis_cluster is False
+    monkeypatch.setenv("GRADWATCH_REDIS_CLUSTER", "yes")
+    assert CollectorConfig.from_env().redis_cluster is True
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert config_from_args(parser.parse_args([])).redis_cluster is True
+    assert config_from_args(parser.parse_args(["--no-redis-cluster"])).redis_cluster is False
+    monkeypatch.delenv("GRADWATCH_REDIS_CLUSTER")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert config_from_args(parser.parse_args(["--redis-cluster"])).redis_cluster is True
+    CollectorConfig(redis_cluster=True, redis_url="rediss://node:6379").validate()  # no database: 0
+
+
 def test_from_env_ignores_an_invalid_number(monkeypatch, caplog):
     monkeypatch.setenv("GRADWATCH_STREAM_MAXLEN", "lots")
     assert CollectorConfig.from_env().stream_maxlen == cfg.DEFAULT_STREAM_MAXLEN
@@ -62,6 +79,8 @@ def test_token_is_not_in_repr():
     ({"max_string_bytes": 0}, "max_string_bytes"),
     ({"max_inflight_bytes": 1024}, "max_inflight_bytes (1024) must be at least max_message_bytes"),
     ({"redis_timeout_s": 0.0}, "redis_timeout_s must be positive"),
+    ({"redis_cluster": True, "redis_url": "unix:///tmp/redis.sock"}, "Redis Cluster is reached over TCP"),
+    ({"redis_cluster": True, "redis_url": "redis://h:6379/1"}, "Redis Cluster has only database 0"),
     ({"token": ""}, "token must not be empty"),
     ({"token": "two words"}, "token must be printable ASCII without spaces"),
     ({"token": "clé"}, "token must be printable ASCII"),
