@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from gradwatch.envconfig import ConfigError, env
 
@@ -93,6 +93,8 @@ class CollectorConfig:
             raise ConfigError(
                 f"redis url {redact_url(self.redis_url)!r} must start with redis://, rediss:// or unix://"
             )
+        if scheme != "rediss" and any(key.startswith("ssl_") for key in parse_qs(urlsplit(self.redis_url).query)):
+            raise ConfigError(f"redis url {redact_url(self.redis_url)!r} has ssl_* options: use rediss:// for TLS")
         if self.redis_cluster:
             self._validate_cluster_url()
         for name in ("stream_maxlen", "max_message_bytes", "max_reports_per_request", "max_tensors_per_report",

@@ -114,7 +114,8 @@ class CollectorServer:
                 **quiet_handshake(),
             )
             await self._redis.ping()
-        except (RedisError, RedisClusterException, OSError, ValueError) as err:
+        # TypeError: redis-py hands unknown URL query options to the connection as keyword arguments.
+        except (RedisError, RedisClusterException, OSError, ValueError, TypeError) as err:
             hint = ("give a node of a running Redis Cluster with --redis-url, or drop --redis-cluster for a single "
                     "Redis" if self.config.redis_cluster else
                     "start one, e.g. `gradwatch up`, or choose one with --redis-url")
