@@ -24,15 +24,20 @@ __all__ = ["AgentConfig", "AgentCounters", "Watcher", "watch"]
 
 
 def watch(model, optimizer=None, *, run: str | None = None, collector: str | None = None, every: int | None = None,
-          token: str | None = None, hyperparameters: Mapping[str, object] | None = None,
-          labels: Mapping[str, str] | None = None, config: AgentConfig | None = None) -> Watcher:
+          token: str | None = None, select: str | None = None, schedule: str | None = None,
+          hyperparameters: Mapping[str, object] | None = None, labels: Mapping[str, str] | None = None,
+          config: AgentConfig | None = None) -> Watcher:
     """Watch every parameter and gradient of `model`; returns a Watcher (also a context manager).
 
     run: run id shared by all ranks (default: $GRADWATCH_RUN, torchrun's $TORCHELASTIC_RUN_ID, or a
     generated one). collector: host:port (default $GRADWATCH_COLLECTOR or 127.0.0.1:4770).
-    every: log every N-th optimizer step (default 1).
+    every: log every N-th optimizer step (default 1). schedule: a schedule spec instead, e.g.
+    "dense:100,every:10+burst:50" (agent/schedule.py). select: what to watch, e.g. "preset:business" or
+    "exclude:*.bias,types:Linear" (agent/select.py). After a local NaN/Inf the agent captures every step
+    for `burst_steps` (default 50) steps.
     """
-    cfg = config or AgentConfig.from_env(collector=collector, every=every, token=token)
+    cfg = config or AgentConfig.from_env(collector=collector, every=every, token=token, select=select,
+                                         schedule=schedule)
     cfg.validate()
     return Watcher(model, optimizer, run or default_run_id(), cfg, hyperparameters, labels)
 

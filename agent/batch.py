@@ -70,6 +70,12 @@ class ReportPipeline:
         ref = weakref.ref(self)
         os.register_at_fork(after_in_child=lambda: (p := ref()) and p._after_fork())
 
+    def set_registration(self, registration: run_pb2.RunRegistration) -> None:
+        """Replace the registration (sent with the next export until one succeeds)."""
+        with self._lock:
+            self._registration = registration
+            self._registered = False
+
     def _after_fork(self) -> None:
         # A forked child (a DataLoader worker) has no threads and shares the parent's socket: go quiet.
         self._dead = True
@@ -150,14 +156,18 @@ class ReportPipeline:
 
     def _export(self, batch: list[report_pb2.StepReport]) -> bool:
         request = ingest_service_pb2.ExportRequest(reports=batch)
-        if not self._registered:
-            request.registrations.append(self._registration)
+        with self._lock:
+            registration = None if self._registered else self._registration
+        if registration is not None:
+            request.registrations.append(registration)
         result = self._exporter.export(request)
         if result.ok:
             if result.rejected_registrations:
                 # Reports still flow, but the aggregator will not know this run's tensor names.
                 self._log_once(f"collector refused the run registration: {result.error}")
-            self._registered = True
+            with self._lock:
+                if self._registration is registration:  # not replaced while this export was in flight
+                    self._registered = True
             self.counters.exported += len(batch) - result.rejected_reports
             self.counters.rejected += result.rejected_reports
             if result.rejected_reports:

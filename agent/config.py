@@ -10,6 +10,10 @@ from gradwatch.envconfig import ConfigError, env
 DEFAULT_COLLECTOR = "127.0.0.1:4770"
 DEFAULT_EVERY = 1                  # log every N-th optimizer step
 DEFAULT_HISTOGRAM = True           # log2-magnitude histograms (64 fixed buckets) for every tensor
+DEFAULT_ACTIVATIONS = False        # statistics of every leaf module's output (forward hooks) on logged steps
+DEFAULT_SCHEDULE = ""              # a schedule spec (agent/schedule.py); "" means every:<every>
+DEFAULT_BURST_STEPS = 50           # after a local NaN/Inf, capture every step for this many steps (0: off)
+DEFAULT_SELECT = ""                # a selection spec (agent/select.py), e.g. "preset:business,exclude:*.bias"
 DEFAULT_HOST_SLOTS = 4             # pinned host buffers in flight; a step finding none free is skipped, counted
 DEFAULT_QUEUE_SIZE = 2048          # reports waiting for export; when full the oldest is dropped, counted
 DEFAULT_BATCH_REPORTS = 64         # reports per Export call at most
@@ -29,6 +33,10 @@ class AgentConfig:
     token: str | None = None
     every: int = DEFAULT_EVERY
     histogram: bool = DEFAULT_HISTOGRAM
+    activations: bool = DEFAULT_ACTIVATIONS
+    schedule: str = DEFAULT_SCHEDULE
+    burst_steps: int = DEFAULT_BURST_STEPS
+    select: str = DEFAULT_SELECT
     host_slots: int = DEFAULT_HOST_SLOTS
     queue_size: int = DEFAULT_QUEUE_SIZE
     batch_reports: int = DEFAULT_BATCH_REPORTS
@@ -50,6 +58,10 @@ class AgentConfig:
             token=env("GRADWATCH_TOKEN", "") or None,
             every=env("GRADWATCH_EVERY", DEFAULT_EVERY),
             histogram=env("GRADWATCH_HISTOGRAM", DEFAULT_HISTOGRAM),
+            activations=env("GRADWATCH_ACTIVATIONS", DEFAULT_ACTIVATIONS),
+            schedule=env("GRADWATCH_SCHEDULE", DEFAULT_SCHEDULE),
+            burst_steps=env("GRADWATCH_BURST_STEPS", DEFAULT_BURST_STEPS),
+            select=env("GRADWATCH_SELECT", DEFAULT_SELECT),
             queue_size=env("GRADWATCH_AGENT_QUEUE_SIZE", DEFAULT_QUEUE_SIZE),
             export_timeout_s=env("GRADWATCH_EXPORT_TIMEOUT_S", DEFAULT_EXPORT_TIMEOUT_S),
             tls=env("GRADWATCH_TLS", DEFAULT_TLS),
@@ -62,6 +74,20 @@ class AgentConfig:
                 setattr(cfg, key, value)
         return cfg
 
+    def schedule_spec(self) -> str:
+        """The effective schedule: `schedule`, else every `every` steps; with a burst unless one is given."""
+        spec = self.schedule or f"every:{self.every}"
+        return spec if "+burst" in spec or self.burst_steps <= 0 else f"{spec}+burst:{self.burst_steps}"
+
+    def selection(self):
+        """The effective Selection: `select` when given, else parameters and gradients with the
+        `histogram` and `activations` switches."""
+        from gradwatch.agent.select import Selection
+
+        if self.select:
+            return Selection.parse(self.select)
+        return Selection(histogram=self.histogram, activations=self.activations)
+
     def validate(self) -> AgentConfig:
         host, _, port = self.collector.rpartition(":")
         if not host or not port.isdigit():
@@ -72,6 +98,13 @@ class AgentConfig:
         for name in ("export_interval_s", "export_timeout_s", "shutdown_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        from gradwatch.agent.schedule import parse
+
+        try:
+            parse(self.schedule_spec())
+            self.selection()
+        except ValueError as err:  # ConfigError is a ValueError too: one message shape for both
+            raise ConfigError(str(err)) from None
         if self.batch_reports > self.queue_size:
             raise ConfigError("batch_reports must be <= queue_size")
         self._validate_tls()

@@ -89,10 +89,9 @@ def step_report(run_id: str, rank: int, step: int, sequence: int, capture_time: 
             report.loss = value
         else:
             report.scalars[key] = value
-    counts = rows[:-1, :COL_SUM].astype(np.int64)  # the last row holds scalars, not counts
     for slot in present:
         r = rows[slot.id]
-        c = counts[slot.id]
+        c = r[:COL_SUM].astype(np.int64)
         summary = report.tensors.add(
             tensor_id=slot.id, count=slot.numel, nan_count=int(c[COL_NAN]), inf_count=int(c[COL_INF]),
             zero_count=int(c[COL_ZERO]), sum=float(r[COL_SUM]), sum_squares=float(r[COL_SUMSQ]),

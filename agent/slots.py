@@ -19,26 +19,24 @@ def distributed_info() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def build_slots(model: torch.nn.Module) -> tuple[list[TensorSlot], list[Callable[[], torch.Tensor | None]]]:
-    """One slot per parameter and one per gradient, in module registration order.
+def build_slots(parameters: list[tuple[str, torch.nn.Parameter, str]], with_parameters: bool = True,
+                with_gradients: bool = True) -> tuple[list[TensorSlot], list[Callable[[], torch.Tensor | None]]]:
+    """Slots for the selected (name, parameter, module path) triples: the parameter and/or its gradient.
 
     Returns the slots and, for each, a callable giving the tensor to summarize now (None when absent,
-    e.g. a gradient before the first backward).
+    e.g. a gradient before the first backward). `order` is the registration order until the watcher
+    learns the forward execution order.
     """
-    module_order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     slots: list[TensorSlot] = []
     sources: list[Callable[[], torch.Tensor | None]] = []
-    for name, param in model.named_parameters():
-        module_path = name.rpartition(".")[0] or name
-        order = module_order.get(name.rpartition(".")[0], 0)
-        for kind, source in (
-            (run_pb2.TENSOR_KIND_PARAMETER, lambda p=param: p),
-            (run_pb2.TENSOR_KIND_GRADIENT, lambda p=param: p.grad),
-        ):
-            suffix = "" if kind == run_pb2.TENSOR_KIND_PARAMETER else ".grad"
+    kinds = [(run_pb2.TENSOR_KIND_PARAMETER, "", lambda p: (lambda: p))] if with_parameters else []
+    if with_gradients:
+        kinds.append((run_pb2.TENSOR_KIND_GRADIENT, ".grad", lambda p: (lambda: p.grad)))
+    for index, (name, param, module_path) in enumerate(parameters):
+        for kind, suffix, source in kinds:
             slots.append(TensorSlot(
-                id=len(slots), name=name + suffix, kind=kind, module_path=module_path, order=order,
+                id=len(slots), name=name + suffix, kind=kind, module_path=module_path or name, order=index,
                 shape=tuple(param.shape), dtype=str(param.dtype).removeprefix("torch."), numel=param.numel(),
             ))
-            sources.append(source)
+            sources.append(source(param))
     return slots, sources

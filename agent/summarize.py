@@ -28,19 +28,15 @@ _EXPONENT_BITS = {
 
 
 class Summarizer:
-    """Owns the device buffer: `n_rows` tensor rows plus one row of tensor-valued scalars."""
+    """Owns the device buffer: one row per watched tensor."""
 
     def __init__(self, n_rows: int, device: torch.device, histogram: bool, chunk_elements: int):
         self.n_rows = n_rows
         self.device = device
         self.histogram = histogram
         self.chunk_elements = chunk_elements
-        self.buffer = torch.zeros(n_rows + 1, NCOLS, dtype=torch.float64, device=device)
+        self.buffer = torch.zeros(n_rows, NCOLS, dtype=torch.float64, device=device)
         self._maps: dict[torch.dtype, torch.Tensor] = {}
-
-    @property
-    def scalar_row(self) -> torch.Tensor:
-        return self.buffer[self.n_rows]
 
     def summarize(self, row: int, tensor: torch.Tensor) -> None:
         """Queue the statistics of `tensor` into buffer[row]."""
@@ -56,10 +52,6 @@ class Summarizer:
             result[COL_MIN] = parts[:, COL_MIN].amin()
             result[COL_MAX] = parts[:, COL_MAX].amax()
         self.buffer[row].copy_(result, non_blocking=True)
-
-    def set_scalar(self, slot: int, value: torch.Tensor) -> None:
-        """Queue a tensor-valued scalar (a loss, a capturable learning rate) into the scalar row."""
-        self.scalar_row[slot].copy_(value.detach().reshape(()), non_blocking=True)
 
     def _row(self, x: torch.Tensor) -> torch.Tensor:
         spec = _EXPONENT_BITS.get(x.dtype)

@@ -2,14 +2,18 @@
 
 Capture window: with an optimizer, a step pre-hook summarizes gradients and parameters right before
 the update (after backward, after GradScaler's unscale_, before zero_grad). Without one, the user's
-`watcher.step()` call is the window. Every public entry point swallows its own errors (counted): the
-agent must never raise into the training loop.
+`watcher.step()` call is the window. The statistics are copied to pinned host memory at capture time
+(one async copy); scalars passed to `watcher.step()` later are copied straight into the same host slot.
+Every public entry point swallows its own errors (counted): the agent must never raise into the
+training loop.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
+import math
 import threading
 import time
 from collections.abc import Mapping
@@ -18,9 +22,11 @@ from dataclasses import dataclass, field
 import torch
 
 from gradwatch.agent import encode
+from gradwatch.agent.activations import ActivationHooks
 from gradwatch.agent.batch import AgentCounters, ReportPipeline
 from gradwatch.agent.config import AgentConfig
 from gradwatch.agent.exporter import Exporter
+from gradwatch.agent.schedule import Burst, parse
 from gradwatch.agent.slots import build_slots, distributed_info
 from gradwatch.agent.summarize import NCOLS, Summarizer
 from gradwatch.v1 import report_pb2
@@ -73,30 +79,53 @@ class Watcher:
         self.rank, self.world_size = distributed_info()
         self.model = model
         self.optimizer = optimizer
-        self.slots, self._sources = build_slots(model)
+        self.selection = config.selection()
+        selected = self.selection.apply(model)
+        self._log_selection(selected)
+        param_slots, self._sources = build_slots(selected.parameters, self.selection.parameters,
+                                                 self.selection.gradients)
+        self._activations = ActivationHooks(model, len(param_slots),
+                                            selected.modules if self.selection.activations else [])
+        self.slots = param_slots + self._activations.slots
+        self._schedule = parse(config.schedule_spec())
+        self._burst = self._schedule if isinstance(self._schedule, Burst) else None
+        self._histogram = self.selection.histogram
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        self._summarizer = Summarizer(len(self.slots), device, config.histogram, config.chunk_elements)
+        self._summarizer = Summarizer(len(self.slots), device, self._histogram, config.chunk_elements)
+        self._activations.bind(self._summarizer, self._due)
         pin = device.type == "cuda"
         self._free_slots = [torch.empty((len(self.slots) + 1, NCOLS), dtype=torch.float64, pin_memory=pin)
                             for _ in range(config.host_slots)]
         self._slot_lock = threading.Lock()
-        self._step = 0
+        self._step = 0  # the optimizer step in progress (its forward, backward and update)
         self._sequence = 0
-        self._captured: CapturedStep | None = None  # captured by the optimizer hook, not yet submitted
+        self._pending: CapturedStep | None = None  # captured at the optimizer step, waiting for step() scalars
         self._opt_stepped = False
         self._held_scalars: dict[str, object] = {}  # scalars of watcher.step() calls between optimizer steps
         self._closed = False
-        self._last_step_time = time.monotonic()
+        self._hyperparameters, self._labels = hyperparameters, labels
+        self._order_known = False
         self._pipeline = ReportPipeline(
-            Exporter.from_config(config), self._encode,
-            encode.registration(run, self.rank, self.world_size, self.slots, hyperparameters, labels, None,
-                                time.time()),
-            self.counters, queue_size=config.queue_size, batch_reports=config.batch_reports,
-            batch_bytes=config.batch_bytes, export_interval_s=config.export_interval_s,
+            Exporter.from_config(config), self._encode, self._registration(), self.counters,
+            queue_size=config.queue_size, batch_reports=config.batch_reports, batch_bytes=config.batch_bytes,
+            export_interval_s=config.export_interval_s,
         )
         self._hooks = []
         if optimizer is not None:
             self._hooks.append(optimizer.register_step_pre_hook(self._before_optimizer_step))
+
+    def _log_selection(self, selected) -> None:
+        s = selected.skipped
+        if s.over_budget_tensors:
+            log.warning("gradwatch: the tensor budget (max_tensors=%s) leaves out %d parameters and %d modules "
+                        "(%d tensors); narrow the selection or raise the budget", self.selection.max_tensors,
+                        s.over_budget_parameters, s.over_budget_modules, s.over_budget_tensors)
+        if self.selection.activation_gradients or self.selection.updates:
+            log.warning("gradwatch: activation gradients and updates are not captured yet; watching the rest")
+
+    def _registration(self):
+        return encode.registration(self.run, self.rank, self.world_size, self.slots, self._hyperparameters,
+                                   self._labels, None, time.time())
 
     # ---- training-thread API -------------------------------------------------------------------
 
@@ -112,22 +141,26 @@ class Watcher:
         """
         if self._closed:
             return
-        if self.optimizer is not None and not self._opt_stepped:
-            # Detached: holding a loss must not keep its autograd graph alive until the next report.
-            self._held_scalars.update({k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in scalars.items()})
+        if self.optimizer is not None:
+            if not self._opt_stepped:
+                # Detached: holding a loss must not keep its autograd graph alive until the next report.
+                self._held_scalars.update(
+                    {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in scalars.items()})
+                return
+            self._submit(self._pending, {**self._held_scalars, **scalars})
             return
-        captured = self._captured
-        if captured is None and self.optimizer is None and self._due():
-            captured = self._capture()
-        self._finish(captured, {**self._held_scalars, **scalars})
+        captured = self._capture() if self._due() else None
+        self._step += 1
+        self._submit(captured, scalars)
 
     def _before_optimizer_step(self, optimizer, args, kwargs) -> None:
         try:
             if self._closed:
                 return
             if self._opt_stepped:  # the user does not call watcher.step(): every optimizer step is a step
-                self._finish(self._captured, {})
-            self._captured = self._capture() if self._due() else None
+                self._submit(self._pending, self._held_scalars)
+            self._pending = self._capture() if self._due() else None
+            self._step += 1
             self._opt_stepped = True
         except Exception:
             self.counters.internal_errors += 1
@@ -135,49 +168,67 @@ class Watcher:
                 log.exception("gradwatch: internal error in the optimizer hook (training continues)")
 
     def _due(self) -> bool:
-        return self._step % self.config.every == 0
+        return self._schedule.due(self._step)
 
     def _capture(self) -> CapturedStep | None:
+        """Queue the statistics of the step in progress and their copy into a free host slot."""
         with self._slot_lock:
             host = self._free_slots.pop() if self._free_slots else None
         self._sequence += 1
+        present = self._activations.take_present()  # summarized by the forward hooks of this step
         if host is None:
             self.counters.skipped_busy += 1
             return None
-        present = []
-        for slot, source in zip(self.slots, self._sources, strict=True):
+        for slot, source in zip(self.slots, self._sources, strict=False):  # parameters and gradients
             tensor = source()
             if tensor is None or tensor.is_sparse:
                 continue  # unused parameters have no gradient this step
             self._summarizer.summarize(slot.id, tensor)
             present.append(slot)
+        if not self._order_known:
+            self._learn_order()
+        # One async copy; the last host row stays for scalars, which step() copies in later.
+        host[: len(self.slots)].copy_(self._summarizer.buffer, non_blocking=True)
+        captured = CapturedStep(self._step, self._sequence, time.time(), host, None, present,
+                                release=lambda h=host: self._release(h))
+        if self.optimizer is not None:  # the learning rate this update used, not the scheduler's next one
+            self._attach_scalars(captured, {f"lr/{i}": g.get("lr", float("nan"))
+                                            for i, g in enumerate(self.optimizer.param_groups)})
         self.counters.captured += 1
-        return CapturedStep(self._step, self._sequence, time.time(), host, None, present,
-                            release=lambda h=host: self._release(h))
+        return captured
 
-    def _finish(self, captured: CapturedStep | None, scalars: Mapping[str, object]) -> None:
+    def _learn_order(self) -> None:
+        """After the first forward pass: tensors of a module take its forward execution order, so the
+        aggregator can tell which layer came first; the registration is rebuilt before it is sent."""
+        order = self._activations.exec_order
+        self._order_known = True
+        self._activations.stop_order_tracking()
+        if not order:
+            return
+        late = len(order)  # modules that did not run (or are containers) come after those that did
+        self.slots = [dataclasses.replace(s, order=order.get(s.module_path, late + s.order)) for s in self.slots]
+        self._activations.slots = [s for s in self.slots if s.id >= len(self._sources)]
+        self._pipeline.set_registration(self._registration())
+
+    def _submit(self, captured: CapturedStep | None, scalars: Mapping[str, object]) -> None:
         if captured is not None:
             self._attach_scalars(captured, scalars)
-            captured.host.copy_(self._summarizer.buffer, non_blocking=True)
             if captured.host.is_pinned():
                 captured.event = torch.cuda.Event()
                 captured.event.record()
             self._pipeline.submit(captured)
-        self._captured = None
+        self._pending = None
         self._opt_stepped = False
         self._held_scalars = {}
-        self._step += 1
 
     def _attach_scalars(self, captured: CapturedStep, scalars: Mapping[str, object]) -> None:
-        values = dict(scalars)
-        if self.optimizer is not None:
-            for i, group in enumerate(self.optimizer.param_groups):
-                values[f"lr/{i}"] = group.get("lr", float("nan"))
-        for name, value in values.items():
+        scalar_row = captured.host[len(self.slots)]
+        for name, value in scalars.items():
             if isinstance(value, torch.Tensor):
                 if value.numel() != 1 or len(captured.tensor_scalars) >= NCOLS:
                     continue
-                self._summarizer.set_scalar(len(captured.tensor_scalars), value)
+                # Straight into the pinned host slot: async, ordered after the step's kernels.
+                scalar_row[len(captured.tensor_scalars)].copy_(value.detach().reshape(()), non_blocking=True)
                 captured.tensor_scalars.append(name)
             elif isinstance(value, (int, float)):
                 captured.scalars[name] = float(value)
@@ -196,16 +247,20 @@ class Watcher:
         for i, name in enumerate(captured.tensor_scalars):
             scalars[name] = float(scalar_row[i])
         lrs = [scalars.pop(f"lr/{i}") for i in range(len(self.optimizer.param_groups))] if self.optimizer else []
-        return encode.step_report(self.run, self.rank, captured.step, captured.sequence, captured.capture_time,
-                                  report_pb2.PHASE_TRAIN, rows, captured.present, self.config.histogram, scalars,
-                                  lrs)
+        report = encode.step_report(self.run, self.rank, captured.step, captured.sequence, captured.capture_time,
+                                    report_pb2.PHASE_TRAIN, rows, captured.present, self._histogram, scalars, lrs)
+        if self._burst is not None and (
+                any(t.nan_count or t.inf_count for t in report.tensors)
+                or (report.HasField("loss") and not math.isfinite(report.loss))):
+            self._burst.trigger(captured.step)  # capture every step for a while, from the next due() on
+        return report
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything captured so far was exported (or dropped); False on timeout."""
-        if self._captured is not None:
-            self._finish(self._captured, self._held_scalars)
+        if self._pending is not None:
+            self._submit(self._pending, self._held_scalars)
         return self._pipeline.force_flush(self.config.shutdown_timeout_s if timeout is None else timeout)
 
     def close(self, timeout: float | None = None) -> None:
@@ -213,11 +268,12 @@ class Watcher:
         if self._closed:
             return
         try:
-            if self._captured is not None:
-                self._finish(self._captured, self._held_scalars)
+            if self._pending is not None:
+                self._submit(self._pending, self._held_scalars)
             self._closed = True
             for h in self._hooks:
                 h.remove()
+            self._activations.remove()
             self._pipeline.shutdown(self.config.shutdown_timeout_s if timeout is None else timeout)
         except Exception:
             self.counters.internal_errors += 1

@@ -227,3 +227,94 @@ def test_micro_batch_calls_and_gradscaler_skipped_steps_report_optimizer_steps_o
     assert [r.step for r in reports] == [0, 1, 2, 3, 4]  # 6 iterations, one skipped by the scaler
     assert all(s.nan_count == 0 and s.inf_count == 0 for r in reports for s in r.tensors)
     assert all(r.scalars["micro"] == 1.0 and r.loss > 0 for r in reports)  # held scalars attach
+
+
+class Reversed(nn.Module):
+    """Registered b-then-a, executed a-then-b: orders must follow execution, not registration."""
+
+    def __init__(self):
+        super().__init__()
+        self.b = nn.Linear(6, 2)
+        self.a = nn.Linear(8, 6)
+        self.act = nn.Tanh()
+
+    def forward(self, x):
+        return self.b(self.act(self.a(x)))
+
+
+def test_activations_and_forward_execution_order(ingest):
+    model = Reversed()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    w = gradwatch.watch(model, opt, run="unit-act", collector=ingest.target, config=AgentConfig(
+        collector=ingest.target, activations=True))
+    for batch in (3, 5, 7):  # optimizer-hook-only mode: activations must stay with their own step
+        model(torch.randn(batch, 8)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    w.close()
+    reg = ingest.requests[0].registrations[0]
+    order = {t.name: t.order for t in reg.tensors}
+    assert order["a.weight"] < order["act:output"] < order["b.weight"]
+    assert order["a:output"] == order["a.weight"] and order["b.bias.grad"] == order["b:output"]
+    kinds = {t.id: t for t in reg.tensors}
+    for report, batch in zip(ingest.reports, (3, 5, 7), strict=True):
+        acts = {kinds[s.tensor_id].name: s for s in report.tensors
+                if kinds[s.tensor_id].kind == run_pb2.TENSOR_KIND_ACTIVATION}
+        assert set(acts) == {"a:output", "act:output", "b:output"}
+        assert acts["a:output"].count == batch * 6 and acts["b:output"].count == batch * 2
+        assert acts["act:output"].max <= 1.0 and acts["act:output"].min >= -1.0  # tanh
+
+
+def test_eval_forward_passes_are_not_reported_as_activations(ingest):
+    model = make_model()
+    w = gradwatch.watch(model, run="unit-eval", config=AgentConfig(collector=ingest.target, activations=True))
+    with torch.no_grad():
+        model(torch.randn(50, 8))  # validation between steps: no grad, not captured
+    w.step()
+    w.close()
+    assert ingest.reports[0].tensors
+    assert all(s.count != 50 * 16 for s in ingest.reports[0].tensors)
+
+
+def test_selection_limits_what_is_watched(ingest):
+    model = make_model()
+    w = gradwatch.watch(model, run="unit-select", collector=ingest.target, select="exclude:*.bias,gradients:0")
+    model(torch.randn(4, 8)).sum().backward()
+    w.step()
+    w.close()
+    reg = ingest.requests[0].registrations[0]
+    assert sorted(t.name for t in reg.tensors) == ["0.weight", "2.weight"]
+    assert len(ingest.reports[0].tensors) == 2 and len(ingest.reports[0].tensors[0].histogram) > 0
+
+
+def test_schedule_with_a_burst_after_a_local_nan(ingest):
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the injected NaN stays put
+    w = gradwatch.watch(model, opt, run="unit-burst", config=AgentConfig(
+        collector=ingest.target, schedule="every:4", burst_steps=3))
+    for step in range(13):
+        if step == 4:
+            with torch.no_grad():
+                model[2].weight[0, 0] = float("nan")
+        model(torch.randn(4, 8)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        w.step()
+        if step == 4:
+            assert w.flush(5)  # the reader sees the NaN; the burst starts at the next due() call
+        if step == 8:
+            with torch.no_grad():
+                model[2].weight[0, 0] = 0.0
+            assert w.flush(5)
+    w.close()
+    # every:4 gives 0, 4, 8, 12; the NaN seen at 4 bursts 5-7; still NaN at 8, so 9-11 as well.
+    assert [r.step for r in ingest.reports] == [0, *range(4, 13)]
+
+
+def test_invalid_select_or_schedule_is_a_clear_error_at_watch():
+    from gradwatch.envconfig import ConfigError
+
+    with pytest.raises(ConfigError, match="preset"):
+        gradwatch.watch(make_model(), select="preset:luxury", collector="127.0.0.1:1")
+    with pytest.raises(ConfigError, match="every"):
+        gradwatch.watch(make_model(), schedule="every:0", collector="127.0.0.1:1")

@@ -1,0 +1,86 @@
+"""Forward hooks on leaf modules: the forward execution order, and activation statistics on due steps.
+
+The execution order of the first forward pass is what lets the aggregator name the first layer where
+a NaN appeared. Activation statistics are summarized into the shared device buffer inside the hook
+(device work only: no host sync), for training forward passes (grad enabled) of due steps; with
+gradient accumulation the last micro-batch's activations are the ones reported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+
+from gradwatch.agent.encode import TensorSlot
+from gradwatch.agent.summarize import Summarizer
+from gradwatch.v1 import run_pb2
+
+
+def _first_tensor(output) -> torch.Tensor | None:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)):
+        return next((o for o in output if isinstance(o, torch.Tensor)), None)
+    if isinstance(output, dict):
+        return next((o for o in output.values() if isinstance(o, torch.Tensor)), None)
+    return None
+
+
+class ActivationHooks:
+    def __init__(self, model: torch.nn.Module, start_id: int, capture: list[tuple[str, torch.nn.Module]]):
+        """Order hooks on every leaf module; statistics of the `capture` modules' outputs."""
+        self.capture = bool(capture)
+        self.slots = [
+            TensorSlot(id=start_id + i, name=f"{path}:output", kind=run_pb2.TENSOR_KIND_ACTIVATION, module_path=path,
+                       order=i, shape=(), dtype="", numel=0, partition=run_pb2.PARTITION_PER_RANK)
+            for i, (path, _) in enumerate(capture)
+        ]
+        slot_of = {path: i for i, (path, _) in enumerate(capture)}
+        leaves = [(path, m) for path, m in model.named_modules() if path and next(m.children(), None) is None]
+        hooked = dict(leaves) | dict(capture)
+        self.exec_order: dict[str, int] = {}
+        self.present: dict[int, TensorSlot] = {}  # this step's activation rows, with their element counts
+        self._summarizer: Summarizer | None = None
+        self._due: Callable[[], bool] = lambda: False
+        self._handles = [m.register_forward_hook(self._hook(path, slot_of.get(path))) for path, m in hooked.items()]
+
+    def bind(self, summarizer: Summarizer, due: Callable[[], bool]) -> None:
+        self._summarizer = summarizer
+        self._due = due
+
+    def _hook(self, path: str, index: int | None):
+        def hook(module, inputs, output):
+            try:
+                if path not in self.exec_order:
+                    self.exec_order[path] = len(self.exec_order)
+                if index is None or not torch.is_grad_enabled() or not self._due():
+                    return
+                t = _first_tensor(output)
+                if t is None or not t.is_floating_point() or t.is_sparse or self._summarizer is None:
+                    return
+                slot = self.slots[index]
+                self._summarizer.summarize(slot.id, t)
+                self.present[slot.id] = dataclasses.replace(slot, numel=t.numel(), shape=tuple(t.shape))
+            except Exception:  # never break the forward pass; the watcher counts it at capture
+                self.errors += 1
+
+        return hook
+
+    errors = 0
+
+    def take_present(self) -> list[TensorSlot]:
+        slots = list(self.present.values())
+        self.present.clear()
+        return slots
+
+    def stop_order_tracking(self) -> None:
+        """Without activation capture the hooks were only there to learn the order: remove them."""
+        if not self.capture:
+            self.remove()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
