@@ -227,3 +227,44 @@ def _tcp_ok(address: str) -> bool:
             return True
     except OSError:
         return False
+
+
+def test_nonfinite_alert_names_the_layer_where_the_nan_started(tmp_path):
+    """With activations watched, a NaN born in the middle of the network is traced to that layer, not to
+    the last layer (whose gradient is the first NaN in backward order)."""
+    import torch
+    from torch import nn
+
+    import gradwatch
+    from gradwatch.agent import AgentConfig
+
+    class Log(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.broken = False
+
+        def forward(self, x):
+            return torch.log(x) if self.broken else x  # log of negative activations: NaN
+
+    model = nn.Sequential()
+    model.add_module("embed", nn.Linear(8, 16))
+    model.add_module("norm", Log())
+    model.add_module("head", nn.Linear(16, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with RedisServer(tmp_path / "redis") as server:
+        cfg = stack_config(server.url)
+        with Stack(cfg):
+            with gradwatch.watch(model, opt, run="e2e-origin", config=AgentConfig(
+                    collector=cfg.collector_listen, select="preset:business")) as w:
+                for step in range(12):
+                    model.norm.broken = step >= 8
+                    loss = model(torch.randn(4, 8)).pow(2).mean()
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                    w.step(loss=loss)
+            client = redis.Redis.from_url(server.url)
+            alerts = wait_until(lambda: [a for a in alerts_for(client, "e2e-origin") if a["rule"] == "NonFinite"],
+                                20, "a NonFinite alert")
+    assert alerts[0]["layer"] == "norm" and alerts[0]["step"] == 8
+    assert "activation" in alerts[0]["summary"] and "forward" in alerts[0]["summary"]
