@@ -60,6 +60,7 @@ class ReportPipeline:
         self._stopping = threading.Event()
         self._busy = 0  # items taken off a queue but not yet finished (for force_flush)
         self._last_error = ""
+        self._dropped_reported = 0  # counters.dropped already announced to the collector
         self._dead = False
         self._threads = [
             threading.Thread(target=self._read_loop, name="gradwatch-reader", daemon=True),
@@ -155,6 +156,9 @@ class ReportPipeline:
                     break  # collector unreachable: wait for the next interval
 
     def _export(self, batch: list[report_pb2.StepReport]) -> bool:
+        # The drops since the last delivered report travel with this batch, so the collector side sees them.
+        dropped = self.counters.dropped - self._dropped_reported
+        batch[0].dropped_reports = dropped
         request = ingest_service_pb2.ExportRequest(reports=batch)
         with self._lock:
             registration = None if self._registered else self._registration
@@ -162,6 +166,7 @@ class ReportPipeline:
             request.registrations.append(registration)
         result = self._exporter.export(request)
         if result.ok:
+            self._dropped_reported += dropped
             if result.rejected_registrations:
                 # Reports still flow, but the aggregator will not know this run's tensor names.
                 self._log_once(f"collector refused the run registration: {result.error}")

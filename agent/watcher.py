@@ -10,12 +10,14 @@ training loop.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import functools
 import logging
 import math
 import threading
 import time
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -110,6 +112,9 @@ class Watcher:
             queue_size=config.queue_size, batch_reports=config.batch_reports, batch_bytes=config.batch_bytes,
             export_interval_s=config.export_interval_s,
         )
+        # Flush at interpreter exit too (bounded by shutdown_timeout_s), without keeping the watcher alive.
+        ref = weakref.ref(self)
+        atexit.register(lambda: (w := ref()) and w.close())
         self._hooks = []
         if optimizer is not None:
             self._hooks.append(optimizer.register_step_pre_hook(self._before_optimizer_step))

@@ -318,3 +318,41 @@ def test_invalid_select_or_schedule_is_a_clear_error_at_watch():
         gradwatch.watch(make_model(), select="preset:luxury", collector="127.0.0.1:1")
     with pytest.raises(ConfigError, match="every"):
         gradwatch.watch(make_model(), schedule="every:0", collector="127.0.0.1:1")
+
+
+def test_dropped_reports_reach_the_collector(ingest):
+    """Reports lost while the collector was unreachable are announced with the next delivered batch."""
+    import grpc
+
+    ingest.fail_with = [grpc.StatusCode.UNAVAILABLE] * 1000  # down until cleared below
+    model = make_model()
+    cfg = AgentConfig(collector=ingest.target, queue_size=2, batch_reports=2, export_timeout_s=0.2,
+                      export_interval_s=0.05)
+    w = gradwatch.watch(model, run="unit-drops", config=cfg)
+    for _ in range(6):
+        model(torch.randn(4, 8)).sum().backward()
+        w.step()
+        model.zero_grad()
+    assert w.flush(0.5) is False  # nothing can be delivered
+    ingest.fail_with = []
+    assert w.flush(10)
+    w.close()
+    assert w.counters.dropped == 4 and w.counters.exported == 2
+    assert sum(r.dropped_reports for r in ingest.reports) == 4
+    assert [r.sequence for r in ingest.reports] == [5, 6]  # the gap shows the same loss
+
+
+def test_watchers_flush_at_interpreter_exit(ingest, tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import torch, gradwatch\n"
+        "m = torch.nn.Linear(3, 3)\n"
+        f"w = gradwatch.watch(m, run='unit-atexit', collector='{ingest.target}')\n"
+        "for _ in range(3):\n"
+        "    m(torch.randn(2, 3)).sum().backward(); w.step(); m.zero_grad()\n"
+        "# no close(): the atexit hook flushes\n")
+    subprocess.run([sys.executable, str(script)], check=True, timeout=60)
+    assert [r.step for r in ingest.reports] == [0, 1, 2]
