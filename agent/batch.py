@@ -3,6 +3,9 @@
   training thread --submit()--> pending (bounded by the host slots) --reader thread--> reports
   (bounded deque, drop oldest, counted) --exporter thread--> Export RPC
 
+The report queue has two bounds, a count (queue_size) and a memory budget (queue_bytes: the encoded
+size of the reports held, waiting or in the batch being exported); exceeding either drops the oldest.
+
 submit() never blocks. The reader waits for each step's device->host copy (an event, off the training
 thread) and encodes it; the exporter batches reports, retries under one deadline and puts a batch
 back at the front of the queue when the collector is unreachable, so a short outage loses nothing
@@ -20,6 +23,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from gradwatch.agent.config import DEFAULT_QUEUE_BYTES
 from gradwatch.agent.exporter import Exporter
 from gradwatch.v1 import ingest_service_pb2, report_pb2, run_pb2
 
@@ -42,18 +46,22 @@ class AgentCounters:
 class ReportPipeline:
     def __init__(self, exporter: Exporter, encode: Callable[[object], report_pb2.StepReport],
                  registration: run_pb2.RunRegistration, counters: AgentCounters, *, queue_size: int,
-                 batch_reports: int, batch_bytes: int, export_interval_s: float):
+                 batch_reports: int, batch_bytes: int, export_interval_s: float,
+                 queue_bytes: int = DEFAULT_QUEUE_BYTES):
         self._exporter = exporter
         self._encode = encode
         self._registration = registration
         self._registered = False
         self.counters = counters
         self._queue_size = queue_size
+        self._queue_bytes = queue_bytes
         self._batch_reports = batch_reports
         self._batch_bytes = batch_bytes
         self._interval = export_interval_s
         self._pending: deque = deque()
-        self._reports: deque[report_pb2.StepReport] = deque()
+        self._reports: deque[tuple[report_pb2.StepReport, int]] = deque()  # (report, its encoded size)
+        self._waiting_bytes = 0   # sum of the sizes in _reports
+        self._inflight_bytes = 0  # the batch the exporter thread holds (at most batch_bytes)
         self._lock = threading.Lock()
         self._wake_reader = threading.Event()
         self._wake_exporter = threading.Event()
@@ -112,32 +120,49 @@ class ReportPipeline:
             if self._stopping.is_set() and not self._pending:
                 return
 
-    def _offer(self, report: report_pb2.StepReport) -> None:
+    @property
+    def queued_bytes(self) -> int:
+        """Encoded bytes of the reports held: waiting in the queue plus the batch being exported."""
         with self._lock:
-            while len(self._reports) >= self._queue_size:
-                self._reports.popleft()
-                self.counters.dropped += 1
-            self._reports.append(report)
+            return self._waiting_bytes + self._inflight_bytes
+
+    def _offer(self, report: report_pb2.StepReport) -> None:
+        size = report.ByteSize()
+        with self._lock:
+            self._reports.append((report, size))
+            self._waiting_bytes += size
+            self._enforce_bounds()
             full = len(self._reports) >= self._batch_reports
         if full:
             self._wake_exporter.set()
+
+    def _enforce_bounds(self) -> None:
+        # Caller holds the lock. The in-flight batch cannot be dropped (validate() keeps it within
+        # queue_bytes), so the budget left for waiting reports shrinks while a batch is out.
+        budget = self._queue_bytes - self._inflight_bytes
+        while self._reports and (len(self._reports) > self._queue_size or self._waiting_bytes > budget):
+            self._waiting_bytes -= self._reports.popleft()[1]
+            self.counters.dropped += 1
 
     def _take_batch(self) -> list[report_pb2.StepReport]:
         batch, size = [], 0
         with self._lock:
             while self._reports and len(batch) < self._batch_reports:
-                n = self._reports[0].ByteSize()
+                n = self._reports[0][1]
                 if not batch and n > self._batch_bytes:
                     self._reports.popleft()  # can never fit a request: drop it, counted, keep going
+                    self._waiting_bytes -= n
                     self.counters.dropped += 1
                     self._log_once(f"dropping a {n} B report: larger than batch_bytes ({self._batch_bytes} B)")
                     continue
                 if batch and size + n > self._batch_bytes:
                     break
-                batch.append(self._reports.popleft())
+                batch.append(self._reports.popleft()[0])
+                self._waiting_bytes -= n
                 size += n
             if batch:
                 self._busy += 1
+                self._inflight_bytes = size
         return batch
 
     def _export_loop(self) -> None:
@@ -152,6 +177,7 @@ class ReportPipeline:
                 finally:
                     with self._lock:
                         self._busy -= 1
+                        self._inflight_bytes = 0  # delivered, dropped, or already back in the queue
                 if not sent:
                     break  # collector unreachable: wait for the next interval
 
@@ -180,12 +206,15 @@ class ReportPipeline:
             return True
         self.counters.export_errors += 1
         self._log_once(f"export to {self._exporter.target} failed: {result.error}")
+        # The next attempt recomputes the drops to announce, maybe with another report first in its batch.
+        batch[0].ClearField("dropped_reports")
         if result.retryable:
-            with self._lock:  # back to the front, oldest first; the queue bound still applies
-                self._reports.extendleft(reversed(batch))
-                while len(self._reports) > self._queue_size:
-                    self._reports.popleft()
-                    self.counters.dropped += 1
+            with self._lock:  # back to the front, oldest first; both queue bounds still apply
+                sized = [(r, r.ByteSize()) for r in batch]
+                self._reports.extendleft(reversed(sized))
+                self._waiting_bytes += sum(n for _, n in sized)
+                self._inflight_bytes = 0
+                self._enforce_bounds()
         else:
             self.counters.dropped += len(batch)
         return False
@@ -227,4 +256,5 @@ class ReportPipeline:
         with self._lock:
             self.counters.dropped += len(self._reports) + len(self._pending)
             self._reports.clear()
+            self._waiting_bytes = 0
             self._pending.clear()

@@ -16,6 +16,7 @@ DEFAULT_BURST_STEPS = 50           # after a local NaN/Inf, capture every step f
 DEFAULT_SELECT = ""                # a selection spec (agent/select.py), e.g. "preset:business,exclude:*.bias"
 DEFAULT_HOST_SLOTS = 4             # pinned host buffers in flight; a step finding none free is skipped, counted
 DEFAULT_QUEUE_SIZE = 2048          # reports waiting for export; when full the oldest is dropped, counted
+DEFAULT_QUEUE_BYTES = 64 << 20     # encoded bytes of reports held (waiting + in flight); over it the oldest go
 DEFAULT_BATCH_REPORTS = 64         # reports per Export call at most
 DEFAULT_BATCH_BYTES = 2 << 20      # encoded bytes per Export call at most (collectors accept 4 MiB)
 DEFAULT_EXPORT_INTERVAL_S = 0.5    # export at least this often while reports wait
@@ -39,6 +40,7 @@ class AgentConfig:
     select: str = DEFAULT_SELECT
     host_slots: int = DEFAULT_HOST_SLOTS
     queue_size: int = DEFAULT_QUEUE_SIZE
+    queue_bytes: int = DEFAULT_QUEUE_BYTES
     batch_reports: int = DEFAULT_BATCH_REPORTS
     batch_bytes: int = DEFAULT_BATCH_BYTES
     export_interval_s: float = DEFAULT_EXPORT_INTERVAL_S
@@ -63,6 +65,7 @@ class AgentConfig:
             burst_steps=env("GRADWATCH_BURST_STEPS", DEFAULT_BURST_STEPS),
             select=env("GRADWATCH_SELECT", DEFAULT_SELECT),
             queue_size=env("GRADWATCH_AGENT_QUEUE_SIZE", DEFAULT_QUEUE_SIZE),
+            queue_bytes=env("GRADWATCH_AGENT_QUEUE_BYTES", DEFAULT_QUEUE_BYTES),
             export_timeout_s=env("GRADWATCH_EXPORT_TIMEOUT_S", DEFAULT_EXPORT_TIMEOUT_S),
             tls=env("GRADWATCH_TLS", DEFAULT_TLS),
             tls_ca_file=env("GRADWATCH_TLS_CA", None, str),
@@ -92,7 +95,8 @@ class AgentConfig:
         host, _, port = self.collector.rpartition(":")
         if not host or not port.isdigit():
             raise ConfigError(f"collector must be host:port, got {self.collector!r}")
-        for name in ("every", "host_slots", "queue_size", "batch_reports", "batch_bytes", "chunk_elements"):
+        for name in ("every", "host_slots", "queue_size", "queue_bytes", "batch_reports", "batch_bytes",
+                     "chunk_elements"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         for name in ("export_interval_s", "export_timeout_s", "shutdown_timeout_s"):
@@ -107,6 +111,9 @@ class AgentConfig:
             raise ConfigError(str(err)) from None
         if self.batch_reports > self.queue_size:
             raise ConfigError("batch_reports must be <= queue_size")
+        if self.queue_bytes < self.batch_bytes:
+            # The batch being exported counts against the budget and cannot be dropped: it must fit.
+            raise ConfigError(f"queue_bytes must be >= batch_bytes ({self.batch_bytes}), got {self.queue_bytes}")
         self._validate_tls()
         return self
 

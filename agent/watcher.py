@@ -110,7 +110,7 @@ class Watcher:
         self._pipeline = ReportPipeline(
             Exporter.from_config(config), self._encode, self._registration(), self.counters,
             queue_size=config.queue_size, batch_reports=config.batch_reports, batch_bytes=config.batch_bytes,
-            export_interval_s=config.export_interval_s,
+            export_interval_s=config.export_interval_s, queue_bytes=config.queue_bytes,
         )
         # Flush at interpreter exit too (bounded by shutdown_timeout_s), without keeping the watcher alive.
         ref = weakref.ref(self)
