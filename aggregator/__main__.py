@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(env GRADWATCH_ALERTMANAGER_URL; default: none, alerts go to Redis and /metrics only)")
     p.add_argument("--consumer", help="consumer name in the Redis group (env GRADWATCH_AGGREGATOR_CONSUMER; "
                                       "default HOSTNAME-PID)")
+    p.add_argument("--rules", metavar="FILE",
+                   help="TOML file of rule settings, see aggregator/rules.example.toml (env "
+                        "GRADWATCH_AGGREGATOR_RULES; default: the built-in defaults)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
@@ -57,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = AggregatorConfig.from_env()
-    for name in ("redis_url", "metrics_listen", "alertmanager_url", "consumer"):
+    for name in ("redis_url", "metrics_listen", "alertmanager_url", "consumer", "rules"):
         value = getattr(args, name)
         if value is not None:
             setattr(config, name, value)

@@ -74,6 +74,8 @@ class AggregatorConfig:
     alertmanager_resend_s: float = DEFAULT_ALERTMANAGER_RESEND_S
     # Link Alertmanager shows next to an alert; None: this aggregator's /metrics page.
     generator_url: str | None = None
+    # TOML file of rule settings (aggregator/rules.example.toml); None: the catalogue's defaults.
+    rules: str | None = None
 
     @classmethod
     def from_env(cls) -> AggregatorConfig:
@@ -132,6 +134,9 @@ class AggregatorConfig:
         if self.exploding_min_history > self.exploding_window:
             raise _bad("exploding_min_history", self.exploding_min_history,
                        f"at most exploding_window ({self.exploding_window})")
+        from gradwatch.aggregator.ruleset import load_rules  # the rules import this module
+
+        load_rules(self)
         return self
 
 

@@ -23,7 +23,7 @@ from gradwatch.aggregator.config import AggregatorConfig
 from gradwatch.aggregator.counters import Counters, DedupLog
 from gradwatch.aggregator.entries import dead_letter, dead_letter_key, decode_entry
 from gradwatch.aggregator.exposition import AggregatorCollector, Snapshot
-from gradwatch.aggregator.rules import RuleEngine
+from gradwatch.aggregator.ruleset import RuleEngine
 from gradwatch.aggregator.state import State
 from gradwatch.collector.streams import (
     AGGREGATOR_GROUP,
@@ -118,6 +118,7 @@ class Aggregator:
             if now >= self._next_discover:
                 self._discover()
                 self._expire()
+                self._idle()
                 self._next_discover = now + self.config.discover_interval_s
             handled = 0
             if now >= self._next_claim and self._streams:
@@ -209,6 +210,13 @@ class Aggregator:
                 if done:
                     break
         return handled
+
+    def _idle(self) -> None:
+        """Time-driven rules (StalledTraining): their alerts are written like any other."""
+        with self._lock:
+            alerts = self.rules.evaluate_idle(time.time())
+        if alerts:
+            self._commit(_Batch(alerts=alerts))
 
     # -- entries ------------------------------------------------------------------------------------
 

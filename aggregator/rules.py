@@ -1,4 +1,4 @@
-"""Built-in rules, evaluated on every applied report: pure classes that turn ReportViews into alert
+"""Gradient rules, evaluated on every applied report: pure classes that turn ReportViews into alert
 transitions (firing / resolved). No I/O here: the consumer writes what they return."""
 
 from __future__ import annotations
@@ -7,44 +7,35 @@ import math
 import statistics
 from collections import deque
 
-from gradwatch.aggregator.alert import FIRING, Alert, Hysteresis, fmt, iso
+from gradwatch.aggregator.alert import FIRING, Alert, fmt, iso
 from gradwatch.aggregator.config import AggregatorConfig
-from gradwatch.aggregator.counters import Counters
+from gradwatch.aggregator.rulebase import CRITICAL, GLOBAL_LAYER, LOSS_LAYER, WARNING, Rule, Streaks, where
 from gradwatch.aggregator.state import UNKNOWN_ORDER, ReportView, TensorMeta
 from gradwatch.v1 import run_pb2
 
-CRITICAL = "critical"
-WARNING = "warning"
-GLOBAL_LAYER = "(global)"
-LOSS_LAYER = "(loss)"
 # Inputs come before every module in the forward pass; a parameter is the cause, its module's
 # activation the effect, so it wins a tie within one layer.
 _FORWARD = (run_pb2.TENSOR_KIND_INPUT, run_pb2.TENSOR_KIND_PARAMETER, run_pb2.TENSOR_KIND_ACTIVATION)
 _BACKWARD = (run_pb2.TENSOR_KIND_GRADIENT, run_pb2.TENSOR_KIND_ACTIVATION_GRADIENT)
 CRITICAL_FACTOR = 1000.0
+_where = where
 
 
-def _where(view: ReportView) -> str:
-    return f"(run {view.run}, rank {view.rank})"
-
-
-class NonFinite:
+class NonFinite(Rule):
     """NaN/Inf in any watched tensor, or a non-finite loss. Names the tensor where it started: the
     first in forward execution order among inputs, parameters and activations, else the first in
-    backward order (highest forward order) among gradients."""
+    backward order (highest forward order) among gradients. Always critical."""
 
     name = "NonFinite"
-
-    def __init__(self, config: AggregatorConfig, counters: Counters | None = None):
-        on_suppressed = (lambda: counters.add("alerts_suppressed")) if counters else None
-        self.incidents = Hysteresis(config.resolve_after_steps, config.cooldown_steps, config.keep_firing_s,
-                                    on_suppressed)
 
     def evaluate(self, view: ReportView) -> list[Alert]:
         key = (view.run, self.name)
         loss_bad = view.loss is not None and not math.isfinite(view.loss)
-        if view.nonfinite or loss_bad:
-            alert = self.incidents.bad(key, view, lambda: self._fire(view, loss_bad))
+        bad = view.nonfinite
+        if bad and not self.layers.everything:
+            bad = [b for b in bad if self.layers(b[0].layer)]
+        if bad or loss_bad:
+            alert = self.incidents.bad(key, view, lambda: self._fire(view, bad, loss_bad))
         else:
             alert = self.incidents.clear(key, view, lambda a: a.resolve(
                 view.step, view.time, 0.0,
@@ -67,8 +58,8 @@ class NonFinite:
             return meta, n, "forward"
         return None
 
-    def _fire(self, view: ReportView, loss_bad: bool) -> Alert:
-        found = self.origin(view.nonfinite)
+    def _fire(self, view: ReportView, bad: list[tuple[TensorMeta, int]], loss_bad: bool) -> Alert:
+        found = self.origin(bad)
         loss_note = f"; the loss is {view.loss}" if loss_bad else ""
         if found is None:
             layer, tensor, value = LOSS_LAYER, "loss", float(view.loss)
@@ -76,37 +67,32 @@ class NonFinite:
         else:
             meta, n, direction = found
             layer, tensor, value = meta.layer, meta.name, float(n)
-            others = len(view.nonfinite) - 1
+            others = len(bad) - 1
             spread = f"; {others} more tensor{'s' if others != 1 else ''} non-finite" if others else ""
             summary = (f"NaN/Inf at step {view.step} started in layer {layer}: {n} non-finite values in "
                        f"{meta.kind_name} {tensor}, the first non-finite tensor in {direction} order"
                        f"{spread}{loss_note} {_where(view)}")
-        return Alert(self.name, FIRING, view.run, view.step, view.rank, layer, tensor, value, 0.0, CRITICAL,
-                     summary, iso(view.time))
-
-    def firing(self) -> list[Alert]:
-        return self.incidents.firing()
-
-    def forget(self, run: str) -> None:
-        self.incidents.forget(run)
+        return Alert(self.name, FIRING, view.run, view.step, view.rank, layer, tensor, value, 0.0,
+                     self.settings.severity or CRITICAL, summary, iso(view.time))
 
 
-class ExplodingGradient:
+class ExplodingGradient(Rule):
     """Gradient norm of a layer (or of the whole model) above exploding_abs_limit, or above
     exploding_ratio times the rolling median of that layer's last exploding_window norms on the same
     rank. The ratio test waits for exploding_min_history norms, so the erratic first steps of
-    training stay quiet. Names the layer that exceeds its threshold by the largest factor."""
+    training stay quiet. Names the layer that exceeds its threshold by the largest factor. Defaults
+    (SageMaker Debugger has no ratio test; its threshold is an absolute limit): abs_limit 1e4, ratio 10,
+    window 50, min_history 10; the rules file's values override the GRADWATCH_AGGREGATOR_EXPLODING_*
+    settings."""
 
     name = "ExplodingGradient"
 
-    def __init__(self, config: AggregatorConfig, counters: Counters | None = None):
-        self.abs_limit = config.exploding_abs_limit
-        self.ratio = config.exploding_ratio
-        self.window = config.exploding_window
-        self.min_history = config.exploding_min_history
-        on_suppressed = (lambda: counters.add("alerts_suppressed")) if counters else None
-        self.incidents = Hysteresis(config.resolve_after_steps, config.cooldown_steps, config.keep_firing_s,
-                                    on_suppressed)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.abs_limit = float(self.p["abs_limit"])
+        self.ratio = float(self.p["ratio"])
+        self.window = int(self.p["window"])
+        self.min_history = int(self.p["min_history"])
         # run -> (rank, layer) -> recent norms; bounded by the state's layer budget times the window.
         self.history: dict[str, dict[tuple[int, str], deque[float]]] = {}
 
@@ -118,7 +104,7 @@ class ExplodingGradient:
         items = list(view.grad_norms.items())
         items.append((GLOBAL_LAYER, view.global_grad_norm))
         for layer, value in items:
-            if math.isnan(value):
+            if math.isnan(value) or not (layer == GLOBAL_LAYER or self.layers(layer)):
                 continue
             h = history.get((view.rank, layer))
             if h is None:
@@ -168,13 +154,24 @@ class ExplodingGradient:
             critical = value > CRITICAL_FACTOR * self.abs_limit
         summary += f" {_where(view)}"
         return Alert(self.name, FIRING, view.run, view.step, view.rank, layer, "", value, threshold,
-                     CRITICAL if critical else WARNING, summary, iso(view.time))
+                     self.settings.severity or (CRITICAL if critical else WARNING), summary, iso(view.time))
 
-    def firing(self) -> list[Alert]:
-        return self.incidents.firing()
+    @classmethod
+    def defaults(cls, config: AggregatorConfig) -> dict[str, object]:
+        return {"abs_limit": config.exploding_abs_limit, "ratio": config.exploding_ratio,
+                "window": config.exploding_window, "min_history": config.exploding_min_history}
+
+    @classmethod
+    def check(cls, p: dict[str, object]) -> None:
+        if not p["abs_limit"] > 0:
+            raise ValueError("abs_limit: expected a norm > 0 (inf disables it)")
+        if not (math.isfinite(p["ratio"]) and p["ratio"] > 1):
+            raise ValueError("ratio: expected a factor > 1")
+        if not 1 <= p["min_history"] <= p["window"]:
+            raise ValueError("min_history: expected an integer from 1 to window")
 
     def forget(self, run: str) -> None:
-        self.incidents.forget(run)
+        super().forget(run)
         self.history.pop(run, None)
 
 
@@ -182,21 +179,66 @@ def _subject(layer: str) -> str:
     return "Global gradient norm" if layer == GLOBAL_LAYER else f"Gradient norm of layer {layer}"
 
 
-class RuleEngine:
-    """The rules of one aggregator, in evaluation order."""
+class VanishingGradient(Rule):
+    """Gradients of a layer too small to train it: the layer's gradient RMS, sqrt(sum of squares /
+    element count) over its gradient tensors, below `threshold` for `window` consecutive reports of
+    a rank. SageMaker Debugger tests the mean |g| against 1e-7; reports carry no sum of |g|, and the
+    RMS is never below the mean |g|, so RMS < 1e-7 implies mean |g| < 1e-7 (this test fires no more
+    often than SageMaker's). A layer whose gradients are all exactly zero is AllZero's, not this
+    rule's; `window` keeps the first steps quiet (a zero-initialised head leaves every earlier
+    gradient zero or tiny at step 0). Names the layer with the smallest RMS. Defaults: threshold 1e-7,
+    window 5."""
 
-    def __init__(self, config: AggregatorConfig, counters: Counters | None = None, rules: list | None = None):
-        self.rules = rules if rules is not None else [NonFinite(config, counters), ExplodingGradient(config, counters)]
+    name = "VanishingGradient"
+    DEFAULTS = {"threshold": 1e-7, "window": 5}
+    # An RMS below the threshold needs norm < threshold * sqrt(elements); no layer has 1e12 elements,
+    # so layers with a larger norm are skipped without reading their tensors.
+    _MAX_SQRT_ELEMENTS = 1e6
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.streaks = Streaks()
+
+    def rms(self, view: ReportView, candidates: set[str] | None = None) -> dict[str, float]:
+        """RMS of the candidate layers (default: under the norm bound) that are not all zero."""
+        if candidates is None:
+            bound = self.p["threshold"] * self._MAX_SQRT_ELEMENTS
+            candidates = {layer for layer, norm in view.grad_norms.items() if norm < bound and self.layers(layer)}
+        if not candidates:
+            return {}
+        acc: dict[str, list] = {}
+        for meta, s in view.of_kind(run_pb2.TENSOR_KIND_GRADIENT):
+            if meta.layer in candidates:
+                a = acc.get(meta.layer)
+                if a is None:
+                    a = acc[meta.layer] = [0.0, 0, 0]
+                a[0] += s.sum_squares
+                a[1] += s.count - s.nan_count - s.inf_count
+                a[2] += s.count - s.zero_count
+        return {layer: math.sqrt(max(ss, 0.0) / n) for layer, (ss, n, nonzero) in acc.items() if n and nonzero}
 
     def evaluate(self, view: ReportView) -> list[Alert]:
-        out: list[Alert] = []
-        for rule in self.rules:
-            out.extend(rule.evaluate(view))
-        return out
+        if view.global_grad_norm is None:
+            return []  # no gradients in this report: no evidence either way
+        rms = self.rms(view)
+        threshold = self.p["threshold"]
+        low = [layer for layer, r in rms.items() if r < threshold]
+        streak = self.streaks.update(view.run, view.rank, low)
+        bad = [layer for layer in low if streak[layer] >= self.p["window"]]
+        if bad:
+            layer = min(bad, key=lambda x: (rms[x], view.layer_order.get(x, UNKNOWN_ORDER)))
+            value = rms[layer]
 
-    def firing(self) -> list[Alert]:
-        return [a for rule in self.rules for a in rule.firing()]
+            def fire() -> Alert:
+                more = f"; {len(bad) - 1} more layer{'s' if len(bad) > 2 else ''} below it" if len(bad) > 1 else ""
+                return self.alert(view, layer, "", value, threshold, (
+                    f"Gradients of layer {layer} vanish: RMS {fmt(value)} < {fmt(threshold)} for {streak[layer]} "
+                    f"consecutive reports up to step {view.step}{more}"))
+            return self.transition(view, True, fire, None)
+        return self.transition(view, False, None, lambda a: self.resolved_after(
+            view, a, f"Gradients of layer {a.layer} above {fmt(threshold)}",
+            self.rms(view, {a.layer}).get(a.layer, 0.0)))
 
     def forget(self, run: str) -> None:
-        for rule in self.rules:
-            rule.forget(run)
+        super().forget(run)
+        self.streaks.forget(run)

@@ -6,11 +6,12 @@ sequence), within a fixed budget of layer series, and runs that stop reporting e
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 from google.protobuf.message import DecodeError
 
@@ -34,10 +35,11 @@ class TensorMeta:
     layer: str
     order: int
     kind_name: str  # label value of `kind`, precomputed: it is needed for every tensor of every report
+    shape: tuple[int, ...] = ()
 
     @classmethod
-    def of(cls, name: str, kind: int, layer: str, order: int) -> TensorMeta:
-        return cls(name, kind, layer, order, KIND_NAMES.get(kind, "unspecified"))
+    def of(cls, name: str, kind: int, layer: str, order: int, shape: tuple[int, ...] = ()) -> TensorMeta:
+        return cls(name, kind, layer, order, KIND_NAMES.get(kind, "unspecified"), shape)
 
 
 def unknown_tensor(tensor_id: int) -> TensorMeta:
@@ -47,7 +49,10 @@ def unknown_tensor(tensor_id: int) -> TensorMeta:
 
 @dataclass(slots=True)
 class ReportView:
-    """What the rules see of one applied report."""
+    """What the rules see of one applied report. `tensors` holds the report's summaries as they came
+    (protobuf TensorSummary: count, nan_count, inf_count, zero_count, sum, sum_squares, min, max,
+    histogram, histogram_offset) with their dictionary entry, grouped by tensor kind; rules read only
+    the fields they need (decoding a whole Stats for every tensor would cost more than the rules)."""
 
     run: str
     rank: int
@@ -58,6 +63,18 @@ class ReportView:
     global_grad_norm: float | None
     nonfinite: list[tuple[TensorMeta, int]]  # tensors holding NaN/Inf, with their count
     layer_order: dict[str, int]
+    # kind -> [(dictionary entry, summary)], in report order
+    by_kind: dict[int, list[tuple[TensorMeta, report_pb2.TensorSummary]]] = field(default_factory=dict)
+    train: bool = True
+    learning_rate: float | None = None    # the largest of the report's learning rates
+    applied_at: float = 0.0                # this aggregator's clock when the report was applied
+
+    def of_kind(self, kind: int) -> list[tuple[TensorMeta, report_pb2.TensorSummary]]:
+        return self.by_kind.get(kind, [])
+
+    @property
+    def tensors(self) -> Iterator[tuple[TensorMeta, report_pb2.TensorSummary]]:
+        return itertools.chain.from_iterable(self.by_kind.values())
 
 
 class RankState:
@@ -146,7 +163,8 @@ class State:
                 rank.seq = SequenceTracker()
                 rank.rate.clear()
         rank.start_ns = max(start_ns, rank.start_ns)
-        rank.dictionary = {t.id: TensorMeta.of(t.name, t.kind, t.module_path or t.name, t.order) for t in reg.tensors}
+        rank.dictionary = {t.id: TensorMeta.of(t.name, t.kind, t.module_path or t.name, t.order, tuple(t.shape))
+                           for t in reg.tensors}
         order: dict[str, int] = {}
         for meta in rank.dictionary.values():
             order[meta.layer] = min(order.get(meta.layer, meta.order), meta.order)
@@ -173,8 +191,13 @@ class State:
         param_sq: dict[str, float] = {}
         nonfinite: dict[str, dict[str, int]] = {}
         bad: list[tuple[TensorMeta, int]] = []
+        by_kind: dict[int, list[tuple[TensorMeta, report_pb2.TensorSummary]]] = {}
         for s in report.tensors:
             meta = dictionary.get(s.tensor_id) or unknown_tensor(s.tensor_id)
+            group = by_kind.get(meta.kind)
+            if group is None:
+                group = by_kind[meta.kind] = []
+            group.append((meta, s))
             if meta.kind == GRADIENT:
                 grad_sq[meta.layer] = grad_sq.get(meta.layer, 0.0) + s.sum_squares
             elif meta.kind == PARAMETER:
@@ -232,7 +255,9 @@ class State:
             ls.nonfinite.update(kinds)
         if dropped:
             self.counters.add("series_dropped", dropped)
-        return ReportView(run, report.rank, step, t, loss, grad_norms, global_norm, bad, rank.layer_order)
+        lr = max(report.learning_rates) if report.learning_rates else None
+        return ReportView(run, report.rank, step, t, loss, grad_norms, global_norm, bad, rank.layer_order, by_kind,
+                          train, lr, now)
 
     def expire(self, now: float | None = None) -> list[str]:
         """Forgets runs without a report for run_expiry_s; returns their ids."""

@@ -4,6 +4,7 @@ Redis the way the collector does, and aggregators on a fresh metrics registry pe
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Iterator
 
@@ -13,6 +14,9 @@ from prometheus_client import CollectorRegistry
 
 from gradwatch.aggregator.config import AggregatorConfig
 from gradwatch.aggregator.consumer import Aggregator
+from gradwatch.aggregator.counters import Counters
+from gradwatch.aggregator.ruleset import RuleEngine
+from gradwatch.aggregator.state import State
 from gradwatch.collector.streams import FIELD_REGISTRATION, FIELD_REPORT, RUNS_KEY, registrations_key, reports_key
 from gradwatch.v1 import report_pb2, run_pb2
 
@@ -60,7 +64,9 @@ class Build:
         for layer in LAYERS:
             for kind, norms in (("parameter", param), ("gradient", grad), ("activation", 3.0)):
                 norm = norms.get(layer, 1.0) if isinstance(norms, dict) else norms
-                r.tensors.add(tensor_id=self.tensor_id(layer, kind), count=256, sum=0.0, sum_squares=norm * norm,
+                # Parameters train: their sum moves a little every step (UnchangedTensor stays quiet).
+                r.tensors.add(tensor_id=self.tensor_id(layer, kind), count=256,
+                              sum=1e-3 * step if kind == "parameter" else 0.0, sum_squares=norm * norm,
                               min=-norm, max=norm, nan_count=nonfinite.get((layer, kind), 0))
         return r
 
@@ -136,3 +142,56 @@ def drain(agg: Aggregator, max_rounds: int = 20) -> int:
 @pytest.fixture
 def run_all() -> Callable[[Aggregator], int]:
     return drain
+
+
+def healthy(step: int, layer: str, kind: str) -> dict:
+    """Summary fields of a healthily training layer: weights of std 0.25 (gain 1 at fan_in 16) that
+    move every step, gradients of RMS 1e-2, ReLU outputs half zero."""
+    i = LAYERS.index(layer)
+    if kind == "parameter":
+        return dict(count=256, sum=0.5 * math.sin(step + i), sum_squares=256 * 0.25 ** 2, min=-0.6, max=0.6)
+    if kind == "gradient":
+        rms = 1e-2 * (1 + 0.2 * math.sin(0.7 * step + i))
+        return dict(count=256, sum=0.0, sum_squares=256 * rms ** 2, min=-5 * rms, max=5 * rms)
+    return dict(count=256, zero_count=128, sum=128.0, sum_squares=256.0, min=0.0, max=3.0)
+
+
+class Scenario:
+    """Reports of the four-layer model with any summary fields per (layer, kind) and step, applied to a
+    fresh State and RuleEngine; returns the alert transitions."""
+
+    def __init__(self, build: Build):
+        self.build = build
+
+    def report(self, step: int, tensors, loss, lr) -> report_pb2.StepReport:
+        r = report_pb2.StepReport(run_id="demo", rank=0, step=step, sequence=step + 1, phase=report_pb2.PHASE_TRAIN,
+                                  learning_rates=[lr(step)])
+        r.capture_time.FromNanoseconds(int((T0 + step * 0.1) * 1e9))
+        value = loss(step)
+        if value is not None:
+            r.loss = value
+        for layer in LAYERS:
+            for kind in KINDS:
+                fields = healthy(step, layer, kind)
+                fields.update((tensors(step, layer, kind) if tensors else None) or {})
+                if fields.get("count") is not None:  # count=None: the tensor is not in this report
+                    r.tensors.add(tensor_id=Build.tensor_id(layer, kind), **fields)
+        return r
+
+    def __call__(self, steps: int, tensors=None, loss=lambda step: 0.5, lr=lambda step: 1e-3, rule: str | None = None,
+                 config: AggregatorConfig | None = None, engine=None, start: int = 0) -> list[tuple]:
+
+        config = config or AggregatorConfig(keep_firing_s=0)
+        state = State(config, Counters())
+        self.engine = engine or RuleEngine(config)
+        state.register("demo", self.build.registration())
+        self.alerts = []
+        for step in range(start, start + steps):
+            view = state.apply("demo", self.report(step, tensors, loss, lr))
+            self.alerts.extend(self.engine.evaluate(view))
+        return [(a.step, a.status, a.rule, a.layer) for a in self.alerts if rule is None or a.rule == rule]
+
+
+@pytest.fixture
+def scenario(build) -> Scenario:
+    return Scenario(build)

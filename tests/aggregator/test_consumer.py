@@ -232,3 +232,22 @@ def test_claimed_entries_trimmed_from_the_stream_are_acked(make_aggregator, buil
     run_all(agg)
     assert sample(agg, "gradwatch_aggregator_reports_total") == 1
     assert pending(redis_client) == 0
+
+
+def test_stalled_run_is_alerted_by_the_loop_at_the_discovery_interval(make_aggregator, build, publish, redis_client,
+                                                                      run_all, tmp_path):
+    rules = tmp_path / "rules.toml"
+    rules.write_text("[StalledTraining]\nthreshold_s = 0.3\n")
+    publish.registration(build.registration())
+    agg = make_aggregator(keep_firing_s=0, rules=str(rules))
+    publish.report(build.report(0))
+    run_all(agg)
+    assert alerts_in_stream(redis_client) == []
+    time.sleep(0.5)
+    agg.run_once()
+    (alert,) = alerts_in_stream(redis_client)
+    assert (alert["rule"], alert["status"], alert["run"], alert["layer"]) == ("StalledTraining", "firing", RUN, "(run)")
+    assert sample(agg, "gradwatch_alert_firing", run=RUN, rule="StalledTraining", layer="(run)") == 1
+    publish.report(build.report(1))
+    run_all(agg)
+    assert [a["status"] for a in alerts_in_stream(redis_client)] == ["firing", "resolved"]

@@ -9,7 +9,7 @@ import pytest
 
 from gradwatch.aggregator.config import AggregatorConfig
 from gradwatch.aggregator.counters import Counters
-from gradwatch.aggregator.rules import RuleEngine
+from gradwatch.aggregator.ruleset import RuleEngine
 from gradwatch.aggregator.state import State
 
 LAYERS = ("embed", "fc1", "fc2", "head")
