@@ -43,6 +43,11 @@ class AgentCounters:
     internal_errors: int = 0   # agent bugs caught before they reached the training loop
 
 
+def _steps(items) -> int:
+    """How many of these are step reports: the agent's final end-of-run marker is not one."""
+    return sum(not getattr(item, "final", False) for item in items)
+
+
 class ReportPipeline:
     def __init__(self, exporter: Exporter, encode: Callable[[object], report_pb2.StepReport],
                  registration: run_pb2.RunRegistration, counters: AgentCounters, *, queue_size: int,
@@ -141,8 +146,9 @@ class ReportPipeline:
         # queue_bytes), so the budget left for waiting reports shrinks while a batch is out.
         budget = self._queue_bytes - self._inflight_bytes
         while self._reports and (len(self._reports) > self._queue_size or self._waiting_bytes > budget):
-            self._waiting_bytes -= self._reports.popleft()[1]
-            self.counters.dropped += 1
+            report, n = self._reports.popleft()
+            self._waiting_bytes -= n
+            self.counters.dropped += _steps((report,))
 
     def _take_batch(self) -> list[report_pb2.StepReport]:
         batch, size = [], 0
@@ -150,9 +156,9 @@ class ReportPipeline:
             while self._reports and len(batch) < self._batch_reports:
                 n = self._reports[0][1]
                 if not batch and n > self._batch_bytes:
-                    self._reports.popleft()  # can never fit a request: drop it, counted, keep going
+                    report, _ = self._reports.popleft()  # can never fit a request: drop it, counted, go on
                     self._waiting_bytes -= n
-                    self.counters.dropped += 1
+                    self.counters.dropped += _steps((report,))
                     self._log_once(f"dropping a {n} B report: larger than batch_bytes ({self._batch_bytes} B)")
                     continue
                 if batch and size + n > self._batch_bytes:
@@ -199,7 +205,7 @@ class ReportPipeline:
             with self._lock:
                 if self._registration is registration:  # not replaced while this export was in flight
                     self._registered = True
-            self.counters.exported += len(batch) - result.rejected_reports
+            self.counters.exported += _steps(batch) - result.rejected_reports
             self.counters.rejected += result.rejected_reports
             if result.rejected_reports:
                 self._log_once(f"collector refused {result.rejected_reports} report(s): {result.error}")
@@ -216,7 +222,7 @@ class ReportPipeline:
                 self._inflight_bytes = 0
                 self._enforce_bounds()
         else:
-            self.counters.dropped += len(batch)
+            self.counters.dropped += _steps(batch)
         return False
 
     def _log_once(self, message: str) -> None:
@@ -254,7 +260,8 @@ class ReportPipeline:
         for t in self._threads:
             t.join(max(deadline - time.monotonic(), 0.05))
         with self._lock:
-            self.counters.dropped += len(self._reports) + len(self._pending)
+            self.counters.dropped += _steps(r for r, _ in self._reports) + _steps(
+                getattr(p, "report", None) or p for p in self._pending)
             self._reports.clear()
             self._waiting_bytes = 0
             self._pending.clear()

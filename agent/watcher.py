@@ -55,6 +55,16 @@ class CapturedStep:
             self.event.synchronize()  # sync: reader thread waits for the async device->host copy
 
 
+@dataclass
+class FinalMarker:
+    """The end of the run for this rank: goes through the reader in order, after every captured step."""
+
+    report: report_pb2.StepReport
+
+    def release(self) -> None:
+        pass
+
+
 def _guarded(method):
     """Count and log (once) any internal error instead of raising into the training loop."""
 
@@ -244,7 +254,9 @@ class Watcher:
 
     # ---- reader thread -------------------------------------------------------------------------
 
-    def _encode(self, captured: CapturedStep) -> report_pb2.StepReport:
+    def _encode(self, captured: CapturedStep | FinalMarker) -> report_pb2.StepReport:
+        if isinstance(captured, FinalMarker):
+            return captured.report
         captured.wait()
         rows = captured.host.numpy()  # sync: reader thread, after the copy's event completed
         scalars = dict(captured.scalars)
@@ -275,6 +287,11 @@ class Watcher:
         try:
             if self._pending is not None:
                 self._submit(self._pending, self._held_scalars)
+            self._sequence += 1
+            final = report_pb2.StepReport(run_id=self.run, rank=self.rank, step=max(self._step - 1, 0),
+                                          sequence=self._sequence, phase=report_pb2.PHASE_TRAIN, final=True)
+            final.capture_time.GetCurrentTime()
+            self._pipeline.submit(FinalMarker(final))
             self._closed = True
             for h in self._hooks:
                 h.remove()

@@ -162,20 +162,25 @@ class StalledTraining(Rule):
     count. Checked by `evaluate_idle(now)`, which the consumer calls at its discovery interval; the
     next report resolves it (after keep_firing_s). Only runs that reported since this aggregator
     started are watched, until they expire (run_expiry_s). A run that finished normally looks the
-    same (reports carry no end-of-run marker yet): it fires once per finished run. SageMaker
-    Debugger's StalledTrainingRule default: 1800 s. Defaults: threshold_s 1800."""
+    same unless the agent closed its watcher: the rank's end-of-run marker (StepReport.final) ends the
+    watch of that run. SageMaker Debugger's StalledTrainingRule default: 1800 s. Defaults: threshold_s
+    1800."""
 
     name = "StalledTraining"
     DEFAULTS = {"threshold_s": 1800.0}
     LAYERS = False
     RESOLVE_AFTER = 1
+    SEES_FINAL = True
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.last: dict[str, tuple[float, int, int]] = {}  # run -> (applied_at, rank, step)
 
     def evaluate(self, view: ReportView) -> list[Alert]:
-        self.last[view.run] = (view.applied_at, view.rank, view.step)
+        if view.final:  # a rank ended its run cleanly: silence from now on is expected
+            self.last.pop(view.run, None)
+        else:
+            self.last[view.run] = (view.applied_at, view.rank, view.step)
         if not self.incidents.open:
             return []
         at = _At(view.run, 0, view.step, view.applied_at)

@@ -133,6 +133,9 @@ class RuleEngine:
     def evaluate(self, view: ReportView) -> list[Alert]:
         out: list[Alert] = []
         for rule in self.rules:
+            # An end-of-run marker is no evidence of health: it must not count towards resolving an alert.
+            if view.final and not getattr(rule, "SEES_FINAL", False):
+                continue
             out.extend(rule.evaluate(view))
         return out
 

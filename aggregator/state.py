@@ -68,6 +68,7 @@ class ReportView:
     train: bool = True
     learning_rate: float | None = None    # the largest of the report's learning rates
     applied_at: float = 0.0                # this aggregator's clock when the report was applied
+    final: bool = False                    # the rank's end-of-run marker: only StalledTraining looks at it
 
     def of_kind(self, kind: int) -> list[tuple[TensorMeta, report_pb2.TensorSummary]]:
         return self.by_kind.get(kind, [])
@@ -180,6 +181,10 @@ class State:
         if not rank.seq.first_time(report.sequence):
             self.counters.add("duplicates")
             return None
+        if report.final:  # the rank closed its watcher: no statistics, only the end of its run
+            rs.last_seen = time.monotonic()
+            return ReportView(run, report.rank, report.step, time.time(), None, {}, None, [], rank.layer_order,
+                              applied_at=time.time(), final=True)
         if rank.dictionary is None and not rank.fetched:
             self._fetch(run, report.rank, rank)
         dictionary = rank.dictionary

@@ -28,8 +28,14 @@ class RecordingIngest(ingest_service_pb2_grpc.IngestServiceServicer):
 
     @property
     def reports(self):
+        """Step reports, without the agent's end-of-run marker (see `finals`)."""
         with self.lock:
-            return [r for req in self.requests for r in req.reports]
+            return [r for req in self.requests for r in req.reports if not r.final]
+
+    @property
+    def finals(self):
+        with self.lock:
+            return [r for req in self.requests for r in req.reports if r.final]
 
 
 @pytest.fixture

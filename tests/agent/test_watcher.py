@@ -356,3 +356,17 @@ def test_watchers_flush_at_interpreter_exit(ingest, tmp_path):
         "# no close(): the atexit hook flushes\n")
     subprocess.run([sys.executable, str(script)], check=True, timeout=60)
     assert [r.step for r in ingest.reports] == [0, 1, 2]
+
+
+def test_close_sends_one_end_of_run_marker_after_the_last_report(ingest):
+    model = make_model()
+    w = gradwatch.watch(model, run="unit-final", collector=ingest.target)
+    for _ in range(3):
+        model(torch.randn(4, 8)).sum().backward()
+        w.step()
+        model.zero_grad()
+    w.close()
+    w.close()  # idempotent: still one marker
+    (final,) = ingest.finals
+    assert final.sequence == 4 and final.step == 2 and not final.tensors
+    assert w.counters.exported == 3  # counters count step reports only

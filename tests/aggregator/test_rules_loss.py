@@ -122,6 +122,17 @@ def test_stalled_training_fires_once_and_resolves_on_the_next_report(monkeypatch
     assert engine.firing() == []
 
 
+def test_a_run_that_ended_cleanly_is_not_stalled():
+    """The agent's end-of-run marker (StepReport.final) ends the watch; it is no evidence for other rules."""
+    state, engine = stalled_setup()
+    for step in range(10):
+        engine.evaluate(state.apply("demo", report(step)))
+    final = report_pb2.StepReport(run_id="demo", rank=0, step=9, sequence=11, final=True)
+    assert engine.evaluate(state.apply("demo", final)) == []
+    assert engine.evaluate_idle(time.time() + 1e5) == []
+    assert state.snapshot()[0].loss == 1.0  # the marker carries no loss and changes no gauge
+
+
 def test_stalled_training_watches_each_run_and_forgets_expired_ones():
     state, engine = stalled_setup()
     engine.evaluate(state.apply("a", report(0, run="a")))

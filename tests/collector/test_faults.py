@@ -99,8 +99,9 @@ def stack(tmp_path):
 
 def stored_sequences(client: redis.Redis, run: str) -> list[int]:
     """Sequence numbers of the reports in the run's stream, duplicates included, in stream order."""
-    return [StepReport.FromString(fields[FIELD_REPORT]).sequence
-            for _, fields in client.xrange(reports_key(run)) if FIELD_REPORT in fields]
+    reports = [StepReport.FromString(fields[FIELD_REPORT])
+               for _, fields in client.xrange(reports_key(run)) if FIELD_REPORT in fields]
+    return [r.sequence for r in reports if not r.final]  # the end-of-run marker is no step report
 
 
 def report_count(client: redis.Redis, runs) -> int:

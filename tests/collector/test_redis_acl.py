@@ -114,7 +114,7 @@ def test_collector_user_stores_a_real_agent_export(acl_redis, start_collector):
 
     admin = acl_redis.client("admin")
     entries = admin.xrange(reports_key(RUN))
-    assert sum(FIELD_REPORT in fields for _, fields in entries) == STEPS
+    assert sum(FIELD_REPORT in fields for _, fields in entries) == STEPS + 1  # and the end-of-run marker
     assert admin.hget(registrations_key(RUN), "0") is not None
     assert admin.zscore(RUNS_KEY, RUN) is not None
     assert acl_redis.denials() == []

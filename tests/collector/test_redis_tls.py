@@ -219,7 +219,7 @@ def test_watch_trains_into_redis_over_tls(tls_redis, tls_client, start_collector
             model.zero_grad()
         assert watcher.flush(10)
     assert watcher.counters.exported == 3
-    assert tls_client.xlen(reports_key("redis-tls-watch")) == 4  # the registration and three reports
+    assert tls_client.xlen(reports_key("redis-tls-watch")) == 5  # registration, three reports, end-of-run marker
 
 
 REFUSALS = [

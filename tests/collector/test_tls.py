@@ -179,4 +179,4 @@ def test_watch_with_tls_config_trains_over_tls(pki, start_collector, redis_clien
             model.zero_grad()
         assert watcher.flush(10)
     assert watcher.counters.exported == 3
-    assert redis_client.xlen(reports_key("tls-watch")) == 4  # the registration and three reports
+    assert redis_client.xlen(reports_key("tls-watch")) == 5  # registration, three reports, end-of-run marker

@@ -20,7 +20,7 @@ PHASE_TRAIN: Phase
 PHASE_EVAL: Phase
 
 class StepReport(_message.Message):
-    __slots__ = ("run_id", "rank", "step", "sequence", "capture_time", "step_seconds", "phase", "loss", "learning_rates", "scalars", "tensors", "dropped_reports")
+    __slots__ = ("run_id", "rank", "step", "sequence", "capture_time", "step_seconds", "phase", "loss", "learning_rates", "scalars", "tensors", "dropped_reports", "final")
     class ScalarsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -40,6 +40,7 @@ class StepReport(_message.Message):
     SCALARS_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     DROPPED_REPORTS_FIELD_NUMBER: _ClassVar[int]
+    FINAL_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     rank: int
     step: int
@@ -52,7 +53,8 @@ class StepReport(_message.Message):
     scalars: _containers.ScalarMap[str, float]
     tensors: _containers.RepeatedCompositeFieldContainer[TensorSummary]
     dropped_reports: int
-    def __init__(self, run_id: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., sequence: _Optional[int] = ..., capture_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., step_seconds: _Optional[float] = ..., phase: _Optional[_Union[Phase, str]] = ..., loss: _Optional[float] = ..., learning_rates: _Optional[_Iterable[float]] = ..., scalars: _Optional[_Mapping[str, float]] = ..., tensors: _Optional[_Iterable[_Union[TensorSummary, _Mapping]]] = ..., dropped_reports: _Optional[int] = ...) -> None: ...
+    final: bool
+    def __init__(self, run_id: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., sequence: _Optional[int] = ..., capture_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., step_seconds: _Optional[float] = ..., phase: _Optional[_Union[Phase, str]] = ..., loss: _Optional[float] = ..., learning_rates: _Optional[_Iterable[float]] = ..., scalars: _Optional[_Mapping[str, float]] = ..., tensors: _Optional[_Iterable[_Union[TensorSummary, _Mapping]]] = ..., dropped_reports: _Optional[int] = ..., final: _Optional[bool] = ...) -> None: ...
 
 class TensorSummary(_message.Message):
     __slots__ = ("tensor_id", "count", "nan_count", "inf_count", "zero_count", "sum", "sum_squares", "min", "max", "histogram", "histogram_offset")
