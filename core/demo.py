@@ -20,7 +20,7 @@ from gradwatch.stack import Stack, StackConfig, port_taken, split_hostport
 DEFAULT_STEPS = 300
 DEFAULT_BLOWUP_STEP = 200
 DEFAULT_BLOWUP_FACTOR = 1e6
-ALERT_WAIT_S = 10.0
+ALERT_WAIT_S = 20.0  # generous: a loaded 2-core CI machine must not make the demo flaky
 
 
 @dataclass
