@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import pytest
@@ -86,3 +89,51 @@ def channel(collector) -> Iterator[grpc.Channel]:
 @pytest.fixture
 def stub(channel) -> IngestServiceStub:
     return IngestServiceStub(channel)
+
+
+# --- throwaway certificates for the TLS tests (gRPC and Redis) ---
+
+
+@dataclass
+class Pki:
+    """Throwaway certificates from the openssl CLI: a CA, a server for 127.0.0.1, a client, a stranger."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    stranger_cert: Path  # a client certificate signed by another CA
+    stranger_key: Path
+
+
+def _openssl(*args: str | Path) -> None:
+    subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True, timeout=30)
+
+
+def _new_ca(directory: Path, name: str) -> tuple[Path, Path]:
+    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
+    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+             "-keyout", key, "-out", cert, "-days", "1", "-subj", f"/CN={name}")
+    return cert, key
+
+
+def _issue(directory: Path, name: str, ca: tuple[Path, Path], extensions: str) -> tuple[Path, Path]:
+    cert, key, csr, ext = (directory / f"{name}{suffix}" for suffix in (".crt", ".key", ".csr", ".ext"))
+    ext.write_text(extensions)
+    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", key,
+             "-out", csr, "-subj", f"/CN={name}")
+    _openssl("x509", "-req", "-in", csr, "-CA", ca[0], "-CAkey", ca[1], "-CAcreateserial", "-out", cert,
+             "-days", "1", "-extfile", ext)
+    return cert, key
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory) -> Pki:
+    directory = tmp_path_factory.mktemp("pki")
+    ca = _new_ca(directory, "gradwatch-test-ca")
+    server = _issue(directory, "server", ca, "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+                                             "extendedKeyUsage=serverAuth\n")
+    client = _issue(directory, "agent", ca, "extendedKeyUsage=clientAuth\n")
+    stranger = _issue(directory, "stranger", _new_ca(directory, "other-ca"), "extendedKeyUsage=clientAuth\n")
+    return Pki(ca[0], *server, *client, *stranger)

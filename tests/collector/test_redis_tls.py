@@ -32,49 +32,6 @@ from gradwatch.v1.report_pb2 import StepReport
 USER, PASSWORD = "collector", "test-collector-secret"  # test-only, never a real secret
 
 
-# --- certificates, as in test_tls.py (test modules cannot import each other under --import-mode=importlib) ---
-
-
-@dataclass
-class Pki:
-    ca: Path
-    server_cert: Path
-    server_key: Path
-    client_cert: Path
-    client_key: Path
-
-
-def _openssl(*args: str | Path) -> None:
-    subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True, timeout=30)
-
-
-def _new_ca(directory: Path, name: str) -> tuple[Path, Path]:
-    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
-    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-             "-keyout", key, "-out", cert, "-days", "1", "-subj", f"/CN={name}")
-    return cert, key
-
-
-def _issue(directory: Path, name: str, ca: tuple[Path, Path], extensions: str) -> tuple[Path, Path]:
-    cert, key, csr, ext = (directory / f"{name}{suffix}" for suffix in (".crt", ".key", ".csr", ".ext"))
-    ext.write_text(extensions)
-    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", key,
-             "-out", csr, "-subj", f"/CN={name}")
-    _openssl("x509", "-req", "-in", csr, "-CA", ca[0], "-CAkey", ca[1], "-CAcreateserial", "-out", cert,
-             "-days", "1", "-extfile", ext)
-    return cert, key
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory) -> Pki:
-    directory = tmp_path_factory.mktemp("redis-pki")
-    ca = _new_ca(directory, "gradwatch-redis-test-ca")
-    server = _issue(directory, "redis", ca, "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
-                                            "extendedKeyUsage=serverAuth\n")
-    client = _issue(directory, "collector", ca, "extendedKeyUsage=clientAuth\n")
-    return Pki(ca[0], *server, *client)
-
-
 # --- a TLS-only redis-server with an ACL user --------------------------------------------------------------------
 
 
@@ -82,7 +39,7 @@ def pki(tmp_path_factory) -> Pki:
 class TlsRedis:
     binary: str
     port: int
-    pki: Pki
+    pki: object  # the `pki` fixture of conftest.py
 
     def url(self, user: str = USER, password: str = PASSWORD, scheme: str = "rediss", ca: bool = True,
             client_cert: bool = False) -> str:
@@ -112,7 +69,7 @@ def _candidates() -> list[str]:
     return unique
 
 
-def _start(binary: str, pki: Pki, data_dir: Path, timeout: float = 10.0) -> tuple[subprocess.Popen, int] | str:
+def _start(binary: str, pki, data_dir: Path, timeout: float = 10.0) -> tuple[subprocess.Popen, int] | str:
     """A TLS-only redis-server answering PING as USER over TLS, or why this binary cannot be one."""
     port = free_port()
     data_dir.mkdir(parents=True, exist_ok=True)

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import subprocess
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
@@ -20,49 +17,6 @@ from gradwatch.v1.report_pb2 import StepReport
 
 # Short: a refused handshake is retried (UNAVAILABLE) until this deadline.
 EXPORT_TIMEOUT_S = 0.5
-
-
-@dataclass
-class Pki:
-    ca: Path
-    server_cert: Path
-    server_key: Path
-    client_cert: Path
-    client_key: Path
-    stranger_cert: Path  # a client certificate signed by another CA
-    stranger_key: Path
-
-
-def _openssl(*args: str | Path) -> None:
-    subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True, timeout=30)
-
-
-def _new_ca(directory: Path, name: str) -> tuple[Path, Path]:
-    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
-    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-             "-keyout", key, "-out", cert, "-days", "1", "-subj", f"/CN={name}")
-    return cert, key
-
-
-def _issue(directory: Path, name: str, ca: tuple[Path, Path], extensions: str) -> tuple[Path, Path]:
-    cert, key, csr, ext = (directory / f"{name}{suffix}" for suffix in (".crt", ".key", ".csr", ".ext"))
-    ext.write_text(extensions)
-    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", key,
-             "-out", csr, "-subj", f"/CN={name}")
-    _openssl("x509", "-req", "-in", csr, "-CA", ca[0], "-CAkey", ca[1], "-CAcreateserial", "-out", cert,
-             "-days", "1", "-extfile", ext)
-    return cert, key
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory) -> Pki:
-    directory = tmp_path_factory.mktemp("pki")
-    ca = _new_ca(directory, "gradwatch-test-ca")
-    server = _issue(directory, "server", ca, "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
-                                             "extendedKeyUsage=serverAuth\n")
-    client = _issue(directory, "agent", ca, "extendedKeyUsage=clientAuth\n")
-    stranger = _issue(directory, "stranger", _new_ca(directory, "other-ca"), "extendedKeyUsage=clientAuth\n")
-    return Pki(ca[0], *server, *client, *stranger)
 
 
 def _export(target: str, run: str, **tls) -> tuple[bool, str]:
