@@ -1,8 +1,8 @@
 """`python -m gradwatch.aggregator`: runs one aggregator process until SIGINT or SIGTERM.
 
-Start-up order is downstream first: Redis must answer, then the metrics port must open, then the
-consumer starts. Any of these failing is one clear line on stderr and exit status 1 (2 for an
-invalid setting). A signal lets the current batch finish and be acked, then exits 0.
+Start-up order is downstream first: Redis must answer, then the HTTP port (/metrics and the query
+API) must open, then the consumer starts. Any of these failing is one clear line on stderr and exit
+status 1 (2 for an invalid setting). A signal lets the current batch finish and be acked, then exits 0.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from urllib.parse import urlsplit, urlunsplit
 import redis
 from prometheus_client import CollectorRegistry, ProcessCollector
 
+from gradwatch.aggregator.api import ListenError, serve
 from gradwatch.aggregator.config import DEFAULT_METRICS_LISTEN, DEFAULT_REDIS_URL, AggregatorConfig
 from gradwatch.aggregator.consumer import Aggregator
-from gradwatch.aggregator.exposition import ListenError, serve_metrics
 from gradwatch.envconfig import ConfigError
 
 log = logging.getLogger("gradwatch.aggregator")
@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alertmanager-url", metavar="URL",
                    help="Alertmanager to push alerts to, e.g. http://127.0.0.1:9093 "
                         "(env GRADWATCH_ALERTMANAGER_URL; default: none, alerts go to Redis and /metrics only)")
+    p.add_argument("--webhook-url", metavar="URL",
+                   help="POST every alert transition there as JSON (env GRADWATCH_AGGREGATOR_WEBHOOK_URL; "
+                        "bearer token from GRADWATCH_AGGREGATOR_WEBHOOK_TOKEN; default: none)")
     p.add_argument("--consumer", help="consumer name in the Redis group (env GRADWATCH_AGGREGATOR_CONSUMER; "
                                       "default HOSTNAME-PID)")
     p.add_argument("--rules", metavar="FILE",
@@ -60,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = AggregatorConfig.from_env()
-    for name in ("redis_url", "metrics_listen", "alertmanager_url", "consumer", "rules"):
+    for name in ("redis_url", "metrics_listen", "alertmanager_url", "webhook_url", "consumer", "rules"):
         value = getattr(args, name)
         if value is not None:
             setattr(config, name, value)
@@ -89,7 +92,7 @@ def run(config: AggregatorConfig, stop: threading.Event | None = None,
         aggregator.stop(0)
         return 1
     try:
-        server, _ = serve_metrics(host, port, registry)
+        server, _ = serve(host, port, registry, aggregator.snapshot)
     except ListenError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         aggregator.stop(0)
@@ -100,8 +103,10 @@ def run(config: AggregatorConfig, stop: threading.Event | None = None,
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, lambda *_: stop.set())
-    log.info("aggregator %s reading %s; metrics on http://%s:%d/metrics; alerts to %s", config.consumer,
-             redact(config.redis_url), host, server.server_port, config.alertmanager_url or "Redis only")
+    targets = ", ".join(["Redis"] + (["Alertmanager"] if config.alertmanager_url else [])
+                        + (["webhook"] if config.webhook_url else []))
+    log.info("aggregator %s reading %s; metrics on http://%s:%d/metrics, query API under /api/v1; alerts to %s",
+             config.consumer, redact(config.redis_url), host, server.server_port, targets)
     aggregator.start()
     try:
         while not stop.wait(0.5):  # a timed wait keeps the main thread responsive to signals

@@ -27,8 +27,8 @@ def fmt(x: float) -> str:
     return f"{x:.2g}" if math.isfinite(x) else str(x)
 
 
-def _json_number(x: float) -> float | str:
-    # JSON has no NaN/Inf: spell them the way Prometheus does, as strings.
+def json_number(x: float) -> float | str:
+    """JSON has no NaN/Inf: they are spelled the way Prometheus does, as strings."""
     if math.isfinite(x):
         return x
     return "NaN" if math.isnan(x) else ("+Inf" if x > 0 else "-Inf")
@@ -52,8 +52,8 @@ class Alert:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["value"] = _json_number(float(self.value))
-        d["threshold"] = _json_number(float(self.threshold))
+        d["value"] = json_number(float(self.value))
+        d["threshold"] = json_number(float(self.threshold))
         return d
 
     def to_json(self) -> str:

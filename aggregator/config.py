@@ -40,6 +40,10 @@ DEFAULT_ALERTMANAGER_QUEUE_SIZE = 1_000
 # Alertmanager resolves an alert without endsAt after its resolve_timeout (5 min by default):
 # firing alerts are re-sent well within it, as Prometheus does every minute.
 DEFAULT_ALERTMANAGER_RESEND_S = 60.0
+DEFAULT_WEBHOOK_URL: str | None = None
+DEFAULT_WEBHOOK_TIMEOUT_S = 5.0
+DEFAULT_WEBHOOK_RETRIES = 3
+DEFAULT_WEBHOOK_QUEUE_SIZE = 1_000
 
 
 def default_consumer() -> str:
@@ -72,6 +76,12 @@ class AggregatorConfig:
     alertmanager_retries: int = DEFAULT_ALERTMANAGER_RETRIES
     alertmanager_queue_size: int = DEFAULT_ALERTMANAGER_QUEUE_SIZE
     alertmanager_resend_s: float = DEFAULT_ALERTMANAGER_RESEND_S
+    # Generic webhook: every alert transition is POSTed as the JSON of the alert stream.
+    webhook_url: str | None = DEFAULT_WEBHOOK_URL
+    webhook_token: str | None = field(default=None, repr=False)  # sent as "Authorization: Bearer ..."
+    webhook_timeout_s: float = DEFAULT_WEBHOOK_TIMEOUT_S
+    webhook_retries: int = DEFAULT_WEBHOOK_RETRIES
+    webhook_queue_size: int = DEFAULT_WEBHOOK_QUEUE_SIZE
     # Link Alertmanager shows next to an alert; None: this aggregator's /metrics page.
     generator_url: str | None = None
     # TOML file of rule settings (aggregator/rules.example.toml); None: the catalogue's defaults.
@@ -111,13 +121,21 @@ class AggregatorConfig:
             am = urlsplit(self.alertmanager_url)
             if am.scheme not in ("http", "https") or not am.netloc:
                 raise _bad("alertmanager_url", self.alertmanager_url, "an http(s):// URL such as http://127.0.0.1:9093")
+        if self.webhook_url is not None:
+            hook = urlsplit(self.webhook_url)
+            if hook.scheme not in ("http", "https") or not hook.netloc:
+                raise _bad("webhook_url", self.webhook_url, "an http(s):// URL such as https://hooks.example/gradwatch")
+        if self.webhook_token is not None and (not self.webhook_token.isprintable() or " " in self.webhook_token):
+            # The value stays out of the message: it is a secret.
+            raise _bad("webhook_token", "<hidden>", "a token of printable characters without spaces")
         if not self.consumer or any(c.isspace() for c in self.consumer):
             raise _bad("consumer", self.consumer, "a non-empty name without spaces")
         for name in ("read_count", "max_layer_series", "alert_stream_maxlen", "dead_letter_maxlen",
-                     "exploding_window", "exploding_min_history", "resolve_after_steps", "alertmanager_queue_size"):
+                     "exploding_window", "exploding_min_history", "resolve_after_steps", "alertmanager_queue_size",
+                     "webhook_queue_size"):
             if getattr(self, name) < 1:
                 raise _bad(name, getattr(self, name), "an integer >= 1")
-        for name in ("block_ms", "claim_idle_ms", "cooldown_steps", "alertmanager_retries"):
+        for name in ("block_ms", "claim_idle_ms", "cooldown_steps", "alertmanager_retries", "webhook_retries"):
             if getattr(self, name) < 0:
                 raise _bad(name, getattr(self, name), "an integer >= 0")
         for name in ("claim_interval_s", "discover_interval_s", "run_expiry_s", "alertmanager_resend_s",
@@ -125,8 +143,10 @@ class AggregatorConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise _bad(name, value, "a number of seconds >= 0")
-        if not (math.isfinite(self.alertmanager_timeout_s) and self.alertmanager_timeout_s > 0):
-            raise _bad("alertmanager_timeout_s", self.alertmanager_timeout_s, "a number of seconds > 0")
+        for name in ("alertmanager_timeout_s", "webhook_timeout_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise _bad(name, value, "a number of seconds > 0")
         if not (self.exploding_abs_limit > 0):
             raise _bad("exploding_abs_limit", self.exploding_abs_limit, "a norm > 0 (inf disables it)")
         if not (math.isfinite(self.exploding_ratio) and self.exploding_ratio > 1):

@@ -9,7 +9,7 @@ from collections import Counter
 
 
 class Counters:
-    """Monotonic counters shared by the consumer and the Alertmanager thread.
+    """Monotonic counters shared by the consumer and the Alertmanager and webhook threads.
 
     Plain integer adds under one lock: a scrape must never see a torn read, and the hot path adds
     at most a few values per report, so contention is negligible.
@@ -28,6 +28,9 @@ class Counters:
         "alertmanager_sent",     # alerts Alertmanager accepted
         "alertmanager_errors",   # failed POST attempts
         "alertmanager_dropped",  # alerts dropped: queue full or retries exhausted
+        "webhook_sent",          # alert transitions the webhook accepted (2xx)
+        "webhook_errors",        # failed POST attempts
+        "webhook_dropped",       # transitions dropped: queue full or retries exhausted
         "runs_expired",
     )
 

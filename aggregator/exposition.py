@@ -1,5 +1,5 @@
-"""Prometheus exposition: metric families built at scrape time from a bounded snapshot of the state,
-and the HTTP server that serves them.
+"""Prometheus exposition: metric families built at scrape time from a bounded snapshot of the state
+(api.py serves them on /metrics).
 
 Series exist only while their run is in the state (runs expire, layers are capped by
 max_layer_series), so nothing accumulates in long-lived labelled children.
@@ -7,11 +7,9 @@ max_layer_series), so nothing accumulates in long-lived labelled children.
 
 from __future__ import annotations
 
-import errno
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from gradwatch.aggregator.alert import Alert
@@ -30,6 +28,9 @@ COUNTERS = {
     "alertmanager_sent": "Alerts Alertmanager accepted.",
     "alertmanager_errors": "Failed POSTs to Alertmanager.",
     "alertmanager_dropped": "Alerts never delivered to Alertmanager: queue full or retries exhausted.",
+    "webhook_sent": "Alert transitions the webhook accepted.",
+    "webhook_errors": "Failed POSTs to the webhook.",
+    "webhook_dropped": "Alert transitions never delivered to the webhook: queue full or retries exhausted.",
     "runs_expired": "Runs forgotten after run_expiry_s without a report.",
 }
 
@@ -109,18 +110,3 @@ class AggregatorCollector:
         yield GaugeMetricFamily("gradwatch_aggregator_layer_series", "Layers held in the state, all runs.",
                                 value=snap.layer_series)
 
-
-class ListenError(OSError):
-    """The metrics port cannot be opened; the message is meant for the command line."""
-
-
-def serve_metrics(host: str, port: int, registry: CollectorRegistry):
-    """Starts the /metrics HTTP server on a daemon thread; returns (server, thread)."""
-    try:
-        return start_http_server(port, addr=host, registry=registry)
-    except OSError as e:
-        if e.errno == errno.EADDRINUSE:
-            why = "address in use (another aggregator running? choose one with --metrics-listen)"
-        else:
-            why = e.strerror or str(e)
-        raise ListenError(f"cannot listen on {host}:{port}: {why}") from e

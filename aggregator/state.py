@@ -134,6 +134,8 @@ class RunSnapshot:
     last_report_time: float | None
     # (layer, grad norm, param norm, ((kind, non-finite count), ...))
     layers: tuple[tuple[str, float | None, float | None, tuple[tuple[str, int], ...]], ...]
+    world_size: int = 0
+    ranks: tuple[int, ...] = ()  # ranks that registered or reported
 
 
 def _sqrt(x: float) -> float:
@@ -286,7 +288,7 @@ class State:
             layers = tuple((name, ls.grad_norm, ls.param_norm, tuple(ls.nonfinite.items()))
                            for name, ls in rs.layers.items())
             out.append(RunSnapshot(rs.run, rs.step, rs.loss, rs.eval_loss, rs.learning_rate, rs.grad_norm, sps,
-                                   rs.last_report_time, layers))
+                                   rs.last_report_time, layers, rs.world_size, tuple(sorted(rs.ranks))))
         return out
 
     def _run(self, run: str) -> RunState:

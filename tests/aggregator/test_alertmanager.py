@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from gradwatch.aggregator import alertmanager
+from gradwatch.aggregator import push
 from gradwatch.aggregator.alert import Alert
 from gradwatch.aggregator.alertmanager import AlertmanagerPusher
 from gradwatch.aggregator.counters import Counters
@@ -64,7 +64,7 @@ def fake_am():
 
 @pytest.fixture(autouse=True)
 def fast_backoff(monkeypatch):
-    monkeypatch.setattr(alertmanager, "BACKOFF_BASE_S", 0.01)
+    monkeypatch.setattr(push, "BACKOFF_BASE_S", 0.01)
 
 
 @pytest.fixture

@@ -45,6 +45,10 @@ def test_environment_overrides(monkeypatch):
     ("exploding_min_history", 60, "at most exploding_window"),
     ("claim_interval_s", float("nan"), "seconds"),
     ("consumer", "", "non-empty"),
+    ("webhook_url", "hooks.example/gradwatch", "http(s)://"),
+    ("webhook_queue_size", 0, ">= 1"),
+    ("webhook_retries", -1, ">= 0"),
+    ("webhook_timeout_s", 0.0, "> 0"),
 ])
 def test_invalid_values_name_the_setting(field, value, message):
     with pytest.raises(ConfigError, match=field) as e:
@@ -54,3 +58,14 @@ def test_invalid_values_name_the_setting(field, value, message):
 
 def test_ipv6_listen_address():
     assert AggregatorConfig(metrics_listen="[::1]:4772").metrics_address() == ("::1", 4772)
+
+
+def test_webhook_from_environment_and_its_token_kept_secret(monkeypatch):
+    monkeypatch.setenv("GRADWATCH_AGGREGATOR_WEBHOOK_URL", "https://hooks.example/gradwatch")
+    monkeypatch.setenv("GRADWATCH_AGGREGATOR_WEBHOOK_TOKEN", "s3cr3t")
+    c = AggregatorConfig.from_env().validate()
+    assert (c.webhook_url, c.webhook_token) == ("https://hooks.example/gradwatch", "s3cr3t")
+    assert "s3cr3t" not in repr(c)
+    with pytest.raises(ConfigError, match="GRADWATCH_AGGREGATOR_WEBHOOK_TOKEN") as e:
+        dataclasses.replace(c, webhook_token="s3cr3t\n").validate()
+    assert "s3cr3t" not in str(e.value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import subprocess
@@ -51,6 +52,13 @@ def test_invalid_setting_exits_2(redis_url):
     assert "GRADWATCH_AGGREGATOR_METRICS_LISTEN" in err
 
 
+def test_invalid_webhook_url_exits_2(redis_url):
+    proc = aggregator("--redis-url", redis_url, "--webhook-url", "hooks.example")
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 2
+    assert "GRADWATCH_AGGREGATOR_WEBHOOK_URL" in err
+
+
 def test_serves_metrics_and_stops_on_sigterm(redis_url, build, publish):
     publish.registration(build.registration())
     publish.report(build.report(0, grad={"fc2": 7.0}))
@@ -64,6 +72,10 @@ def test_serves_metrics_and_stops_on_sigterm(redis_url, build, publish):
             except OSError:
                 time.sleep(0.05)
         assert 'gradwatch_layer_grad_norm{layer="fc2",run="demo"} 7.0' in text
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/runs/demo", timeout=5) as resp:
+            assert json.loads(resp.read())["data"]["layers"][2] == {
+                "layer": "fc2", "grad_norm": 7.0, "param_norm": 10.0,
+                "nonfinite": {"parameter": 0, "gradient": 0, "activation": 0}}
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=15)
     finally:

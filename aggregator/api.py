@@ -1,0 +1,201 @@
+"""The aggregator's HTTP port: Prometheus exposition at /metrics and a small read-only JSON query API,
+both built from the same bounded snapshot a scrape takes (copied under the aggregator's lock, encoded
+and written without it).
+
+    GET /metrics                 the registry, text or OpenMetrics per Accept, `name[]` filters, gzip
+    GET /healthz                 200 "ok" while the process serves
+    GET /api/v1/runs             every run: step, losses, learning rate, grad norm, speed, firing alerts
+    GET /api/v1/runs/{run}       one run, plus world size, ranks, per-layer norms and non-finite counts
+    GET /api/v1/alerts[?run=]    firing alerts, as the gradwatch:alerts stream holds them
+
+JSON answers use Prometheus' HTTP API envelope: {"status": "success", "data": ...} or
+{"status": "error", "errorType": ..., "error": ...}. Only GET and HEAD are allowed.
+"""
+
+from __future__ import annotations
+
+import errno
+import gzip
+import json
+import logging
+import socket
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder, gzip_accepted
+
+from gradwatch.aggregator.alert import Alert, json_number
+from gradwatch.aggregator.counters import DedupLog
+from gradwatch.aggregator.exposition import Snapshot
+from gradwatch.aggregator.state import RunSnapshot
+
+log = logging.getLogger("gradwatch.aggregator.api")
+RUNS_PREFIX = "/api/v1/runs/"
+# A client that opens a connection and sends nothing must not hold a thread for ever.
+REQUEST_TIMEOUT_S = 10.0
+
+
+class ListenError(OSError):
+    """The metrics port cannot be opened; the message is meant for the command line."""
+
+
+def _num(x: float | None) -> float | str | None:
+    return None if x is None else json_number(float(x))
+
+
+def run_summary(run: RunSnapshot, firing: int) -> dict:
+    return {
+        "run": run.run,
+        "step": run.step if run.step >= 0 else None,
+        "loss": _num(run.loss),
+        "eval_loss": _num(run.eval_loss),
+        "learning_rate": _num(run.learning_rate),
+        "grad_norm": _num(run.grad_norm),
+        "steps_per_second": _num(run.steps_per_second),
+        "last_report_time": run.last_report_time,  # capture time, unix seconds
+        "firing_alerts": firing,
+    }
+
+
+def run_detail(run: RunSnapshot, alerts: list[Alert]) -> dict:
+    return {
+        **run_summary(run, len(alerts)),
+        "world_size": run.world_size,
+        "ranks": list(run.ranks),
+        "layers": [{"layer": name, "grad_norm": _num(grad), "param_norm": _num(param), "nonfinite": dict(kinds)}
+                   for name, grad, param, kinds in run.layers],
+        "alerts": [a.to_dict() for a in alerts],
+    }
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True  # a slow client never delays shutdown
+
+    def __init__(self, address: tuple[str, int], registry: CollectorRegistry, snapshot: Callable[[], Snapshot]):
+        self.registry = registry
+        self.snapshot = snapshot
+        self.errors = DedupLog(log)
+        super().__init__(address, _Handler)
+
+    def handle_error(self, request, client_address) -> None:
+        # A client that hangs up mid-answer is not worth a traceback on stderr.
+        self.errors.log(logging.DEBUG, "connection", "HTTP connection from %s failed", client_address[0],
+                        exc_info=True)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    server_version = "gradwatch-aggregator"
+    timeout = REQUEST_TIMEOUT_S
+
+    def do_GET(self) -> None:
+        self._serve(head=False)
+
+    def do_HEAD(self) -> None:
+        self._serve(head=True)
+
+    def _not_allowed(self) -> None:
+        self._error(405, "method_not_allowed", f"{self.command} is not allowed; use GET",
+                    extra={"Allow": "GET, HEAD"})
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
+
+    def log_message(self, format: str, *args) -> None:
+        pass  # no access log: Prometheus scrapes every few seconds
+
+    def _serve(self, head: bool) -> None:
+        self._head = head
+        url = urlsplit(self.path)
+        path = url.path.rstrip("/") or "/"
+        query = parse_qs(url.query)
+        try:
+            if path == "/metrics":
+                self._metrics(query)
+            elif path == "/healthz":
+                self._send(200, b"ok\n", "text/plain; charset=utf-8")
+            elif path == "/api/v1/runs":
+                snap = self.server.snapshot()
+                firing = _count_by_run(snap.firing)
+                self._ok({"runs": [run_summary(r, firing.get(r.run, 0)) for r in snap.runs]})
+            elif path.startswith(RUNS_PREFIX) and "/" not in path[len(RUNS_PREFIX):]:
+                self._run(unquote(path[len(RUNS_PREFIX):]))
+            elif path == "/api/v1/alerts":
+                runs = set(query.get("run", ()))
+                alerts = [a.to_dict() for a in self.server.snapshot().firing if not runs or a.run in runs]
+                self._ok({"alerts": alerts})
+            else:
+                self._error(404, "not_found", f"no such path: {url.path}")
+        except OSError:
+            raise  # the client went away mid-answer: the server's handle_error notes it quietly
+        except Exception:  # a bug answers 500; the server goes on
+            self.server.errors.log(logging.ERROR, f"api:{path}", "cannot answer GET %s", path, exc_info=True)
+            self._error(500, "internal", "internal error; see the aggregator's log")
+
+    def _metrics(self, query: dict[str, list[str]]) -> None:
+        encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
+        registry = self.server.registry
+        if "name[]" in query:
+            registry = registry.restricted_registry(query["name[]"])
+        body = encoder(registry)
+        extra = {}
+        if gzip_accepted(self.headers.get("Accept-Encoding", "")):
+            body = gzip.compress(body)
+            extra["Content-Encoding"] = "gzip"
+        self._send(200, body, content_type, extra)
+
+    def _run(self, run: str) -> None:
+        snap = self.server.snapshot()
+        found = next((r for r in snap.runs if r.run == run), None)
+        if found is None:
+            self._error(404, "not_found", f"no run {run!r} (runs are forgotten after run_expiry_s without a report)")
+            return
+        self._ok(run_detail(found, [a for a in snap.firing if a.run == run]))
+
+    def _ok(self, data: dict) -> None:
+        self._json(200, {"status": "success", "data": data})
+
+    def _error(self, code: int, kind: str, message: str, extra: dict[str, str] | None = None) -> None:
+        self._json(code, {"status": "error", "errorType": kind, "error": message}, extra)
+
+    def _json(self, code: int, doc: dict, extra: dict[str, str] | None = None) -> None:
+        body = json.dumps(doc, allow_nan=False, separators=(",", ":")).encode()
+        self._send(code, body, "application/json", {"Cache-Control": "no-store", **(extra or {})})
+
+    def _send(self, code: int, body: bytes, content_type: str, extra: dict[str, str] | None = None) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in (extra or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        if not getattr(self, "_head", False):
+            self.wfile.write(body)
+
+
+def _count_by_run(alerts: list[Alert]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for a in alerts:
+        counts[a.run] = counts.get(a.run, 0) + 1
+    return counts
+
+
+def serve(host: str, port: int, registry: CollectorRegistry, snapshot: Callable[[], Snapshot], *,
+          poll_s: float = 0.5) -> tuple[ThreadingHTTPServer, threading.Thread]:
+    """Starts /metrics and the query API on a daemon thread; returns (server, thread). Raises ListenError
+    with a message for the command line when the port cannot be opened. shutdown() takes up to poll_s."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+        server_class = type("Server", (_Server,), {"address_family": family})
+        server = server_class((host, port), registry, snapshot)
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            why = "address in use (another aggregator running? choose one with --metrics-listen)"
+        else:
+            why = e.strerror or str(e)
+        raise ListenError(f"cannot listen on {host}:{port}: {why}") from e
+    thread = threading.Thread(target=server.serve_forever, args=(poll_s,), name="gradwatch-http", daemon=True)
+    thread.start()
+    return server, thread

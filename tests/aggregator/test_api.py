@@ -1,0 +1,171 @@
+"""The HTTP port: /metrics and the JSON query API of a real Aggregator over a real Redis, read with
+urllib like any client would."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import socket
+import urllib.error
+import urllib.request
+
+import pytest
+from prometheus_client import generate_latest
+
+from gradwatch.aggregator.api import ListenError, serve
+from gradwatch.collector.streams import ALERTS_KEY, FIELD_ALERT
+
+
+@pytest.fixture
+def api(make_aggregator, build, publish, run_all):
+    """An aggregator that read two steps of run "demo" (the second with a NaN in fc1's weight) and one
+    step of run "nanloss", served on an ephemeral port; yields (base URL, aggregator, server)."""
+    publish.registration(build.registration())
+    publish.report(build.report(0, grad={"fc2": 7.0}))
+    publish.report(build.report(1, grad={"fc2": 7.0}, nonfinite={("fc1", "parameter"): 3}, loss=0.25))
+    publish.report(build.report(5, run="nanloss", loss=float("nan")))
+    agg = make_aggregator()
+    run_all(agg)
+    server, thread = serve("127.0.0.1", 0, agg.registry, agg.snapshot, poll_s=0.02)
+    yield f"http://127.0.0.1:{server.server_port}", agg, server
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+
+
+def request(url: str, method: str = "GET", headers: dict | None = None) -> tuple[int, dict, bytes]:
+    req = urllib.request.Request(url, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def get_json(url: str) -> tuple[int, dict]:
+    status, headers, body = request(url)
+    assert headers["Content-Type"] == "application/json"
+    return status, json.loads(body)
+
+
+def test_runs(api):
+    base, _, _ = api
+    status, doc = get_json(f"{base}/api/v1/runs")
+    assert status == 200 and doc["status"] == "success"
+    runs = {r["run"]: r for r in doc["data"]["runs"]}
+    demo = runs["demo"]
+    assert demo["step"] == 1 and demo["loss"] == 0.25 and demo["eval_loss"] is None
+    assert demo["learning_rate"] == 1e-3 and demo["grad_norm"] == pytest.approx((3 + 49) ** 0.5)
+    assert demo["steps_per_second"] == pytest.approx(10.0)
+    assert demo["last_report_time"] == pytest.approx(1_700_000_000.1)
+    assert demo["firing_alerts"] == 1
+    assert runs["nanloss"]["loss"] == "NaN"  # JSON has no NaN: spelled as Prometheus does
+    assert runs["nanloss"]["step"] == 5 and runs["nanloss"]["firing_alerts"] == 1
+
+
+def test_one_run(api):
+    base, _, _ = api
+    status, doc = get_json(f"{base}/api/v1/runs/demo")
+    assert status == 200
+    run = doc["data"]
+    assert (run["run"], run["step"], run["world_size"], run["ranks"], run["firing_alerts"]) == ("demo", 1, 1, [0], 1)
+    layers = {layer["layer"]: layer for layer in run["layers"]}
+    assert list(layers) == ["embed", "fc1", "fc2", "head"]
+    assert layers["fc2"]["grad_norm"] == 7.0 and layers["fc2"]["param_norm"] == 10.0
+    assert layers["fc1"]["nonfinite"] == {"parameter": 3, "gradient": 0, "activation": 0}
+    ((alert),) = run["alerts"]
+    assert (alert["rule"], alert["layer"], alert["status"]) == ("NonFinite", "fc1", "firing")
+
+
+def test_unknown_run_is_a_json_404(api):
+    base, _, _ = api
+    status, doc = get_json(f"{base}/api/v1/runs/nope")
+    assert status == 404
+    assert doc["status"] == "error" and doc["errorType"] == "not_found" and "'nope'" in doc["error"]
+
+
+def test_alerts_are_those_of_the_alert_stream(api, redis_client):
+    base, _, _ = api
+    status, doc = get_json(f"{base}/api/v1/alerts")
+    streamed = [json.loads(fields[FIELD_ALERT]) for _, fields in redis_client.xrange(ALERTS_KEY)]
+    assert status == 200 and sorted(doc["data"]["alerts"], key=lambda a: a["run"]) == streamed
+    assert [a["run"] for a in streamed] == ["demo", "nanloss"]
+    (only,) = get_json(f"{base}/api/v1/alerts?run=nanloss")[1]["data"]["alerts"]
+    assert only == streamed[1] and only["layer"] == "(loss)"
+    assert get_json(f"{base}/api/v1/alerts?run=other")[1]["data"]["alerts"] == []
+
+
+def test_healthz(api):
+    base, _, _ = api
+    assert request(f"{base}/healthz")[::2] == (200, b"ok\n")
+
+
+@pytest.mark.parametrize("path", ["/", "/api", "/api/v1", "/api/v1/nope", "/api/v1/runs/demo/layers",
+                                  "/metrics/extra", "/favicon.ico"])
+def test_bad_paths_are_json_404s(api, path):
+    base, _, _ = api
+    status, doc = get_json(base + path)
+    assert status == 404 and doc["errorType"] == "not_found"
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH", "OPTIONS"])
+def test_only_get_and_head(api, method):
+    base, _, _ = api
+    status, headers, body = request(f"{base}/api/v1/runs", method)
+    assert status == 405 and headers["Allow"] == "GET, HEAD"
+    assert json.loads(body)["errorType"] == "method_not_allowed"
+
+
+def test_head_has_the_headers_of_get_and_no_body(api):
+    base, _, _ = api
+    _, get_headers, get_body = request(f"{base}/api/v1/runs/demo")
+    status, headers, body = request(f"{base}/api/v1/runs/demo", "HEAD")
+    assert status == 200 and body == b""
+    assert headers["Content-Length"] == str(len(get_body)) == get_headers["Content-Length"]
+
+
+def families(text: str) -> set[str]:
+    return {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")}
+
+
+def test_metrics_serves_the_registry(api):
+    base, agg, _ = api
+    status, headers, body = request(f"{base}/metrics")
+    assert status == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    text = body.decode()
+    assert families(text) == families(generate_latest(agg.registry).decode())
+    assert {"gradwatch_run_step", "gradwatch_layer_grad_norm", "gradwatch_alert_firing",
+            "gradwatch_aggregator_webhook_sent_total"} <= families(text)
+    assert 'gradwatch_layer_grad_norm{layer="fc2",run="demo"} 7.0' in text
+
+
+def test_metrics_content_negotiation_filter_and_gzip(api):
+    base, _, _ = api
+    _, headers, body = request(f"{base}/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+    assert headers["Content-Type"].startswith("application/openmetrics-text") and body.endswith(b"# EOF\n")
+    _, _, body = request(f"{base}/metrics?name[]=gradwatch_run_step")
+    assert families(body.decode()) == {"gradwatch_run_step"}
+    _, headers, body = request(f"{base}/metrics", headers={"Accept-Encoding": "gzip"})
+    assert headers["Content-Encoding"] == "gzip" and b"gradwatch_run_step" in gzip.decompress(body)
+
+
+def test_a_broken_snapshot_answers_500_and_the_server_goes_on(api):
+    base, agg, server = api
+
+    def broken():
+        raise RuntimeError("bug")
+
+    server.snapshot = broken
+    status, doc = get_json(f"{base}/api/v1/runs")
+    assert status == 500 and doc["errorType"] == "internal"
+    server.snapshot = agg.snapshot
+    assert get_json(f"{base}/api/v1/runs")[0] == 200
+
+
+def test_taken_port_is_a_listen_error(agg_config):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ListenError, match=f"cannot listen on 127.0.0.1:{port}: address in use"):
+            serve("127.0.0.1", port, None, lambda: None)
