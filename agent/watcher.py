@@ -191,6 +191,9 @@ class Watcher:
             host = self._free_slots.pop() if self._free_slots else None
         self._sequence += 1
         present = self._activations.take_present()  # summarized by the forward hooks of this step
+        if self._activations.errors:  # hook errors are swallowed in the forward pass, counted here
+            self.counters.internal_errors += self._activations.errors
+            self._activations.errors = 0
         if host is None:
             self.counters.skipped_busy += 1
             return None
