@@ -27,6 +27,13 @@ def fmt(x: float) -> str:
     return f"{x:.2g}" if math.isfinite(x) else str(x)
 
 
+def times(x: float) -> str:
+    """A ratio for a sentence: 5.0, 540, 1.2e+10 (never fifteen digits)."""
+    if not math.isfinite(x) or x >= 1e6:
+        return fmt(x)
+    return f"{x:.1f}" if x < 100 else f"{x:.0f}"
+
+
 def json_number(x: float) -> float | str:
     """JSON has no NaN/Inf: they are spelled the way Prometheus does, as strings."""
     if math.isfinite(x):

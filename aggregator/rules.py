@@ -7,7 +7,7 @@ import math
 import statistics
 from collections import deque
 
-from gradwatch.aggregator.alert import FIRING, Alert, fmt, iso
+from gradwatch.aggregator.alert import FIRING, Alert, fmt, iso, times
 from gradwatch.aggregator.config import AggregatorConfig
 from gradwatch.aggregator.rulebase import CRITICAL, GLOBAL_LAYER, LOSS_LAYER, WARNING, Rule, Streaks, where
 from gradwatch.aggregator.state import UNKNOWN_ORDER, ReportView, TensorMeta
@@ -145,7 +145,7 @@ class ExplodingGradient(Rule):
         head = f"{_subject(layer)} is {fmt(value)} at step {view.step}"
         if median is not None and median > 0 and threshold < self.abs_limit:
             factor = value / median
-            summary = f"{head}, {factor:.0f}x its median of {fmt(median)} over the last {n} steps"
+            summary = f"{head}, {times(factor)}x its median of {fmt(median)} over the last {n} steps"
             if value > self.abs_limit:
                 summary += f" and above the absolute limit of {fmt(self.abs_limit)}"
             critical = factor > CRITICAL_FACTOR or value > CRITICAL_FACTOR * self.abs_limit

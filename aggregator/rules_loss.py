@@ -9,7 +9,7 @@ import statistics
 from collections import deque
 from dataclasses import dataclass
 
-from gradwatch.aggregator.alert import FIRING, Alert, fmt, iso
+from gradwatch.aggregator.alert import FIRING, Alert, fmt, iso, times
 from gradwatch.aggregator.rulebase import LOSS_LAYER, RUN_LAYER, WARNING, Rule
 from gradwatch.aggregator.state import ReportView
 
@@ -50,7 +50,7 @@ class LossSpike(Rule):
         if median is not None and median > 0 and loss > ratio * median:
             return self.transition(view, True, lambda: self.alert(
                 view, LOSS_LAYER, "loss", loss, ratio * median,
-                f"Loss spiked to {fmt(loss)} at step {view.step}, {loss / median:.1f}x its median of {fmt(median)} "
+                f"Loss spiked to {fmt(loss)} at step {view.step}, {times(loss / median)}x its median of {fmt(median)} "
                 f"over the last {n} reports"), None)
         return self.transition(view, False, None, lambda a: self.resolved_after(
             view, a, f"Loss back under {fmt(ratio)}x its rolling median (now {fmt(loss)})", loss))
