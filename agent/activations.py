@@ -31,7 +31,6 @@ def _first_tensor(output) -> torch.Tensor | None:
 class ActivationHooks:
     def __init__(self, model: torch.nn.Module, start_id: int, capture: list[tuple[str, torch.nn.Module]]):
         """Order hooks on every leaf module; statistics of the `capture` modules' outputs."""
-        self.capture = bool(capture)
         self.slots = [
             TensorSlot(id=start_id + i, name=f"{path}:output", kind=run_pb2.TENSOR_KIND_ACTIVATION, module_path=path,
                        order=i, shape=(), dtype="", numel=0, partition=run_pb2.PARTITION_PER_RANK)
@@ -39,12 +38,15 @@ class ActivationHooks:
         ]
         slot_of = {path: i for i, (path, _) in enumerate(capture)}
         leaves = [(path, m) for path, m in model.named_modules() if path and next(m.children(), None) is None]
-        hooked = dict(leaves) | dict(capture)
         self.exec_order: dict[str, int] = {}
         self.present: dict[int, TensorSlot] = {}  # this step's activation rows, with their element counts
+        self.errors = 0  # exceptions swallowed in hooks; the watcher moves them into its counters
         self._summarizer: Summarizer | None = None
         self._due: Callable[[], bool] = lambda: False
-        self._handles = [m.register_forward_hook(self._hook(path, slot_of.get(path))) for path, m in hooked.items()]
+        self._capture_handles = [m.register_forward_hook(self._hook(path, slot_of[path])) for path, m in capture]
+        # Leaves that are not captured are hooked only until the first step has shown the order.
+        self._order_handles = [m.register_forward_hook(self._hook(path, None))
+                               for path, m in leaves if path not in slot_of]
 
     def bind(self, summarizer: Summarizer, due: Callable[[], bool]) -> None:
         self._summarizer = summarizer
@@ -68,19 +70,19 @@ class ActivationHooks:
 
         return hook
 
-    errors = 0
-
     def take_present(self) -> list[TensorSlot]:
         slots = list(self.present.values())
         self.present.clear()
         return slots
 
     def stop_order_tracking(self) -> None:
-        """Without activation capture the hooks were only there to learn the order: remove them."""
-        if not self.capture:
-            self.remove()
+        """The order is known: drop the hooks that were only there to learn it (off the forward pass)."""
+        for h in self._order_handles:
+            h.remove()
+        self._order_handles = []
 
     def remove(self) -> None:
-        for h in self._handles:
+        self.stop_order_tracking()
+        for h in self._capture_handles:
             h.remove()
-        self._handles = []
+        self._capture_handles = []

@@ -197,7 +197,8 @@ class Watcher:
         if host is None:
             self.counters.skipped_busy += 1
             return None
-        for slot, source in zip(self.slots, self._sources, strict=False):  # parameters and gradients
+        # Parameters and gradients: the slots before the activation slots, one per source.
+        for slot, source in zip(self.slots[: len(self._sources)], self._sources, strict=True):
             tensor = source()
             if tensor is None or tensor.is_sparse:
                 continue  # unused parameters have no gradient this step
