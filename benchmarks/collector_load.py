@@ -234,6 +234,7 @@ def main() -> int:
 
     import redis
 
+    from gradwatch.processes import stop_process
     from gradwatch.redis_server import RedisServer, free_port
 
     modes = [m for m in opts.modes.split(",") if m]
@@ -255,12 +256,7 @@ def main() -> int:
                 client.flushall()  # outside the window: the next mode starts from an empty Redis
         finally:
             client.close()
-            collector.terminate()
-            try:
-                collector.wait(15)
-            except subprocess.TimeoutExpired:
-                collector.kill()
-                collector.wait()
+            stop_process(collector, 15)
 
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     print(f"collector load: {opts.senders} sender processes x {opts.concurrency} in flight, {opts.reports} "

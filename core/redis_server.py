@@ -14,6 +14,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from gradwatch.processes import stop_process
+
 
 class RedisServerError(RuntimeError):
     """redis-server could not be found or started."""
@@ -97,14 +99,8 @@ class RedisServer:
         raise RedisServerError(f"redis-server did not answer on {self.host}:{self.port} within {timeout:.0f}s")
 
     def stop(self, timeout: float = 5.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc, timeout)
 
     def kill(self) -> None:
         """SIGKILL, for crash tests."""

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gradwatch.envconfig import ConfigError, env
+from gradwatch.processes import stop_process
 from gradwatch.redis_server import RedisServer
 
 log = logging.getLogger("gradwatch.up")
@@ -155,15 +156,8 @@ class Stack:
         """Upstream first, so each component drains into one that is still running."""
         for name in ("collector", "aggregator"):
             proc = self.procs.pop(name, None)
-            if proc is None or proc.poll() is not None:
-                continue
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                log.warning("the %s did not stop within %.0fs; killing it", name, STOP_TIMEOUT_S)
-                proc.kill()
-                proc.wait()
+            if proc is not None and stop_process(proc, STOP_TIMEOUT_S):
+                log.warning("the %s did not stop within %.0fs; killed it", name, STOP_TIMEOUT_S)
         if self.redis is not None:
             self.redis.stop()
             self.redis = None

@@ -20,6 +20,7 @@ import pytest
 import redis
 
 from gradwatch.collector.streams import FIELD_REPORT, reports_key
+from gradwatch.processes import stop_process
 from gradwatch.redis_server import RedisServer, free_port
 from gradwatch.v1.ingest_service_pb2 import ExportRequest, ExportResponse
 from gradwatch.v1.report_pb2 import StepReport
@@ -77,12 +78,7 @@ class CollectorProcess:
 
     def stop(self) -> None:
         if self.alive():
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            stop_process(self.proc)
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gradwatch.collector.streams import RUN_ID_RE, reports_key
+from gradwatch.processes import stop_process
 from gradwatch.redis_server import RedisServer, free_port
 from gradwatch.v1.ingest_service_pb2 import ExportRequest, ExportResponse
 from gradwatch.v1.report_pb2 import StepReport, TensorSummary
@@ -147,12 +148,7 @@ def target(tmp_path_factory) -> Target:
         yield target
     finally:
         channel.close()
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         client.close()
         server.stop()
         if "target" in locals():  # shown with -s: how the inputs fared, per test

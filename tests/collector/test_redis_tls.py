@@ -25,6 +25,7 @@ from gradwatch.agent.exporter import Exporter
 from gradwatch.collector.server import CollectorStartError
 from gradwatch.collector.streams import quiet_handshake, reports_key
 from gradwatch.envconfig import ConfigError
+from gradwatch.processes import stop_process
 from gradwatch.redis_server import find_redis_server, free_port
 from gradwatch.v1.ingest_service_pb2 import ExportRequest
 from gradwatch.v1.report_pb2 import StepReport
@@ -101,13 +102,7 @@ def _start(binary: str, pki, data_dir: Path, timeout: float = 10.0) -> tuple[sub
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    stop_process(proc, 5)
 
 
 @pytest.fixture(scope="module")

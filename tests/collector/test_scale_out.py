@@ -19,6 +19,7 @@ import grpc
 import pytest
 
 from gradwatch.collector.streams import FIELD_REGISTRATION, FIELD_REPORT, reports_key
+from gradwatch.processes import stop_process
 from gradwatch.redis_server import free_port
 from gradwatch.v1.ingest_service_pb2 import ExportRequest, ExportResponse
 from gradwatch.v1.report_pb2 import StepReport, TensorSummary
@@ -69,13 +70,7 @@ class Collector:
 
     def stop(self) -> None:
         self.channel.close()
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 @pytest.fixture
