@@ -20,6 +20,9 @@ DEFAULT_READ_COUNT = 500
 DEFAULT_CLAIM_IDLE_MS = 30_000
 DEFAULT_CLAIM_INTERVAL_S = 5.0
 DEFAULT_DISCOVER_INTERVAL_S = 1.0
+# A run's lease outlives a few discovery intervals (each renews it); after it expires another replica
+# takes the run over, so this bounds how long a dead replica's runs go unwatched.
+DEFAULT_LEASE_TTL_MS = 10_000
 DEFAULT_ALERT_STREAM_MAXLEN = 10_000
 DEFAULT_DEAD_LETTER_MAXLEN = 10_000
 DEFAULT_MAX_LAYER_SERIES = 5_000
@@ -61,6 +64,7 @@ class AggregatorConfig:
     claim_idle_ms: int = DEFAULT_CLAIM_IDLE_MS
     claim_interval_s: float = DEFAULT_CLAIM_INTERVAL_S
     discover_interval_s: float = DEFAULT_DISCOVER_INTERVAL_S
+    lease_ttl_ms: int = DEFAULT_LEASE_TTL_MS
     alert_stream_maxlen: int = DEFAULT_ALERT_STREAM_MAXLEN
     dead_letter_maxlen: int = DEFAULT_DEAD_LETTER_MAXLEN
     max_layer_series: int = DEFAULT_MAX_LAYER_SERIES
@@ -151,6 +155,10 @@ class AggregatorConfig:
             raise _bad("exploding_abs_limit", self.exploding_abs_limit, "a norm > 0 (inf disables it)")
         if not (math.isfinite(self.exploding_ratio) and self.exploding_ratio > 1):
             raise _bad("exploding_ratio", self.exploding_ratio, "a factor > 1")
+        if self.lease_ttl_ms < 2000 * self.discover_interval_s:
+            raise _bad("lease_ttl_ms", self.lease_ttl_ms,
+                       f"at least two discovery intervals ({2000 * self.discover_interval_s:.0f} ms), or leases "
+                       f"would expire between renewals")
         if self.exploding_min_history > self.exploding_window:
             raise _bad("exploding_min_history", self.exploding_min_history,
                        f"at most exploding_window ({self.exploding_window})")

@@ -1,9 +1,11 @@
-"""The stream loop: discover runs, read their report streams in one consumer group, apply each entry to
-the state and the rules, write the alerts, and only then ack; take over what a dead consumer left.
+"""The stream loop: discover runs, take the leases of this replica's share of them, read their report
+streams in one consumer group, apply each entry to the state and the rules, write the alerts, and only
+then ack (fenced by the lease); take over what a dead replica left.
 
-At-least-once delivery plus per-(run, rank, sequence) deduplication in the state gives each report one
-effect. Nothing an entry holds can stop the loop: what cannot be decoded goes to the run's dead-letter
-stream; Redis errors are counted and backed off.
+At-least-once delivery plus per-(run, rank, sequence) deduplication gives each report one effect: the
+state skips what it applied, and the watermarks committed with each ack (aggregator/leases.py) carry
+that across replicas. Nothing an entry holds can stop the loop: what cannot be decoded goes to the
+run's dead-letter stream; Redis errors are counted and backed off.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from gradwatch.aggregator.config import AggregatorConfig
 from gradwatch.aggregator.counters import Counters, DedupLog
 from gradwatch.aggregator.entries import dead_letter, dead_letter_key, decode_entry
 from gradwatch.aggregator.exposition import AggregatorCollector, Snapshot
+from gradwatch.aggregator.leases import Leases, applied_key, lease_key
 from gradwatch.aggregator.ruleset import RuleEngine
 from gradwatch.aggregator.state import State
 from gradwatch.collector.streams import (
@@ -43,10 +46,20 @@ FETCH_RETRY_S = 5.0
 
 
 @dataclass
+class _Applied:
+    """What one batch applied to one run: committed with its acks."""
+
+    reports: int = 0
+    summaries: int = 0
+    ranks: set[int] = field(default_factory=set)
+
+
+@dataclass
 class _Batch:
     alerts: list[Alert] = field(default_factory=list)
     dead: list[tuple[str, dict]] = field(default_factory=list)
     acks: dict[str, list[bytes]] = field(default_factory=dict)
+    applied: dict[str, _Applied] = field(default_factory=dict)  # run -> its part of the batch
 
 
 class Aggregator:
@@ -66,9 +79,10 @@ class Aggregator:
         self.state = State(config, self.counters, self._fetch_registration)
         self.rules = RuleEngine(config, self.counters)
         self.sink = AlertSink(self.client, config, self.counters)
+        self.leases = Leases(self.client, config.consumer, config.lease_ttl_ms)
         self.registry = registry if registry is not None else CollectorRegistry()
         self.registry.register(AggregatorCollector(self.snapshot))
-        self._streams: dict[str, str] = {}  # stream key -> run id
+        self._streams: dict[str, str] = {}  # stream key -> run id, for the runs this replica holds
         self._cursors: dict[str, str] = {}  # stream key -> XAUTOCLAIM cursor, carried between sweeps
         self._next_discover = 0.0
         self._next_claim = 0.0
@@ -97,8 +111,10 @@ class Aggregator:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(max(0.0, deadline - time.monotonic()))
         self.sink.shutdown(max(0.0, deadline - time.monotonic()))
-        if self._own_client and not (self._thread and self._thread.is_alive()):
-            self.client.close()
+        if not (self._thread and self._thread.is_alive()):
+            self.leases.release_all()  # the last batch is acked: hand the runs over now, not after the TTL
+            if self._own_client:
+                self.client.close()
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -115,12 +131,12 @@ class Aggregator:
         """Discovery and claiming when due, then one XREADGROUP; returns the number of entries handled."""
         try:
             now = time.monotonic()
+            handled = 0
             if now >= self._next_discover:
-                self._discover()
                 self._expire()
+                handled += self._discover()
                 self._idle()
                 self._next_discover = now + self.config.discover_interval_s
-            handled = 0
             if now >= self._next_claim and self._streams:
                 handled += self._claim()
                 self._next_claim = now + self.config.claim_interval_s
@@ -131,6 +147,7 @@ class Aggregator:
             self.counters.add("redis_errors")
             if "NOGROUP" in str(e):  # a stream or its group was deleted: create them again
                 self._streams.clear()
+                self.leases.held.clear()  # re-taken (they are still ours) at the next discovery
                 self._next_discover = 0.0
             self._errors.log(logging.WARNING, f"loop:{type(e).__name__}", "Redis error: %s; retrying", e)
             self._backoff()
@@ -140,31 +157,51 @@ class Aggregator:
         self._failures += 1
         self._stop.wait(min(BACKOFF_CAP_S, 0.1 * 2 ** min(self._failures, 10)))
 
-    def _discover(self) -> None:
+    def _discover(self) -> int:
+        """Balances the leases over the active runs; a run just taken over has its watermarks restored
+        and the entries its previous owner left pending processed first. Returns entries handled."""
         # Only runs written to within run_expiry_s: finished runs of last month are not read again.
         raw = self.client.zrangebyscore(RUNS_KEY, time.time() - self.config.run_expiry_s, "+inf")
-        active: dict[str, str] = {}
+        active: list[str] = []
         for member in raw:
             run = member.decode(errors="replace") if isinstance(member, bytes) else str(member)
             if valid_run_id(run):
-                active[reports_key(run)] = run
+                active.append(run)
             else:
                 self._errors.log(logging.WARNING, "bad-run-id", "ignoring invalid run id %r in %s", run, RUNS_KEY)
-        for key, run in active.items():
-            if key in self._streams:
-                continue
+        gained, lost = self.leases.balance(active)
+        for run in lost:
+            self._drop(run, "its lease went to another replica" if run in active else "it is no longer active")
+        handled = 0
+        for run in gained:
+            key = reports_key(run)
             try:
                 # From "0": a run's entries written before this group existed are processed too.
                 self.client.xgroup_create(key, AGGREGATOR_GROUP, id="0", mkstream=True)
             except redis.ResponseError as e:
                 if "BUSYGROUP" not in str(e):
                     raise
+            checkpoint = self.leases.checkpoint(run)
+            with self._lock:
+                self.state.restore(run, checkpoint)
             self._streams[key] = run
-            self._cursors.setdefault(key, "0-0")
-            log.info("following run %s", run)
-        for key in [k for k in self._streams if k not in active]:
-            del self._streams[key]
-            self._cursors.pop(key, None)
+            self._cursors[key] = "0-0"
+            log.info("following run %s%s", run, " (taken over)" if checkpoint else "")
+            # Whatever another consumer read and never acked is ours now: before any new entry.
+            handled += self._claim_stream(key, run, min_idle_ms=0)
+        return handled
+
+    def _drop(self, run: str, why: str) -> None:
+        """Stops following a run: its state and incidents go (the next owner rebuilds them)."""
+        key = reports_key(run)
+        self._streams.pop(key, None)
+        self._cursors.pop(key, None)
+        self.leases.held.discard(run)
+        with self._lock:
+            self.state.forget(run)
+            self.rules.forget(run)
+        self.sink.forget(run)
+        log.info("no longer following run %s: %s", run, why)
 
     def _expire(self) -> None:
         with self._lock:
@@ -194,21 +231,23 @@ class Aggregator:
 
     def _claim(self) -> int:
         """Takes over entries idle for claim_idle_ms: their consumer died between read and ack."""
+        return sum(self._claim_stream(key, run, self.config.claim_idle_ms) for key, run in list(self._streams.items()))
+
+    def _claim_stream(self, key: str, run: str, min_idle_ms: int) -> int:
         handled = 0
-        for key, run in list(self._streams.items()):
-            budget = 10 * self.config.read_count  # bounded work per sweep; the carried cursor resumes it
-            while budget > 0:
-                cursor, entries, done = autoclaim(self.client, key, self.config.consumer, self.config.claim_idle_ms,
-                                                  self._cursors.get(key, "0-0"), self.config.read_count)
-                self._cursors[key] = cursor
-                if entries:
-                    self.counters.add("claimed", len(entries))
-                    batch = _Batch()
-                    handled += self._handle(key, run, entries, batch)
-                    self._commit(batch)
-                budget -= self.config.read_count
-                if done:
-                    break
+        budget = 10 * self.config.read_count  # bounded work per sweep; the carried cursor resumes it
+        while budget > 0 and key in self._streams:
+            cursor, entries, done = autoclaim(self.client, key, self.config.consumer, min_idle_ms,
+                                              self._cursors.get(key, "0-0"), self.config.read_count)
+            self._cursors[key] = cursor
+            if entries:
+                self.counters.add("claimed", len(entries))
+                batch = _Batch()
+                handled += self._handle(key, run, entries, batch)
+                self._commit(batch)
+            budget -= self.config.read_count
+            if done:
+                break
         return handled
 
     def _idle(self) -> None:
@@ -222,9 +261,10 @@ class Aggregator:
 
     def _handle(self, key: str, run: str, entries: list, batch: _Batch) -> int:
         acks = batch.acks.setdefault(key, [])
+        applied = batch.applied.setdefault(run, _Applied())
         for entry_id, fields in entries:
             try:
-                batch.alerts.extend(self._apply(run, fields or {}))
+                batch.alerts.extend(self._apply(run, fields or {}, applied))
             except Exception as e:  # undecodable or unexpected: park it, never retry it forever
                 self.counters.add("decode_errors")
                 reason = f"{type(e).__name__}: {e}"[:300]
@@ -235,12 +275,17 @@ class Aggregator:
             acks.append(entry_id)
         return len(entries)
 
-    def _apply(self, run: str, fields: dict) -> list[Alert]:
+    def _apply(self, run: str, fields: dict, applied: _Applied) -> list[Alert]:
         item = decode_entry(run, fields)
         with self._lock:
             if isinstance(item, report_pb2.StepReport):
                 view = self.state.apply(run, item)
-                return self.rules.evaluate(view) if view is not None else []
+                if view is None:
+                    return []
+                applied.reports += 1
+                applied.summaries += len(item.tensors)
+                applied.ranks.add(item.rank)
+                return self.rules.evaluate(view)
             self.state.register(run, item)
             return []
 
@@ -271,12 +316,7 @@ class Aggregator:
                         pipe.xadd(key, fields, maxlen=self.config.dead_letter_maxlen, approximate=True)
                     pipe.execute()
                     batch.dead = []
-                pipe = self.client.pipeline(transaction=False)
-                for key, ids in batch.acks.items():
-                    if ids:
-                        pipe.xack(key, AGGREGATOR_GROUP, *ids)
-                pipe.execute()
-                batch.acks = {}
+                self._ack(batch)
                 self._failures = 0
             except redis.RedisError as e:
                 self.counters.add("redis_errors")
@@ -287,6 +327,39 @@ class Aggregator:
                                 sum(map(len, batch.acks.values())))
                     return
                 self._backoff()
+
+    def _ack(self, batch: _Batch) -> None:
+        """One fenced commit per run in one round trip: acks, applied totals and sequence watermarks,
+        only while this replica still holds the run's lease. A run whose lease was lost is dropped; its
+        unacked entries go to the new owner, which applies them once."""
+        runs = [(key, self._streams.get(key) or self._run_of(key), ids) for key, ids in batch.acks.items() if ids]
+        if not runs:
+            batch.acks = {}
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for key, run, ids in runs:
+            applied = batch.applied.get(run, _Applied())
+            with self._lock:
+                marks = self.state.watermarks(run, applied.ranks)
+            args: list = [self.config.consumer, self.config.lease_ttl_ms, AGGREGATOR_GROUP, applied.reports,
+                          applied.summaries, len(marks)]
+            for rank, (start, high) in marks.items():
+                args += [rank, start, high]
+            self.leases.commit_script(keys=[lease_key(run), key, applied_key(run)], args=args + ids, client=pipe)
+        results = pipe.execute()
+        batch.acks = {}
+        batch.applied = {}
+        for (_, run, ids), ok in zip(runs, results, strict=True):
+            if not ok:
+                self.counters.add("lease_lost")
+                self._errors.log(logging.WARNING, f"fence:{run}",
+                                 "lease of run %s lost before %d entries were acked; another replica applies them",
+                                 run, len(ids))
+                self._drop(run, "its lease expired before the commit")
+
+    @staticmethod
+    def _run_of(key: str) -> str:
+        return key.partition("{")[2].rpartition("}")[0]
 
     # -- metrics ------------------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ class Counters:
         "unregistered_reports",  # reports processed without a tensor dictionary
         "series_dropped",        # layer updates refused because max_layer_series was reached
         "claimed",               # entries taken over from idle consumers with XAUTOCLAIM
+        "lease_lost",            # commits refused because another replica took the run's lease
         "redis_errors",
         "alerts_suppressed",     # recurrences inside the cooldown of the previous alert
         "alertmanager_sent",     # alerts Alertmanager accepted

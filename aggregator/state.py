@@ -69,6 +69,7 @@ class ReportView:
     learning_rate: float | None = None    # the largest of the report's learning rates
     applied_at: float = 0.0                # this aggregator's clock when the report was applied
     final: bool = False                    # the rank's end-of-run marker: only StalledTraining looks at it
+    scalars: dict[str, float] = field(default_factory=dict)  # the report's user scalars (accuracy, labels/<c>)
 
     def of_kind(self, kind: int) -> list[tuple[TensorMeta, report_pb2.TensorSummary]]:
         return self.by_kind.get(kind, [])
@@ -158,8 +159,8 @@ class State:
         rs = self._run(run)
         rank = rs.ranks.setdefault(reg.rank, RankState())
         start_ns = reg.start_time.ToNanoseconds() if reg.HasField("start_time") else 0
-        if rank.dictionary is not None and start_ns and rank.start_ns:
-            if start_ns < rank.start_ns:
+        if start_ns and rank.start_ns:  # rank.start_ns: from an earlier registration or a checkpoint
+            if start_ns < rank.start_ns and rank.dictionary is not None:
                 return  # a redelivered registration of an earlier agent process
             if start_ns > rank.start_ns:
                 # A restarted agent numbers its reports from 1 again.
@@ -264,7 +265,24 @@ class State:
             self.counters.add("series_dropped", dropped)
         lr = max(report.learning_rates) if report.learning_rates else None
         return ReportView(run, report.rank, step, t, loss, grad_norms, global_norm, bad, rank.layer_order, by_kind,
-                          train, lr, now)
+                          train, lr, now, scalars=dict(report.scalars))
+
+    def restore(self, run: str, checkpoint: dict[int, tuple[int, int]]) -> None:
+        """Sequence watermarks committed by this run's previous owner: what it applied is not applied
+        again. checkpoint: rank -> (agent start ns, highest sequence applied)."""
+        rs = self._run(run)
+        for rank_id, (start_ns, high) in checkpoint.items():
+            rank = rs.ranks.setdefault(rank_id, RankState())
+            if start_ns >= rank.start_ns:
+                rank.start_ns = start_ns
+                rank.seq.high = max(rank.seq.high, high)
+
+    def watermarks(self, run: str, ranks: set[int]) -> dict[int, tuple[int, int]]:
+        """rank -> (agent start ns, highest sequence applied), for the commit."""
+        rs = self.runs.get(run)
+        if rs is None:
+            return {}
+        return {r: (rank.start_ns, rank.seq.high) for r in ranks if (rank := rs.ranks.get(r)) is not None}
 
     def expire(self, now: float | None = None) -> list[str]:
         """Forgets runs without a report for run_expiry_s; returns their ids."""

@@ -10,6 +10,7 @@ import pytest
 
 from gradwatch.aggregator.consumer import Aggregator
 from gradwatch.aggregator.entries import dead_letter_key
+from gradwatch.aggregator.leases import lease_key
 from gradwatch.collector.streams import AGGREGATOR_GROUP, ALERTS_KEY, FIELD_REPORT, reports_key
 from gradwatch.redis_server import free_port
 
@@ -74,16 +75,17 @@ def test_entries_of_a_dead_consumer_are_claimed_and_processed_once(make_aggregat
     redis_client.xgroup_create(key, AGGREGATOR_GROUP, id="0", mkstream=True)
     read = redis_client.xreadgroup(AGGREGATOR_GROUP, "crashed", {key: ">"}, count=100)
     assert len(read[0][1]) == 6 and pending(redis_client) == 6  # read, never acked: the consumer died
+    redis_client.set(lease_key(RUN), "crashed", px=300)  # ... holding the run's lease
 
-    agg = make_aggregator(claim_idle_ms=50)
-    assert run_all(agg) == 0  # nothing new for ">" and not idle long enough to claim yet
-    time.sleep(0.1)
-    assert run_all(agg) == 6
+    agg = make_aggregator()
+    assert run_all(agg) == 0  # the lease is not ours until it expires
+    time.sleep(0.35)
+    assert run_all(agg) == 6  # taken over: what "crashed" left pending is claimed at once
+    assert redis_client.get(lease_key(RUN)) == agg.config.consumer.encode()
     assert sample(agg, "gradwatch_aggregator_claimed_total") == 6
     assert sample(agg, "gradwatch_aggregator_reports_total") == 5
     assert sample(agg, "gradwatch_layer_grad_norm", run=RUN, layer="fc1") == pytest.approx(2.0)
     assert pending(redis_client) == 0
-    time.sleep(0.1)
     assert run_all(agg) == 0
     assert sample(agg, "gradwatch_aggregator_reports_total") == 5
 

@@ -1,0 +1,159 @@
+"""Which aggregator replica owns which run: leases in Redis, a fair share per live replica, and a
+fenced commit that acks entries only while the lease is still ours.
+
+Cross-rank joins and windowed rules need every report of a run in one process, so replicas do not let
+the consumer group scatter a run's entries; each run's stream is read by the one replica holding its
+lease (DESIGN.md, "Aggregator"). Keys (the run's hash tag keeps them on the run's Redis Cluster shard):
+
+  gradwatch:{<run>}:lease     STRING  owner consumer name, PX lease_ttl_ms; renewed by every commit and
+                                      at every discovery interval
+  gradwatch:{<run>}:applied   HASH    what the owners applied, written atomically with the XACK:
+                                      `reports`, `summaries` (totals), `high:<rank>` (highest sequence
+                                      number applied) and `start:<rank>` (that agent's start, ns)
+  gradwatch:aggregators       ZSET    consumer name -> last heartbeat (unix ms): the live replicas
+
+A replica that dies stops renewing; after lease_ttl_ms another one takes the run, claims the entries
+the dead one had read but not acked, and restores the sequence watermarks from `applied`, so a report
+the dead replica committed is never applied again and one it had not committed is applied once.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+
+import redis
+
+# A replica that missed this many lease periods is not counted when sharing runs out.
+REPLICA_TIMEOUT_LEASES = 3
+REPLICAS_KEY = "gradwatch:aggregators"
+
+# KEYS: lease. ARGV: owner, ttl ms. 1 when the lease is (now) ours, 0 when another replica holds it.
+_ACQUIRE = """
+local owner = redis.call('GET', KEYS[1])
+if owner == ARGV[1] or not owner then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"""
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+# KEYS: lease, stream, applied. ARGV: owner, ttl ms, group, reports, summaries, n ranks, then per
+# rank (rank, agent start ns, high sequence), then the entry ids to ack. The lease check is the fence:
+# a replica that lost its lease (paused past the TTL) cannot ack what the new owner will apply.
+_COMMIT = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local n = tonumber(ARGV[6])
+local i = 7
+for _ = 1, n do
+  local rank, start, high = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+  local old_start = redis.call('HGET', KEYS[3], 'start:' .. rank)
+  local old_high = tonumber(redis.call('HGET', KEYS[3], 'high:' .. rank) or '0')
+  if old_start ~= start or high > old_high then
+    redis.call('HSET', KEYS[3], 'start:' .. rank, start, 'high:' .. rank, high)
+  end
+  i = i + 3
+end
+if tonumber(ARGV[4]) > 0 then redis.call('HINCRBY', KEYS[3], 'reports', ARGV[4]) end
+if tonumber(ARGV[5]) > 0 then redis.call('HINCRBY', KEYS[3], 'summaries', ARGV[5]) end
+if #ARGV >= i then redis.call('XACK', KEYS[2], ARGV[3], unpack(ARGV, i)) end
+return 1
+"""
+
+
+def lease_key(run: str) -> str:
+    return f"gradwatch:{{{run}}}:lease"
+
+
+def applied_key(run: str) -> str:
+    return f"gradwatch:{{{run}}}:applied"
+
+
+class Leases:
+    """One replica's view of run ownership. Not thread-safe: the consumer loop calls it."""
+
+    def __init__(self, client: redis.Redis, consumer: str, ttl_ms: int):
+        self.client = client
+        self.consumer = consumer
+        self.ttl_ms = ttl_ms
+        self.held: set[str] = set()
+        self._acquire = client.register_script(_ACQUIRE)
+        self._release = client.register_script(_RELEASE)
+        self.commit_script = client.register_script(_COMMIT)
+
+    def replicas(self) -> int:
+        """Heartbeat, and the number of live replicas (this one included)."""
+        now_ms = int(time.time() * 1000)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zadd(REPLICAS_KEY, {self.consumer: now_ms})
+        pipe.zremrangebyscore(REPLICAS_KEY, "-inf", now_ms - REPLICA_TIMEOUT_LEASES * self.ttl_ms)
+        pipe.zcard(REPLICAS_KEY)
+        return max(1, pipe.execute()[-1])
+
+    def balance(self, runs: list[str]) -> tuple[list[str], list[str]]:
+        """Renews what this replica holds, takes free runs up to its fair share of `runs`, gives one
+        back when it holds more than its share; returns (runs gained, runs lost or given back)."""
+        share = math.ceil(len(runs) / self.replicas()) if runs else 0
+        active = set(runs)
+        lost: list[str] = []
+        held = sorted(self.held)
+        if held:
+            pipe = self.client.pipeline(transaction=False)
+            for run in held:
+                self._acquire(keys=[lease_key(run)], args=[self.consumer, self.ttl_ms], client=pipe)
+            for run, ok in zip(held, pipe.execute(), strict=True):
+                if not ok or run not in active:
+                    lost.append(run)
+        for run in lost:
+            self.held.discard(run)
+            if run not in active:
+                self.release(run)
+        if len(self.held) > share:  # one at a time, so replicas joining and leaving do not make runs flap
+            run = max(self.held)
+            self.release(run)
+            lost.append(run)
+        gained: list[str] = []
+        free = [r for r in runs if r not in self.held and r not in lost]
+        random.shuffle(free)  # replicas starting together try different runs first
+        for run in free:
+            if len(self.held) >= share:
+                break
+            if self._acquire(keys=[lease_key(run)], args=[self.consumer, self.ttl_ms]):
+                self.held.add(run)
+                gained.append(run)
+        return gained, lost
+
+    def release(self, run: str) -> None:
+        self.held.discard(run)
+        self._release(keys=[lease_key(run)], args=[self.consumer])
+
+    def release_all(self) -> None:
+        """On a clean stop: the runs go to another replica at once instead of after the TTL."""
+        for run in list(self.held):
+            try:
+                self.release(run)
+            except redis.RedisError:
+                pass
+        try:
+            self.client.zrem(REPLICAS_KEY, self.consumer)
+        except redis.RedisError:
+            pass
+
+    def checkpoint(self, run: str) -> dict[int, tuple[int, int]]:
+        """rank -> (agent start ns, highest sequence applied) as committed by this run's owners."""
+        raw = self.client.hgetall(applied_key(run))
+        out: dict[int, tuple[int, int]] = {}
+        for k, v in raw.items():
+            k = k.decode() if isinstance(k, bytes) else k
+            if k.startswith("high:"):
+                rank = k[5:]
+                start = raw.get(f"start:{rank}".encode(), raw.get(f"start:{rank}", b"0"))
+                out[int(rank)] = (int(start), int(v))
+        return out
