@@ -30,6 +30,7 @@ from prometheus_client.exposition import choose_encoder, gzip_accepted
 from gradwatch.aggregator.alert import Alert, json_number
 from gradwatch.aggregator.counters import DedupLog
 from gradwatch.aggregator.exposition import Snapshot
+from gradwatch.aggregator.join import JoinedStep
 from gradwatch.aggregator.state import RunSnapshot
 
 log = logging.getLogger("gradwatch.aggregator.api")
@@ -67,8 +68,19 @@ def run_detail(run: RunSnapshot, alerts: list[Alert]) -> dict:
         "ranks": list(run.ranks),
         "layers": [{"layer": name, "grad_norm": _num(grad), "param_norm": _num(param), "nonfinite": dict(kinds)}
                    for name, grad, param, kinds in run.layers],
+        "joined": joined_step(run.joined),
         "alerts": [a.to_dict() for a in alerts],
     }
+
+
+def joined_step(j: JoinedStep | None) -> dict | None:
+    """The latest step the cross-rank join closed (runs of several ranks), with per-rank values."""
+    if j is None:
+        return None
+    return {"step": j.step, "reason": j.reason, "missing_ranks": list(j.missing),
+            "global_grad_norm": _num(j.global_grad_norm),
+            "ranks": [{"rank": r, "loss": _num(p.loss), "grad_norm": _num(p.grad_norm)}
+                      for r, p in sorted(j.parts.items())]}
 
 
 class _Server(ThreadingHTTPServer):

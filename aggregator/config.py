@@ -23,6 +23,8 @@ DEFAULT_DISCOVER_INTERVAL_S = 1.0
 # A run's lease outlives a few discovery intervals (each renews it); after it expires another replica
 # takes the run over, so this bounds how long a dead replica's runs go unwatched.
 DEFAULT_LEASE_TTL_MS = 10_000
+# A step of a multi-rank run waits this long for its missing ranks before it closes without them.
+DEFAULT_JOIN_TIMEOUT_S = 30.0
 DEFAULT_ALERT_STREAM_MAXLEN = 10_000
 DEFAULT_DEAD_LETTER_MAXLEN = 10_000
 DEFAULT_MAX_LAYER_SERIES = 5_000
@@ -65,6 +67,7 @@ class AggregatorConfig:
     claim_interval_s: float = DEFAULT_CLAIM_INTERVAL_S
     discover_interval_s: float = DEFAULT_DISCOVER_INTERVAL_S
     lease_ttl_ms: int = DEFAULT_LEASE_TTL_MS
+    join_timeout_s: float = DEFAULT_JOIN_TIMEOUT_S
     alert_stream_maxlen: int = DEFAULT_ALERT_STREAM_MAXLEN
     dead_letter_maxlen: int = DEFAULT_DEAD_LETTER_MAXLEN
     max_layer_series: int = DEFAULT_MAX_LAYER_SERIES
@@ -143,7 +146,7 @@ class AggregatorConfig:
             if getattr(self, name) < 0:
                 raise _bad(name, getattr(self, name), "an integer >= 0")
         for name in ("claim_interval_s", "discover_interval_s", "run_expiry_s", "alertmanager_resend_s",
-                     "keep_firing_s"):
+                     "keep_firing_s", "join_timeout_s"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise _bad(name, value, "a number of seconds >= 0")

@@ -251,9 +251,13 @@ class Aggregator:
         return handled
 
     def _idle(self) -> None:
-        """Time-driven rules (StalledTraining): their alerts are written like any other."""
+        """Time-driven rules (StalledTraining) and joined steps that timed out: their alerts are written
+        like any other."""
         with self._lock:
             alerts = self.rules.evaluate_idle(time.time())
+            self.state.expire_joins()  # steps still waiting for a rank after join_timeout_s
+            for joined in self.state.take_closed():
+                alerts += self.rules.evaluate_joined(joined)
         if alerts:
             self._commit(_Batch(alerts=alerts))
 
@@ -285,7 +289,11 @@ class Aggregator:
                 applied.reports += 1
                 applied.summaries += len(item.tensors)
                 applied.ranks.add(item.rank)
-                return self.rules.evaluate(view)
+                alerts = self.rules.evaluate(view)
+                if self.state.closed:  # steps of a multi-rank run this report completed
+                    for joined in self.state.take_closed():
+                        alerts += self.rules.evaluate_joined(joined)
+                return alerts
             self.state.register(run, item)
             return []
 

@@ -24,6 +24,9 @@ class Counters:
         "series_dropped",        # layer updates refused because max_layer_series was reached
         "claimed",               # entries taken over from idle consumers with XAUTOCLAIM
         "lease_lost",            # commits refused because another replica took the run's lease
+        "steps_joined",          # steps of multi-rank runs closed by the cross-rank join
+        "steps_incomplete",      # ... closed without every rank (watermark, timeout or overflow)
+        "late_reports",          # reports for a step the join had already closed
         "redis_errors",
         "alerts_suppressed",     # recurrences inside the cooldown of the previous alert
         "alertmanager_sent",     # alerts Alertmanager accepted

@@ -17,6 +17,7 @@ from google.protobuf.message import DecodeError
 
 from gradwatch.aggregator.config import AggregatorConfig
 from gradwatch.aggregator.counters import Counters
+from gradwatch.aggregator.join import JoinedStep, StepJoin
 from gradwatch.aggregator.sequence import SequenceTracker
 from gradwatch.v1 import report_pb2, run_pb2
 
@@ -36,10 +37,12 @@ class TensorMeta:
     order: int
     kind_name: str  # label value of `kind`, precomputed: it is needed for every tensor of every report
     shape: tuple[int, ...] = ()
+    partition: int = run_pb2.PARTITION_UNSPECIFIED  # how ranks hold it: replicated, sharded, per rank
 
     @classmethod
-    def of(cls, name: str, kind: int, layer: str, order: int, shape: tuple[int, ...] = ()) -> TensorMeta:
-        return cls(name, kind, layer, order, KIND_NAMES.get(kind, "unspecified"), shape)
+    def of(cls, name: str, kind: int, layer: str, order: int, shape: tuple[int, ...] = (),
+           partition: int = run_pb2.PARTITION_UNSPECIFIED) -> TensorMeta:
+        return cls(name, kind, layer, order, KIND_NAMES.get(kind, "unspecified"), shape, partition)
 
 
 def unknown_tensor(tensor_id: int) -> TensorMeta:
@@ -121,6 +124,8 @@ class RunState:
         self.last_report_time: float | None = None
         self.last_seen = time.monotonic()
         self.layers: dict[str, LayerState] = {}
+        self.join: StepJoin | None = None          # only for runs of several ranks
+        self.last_joined: JoinedStep | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +142,7 @@ class RunSnapshot:
     layers: tuple[tuple[str, float | None, float | None, tuple[tuple[str, int], ...]], ...]
     world_size: int = 0
     ranks: tuple[int, ...] = ()  # ranks that registered or reported
+    joined: JoinedStep | None = None  # the latest step closed by the cross-rank join (world_size > 1)
 
 
 def _sqrt(x: float) -> float:
@@ -154,6 +160,7 @@ class State:
         self._fetch_registration = fetch_registration
         self.runs: dict[str, RunState] = {}
         self.layer_series = 0
+        self.closed: list[JoinedStep] = []  # steps the join closed, for the cross-rank rules: take_closed()
 
     def register(self, run: str, reg: run_pb2.RunRegistration) -> None:
         rs = self._run(run)
@@ -167,8 +174,8 @@ class State:
                 rank.seq = SequenceTracker()
                 rank.rate.clear()
         rank.start_ns = max(start_ns, rank.start_ns)
-        rank.dictionary = {t.id: TensorMeta.of(t.name, t.kind, t.module_path or t.name, t.order, tuple(t.shape))
-                           for t in reg.tensors}
+        rank.dictionary = {t.id: TensorMeta.of(t.name, t.kind, t.module_path or t.name, t.order, tuple(t.shape),
+                                               t.partition) for t in reg.tensors}
         order: dict[str, int] = {}
         for meta in rank.dictionary.values():
             order[meta.layer] = min(order.get(meta.layer, meta.order), meta.order)
@@ -264,8 +271,41 @@ class State:
         if dropped:
             self.counters.add("series_dropped", dropped)
         lr = max(report.learning_rates) if report.learning_rates else None
-        return ReportView(run, report.rank, step, t, loss, grad_norms, global_norm, bad, rank.layer_order, by_kind,
+        view = ReportView(run, report.rank, step, t, loss, grad_norms, global_norm, bad, rank.layer_order, by_kind,
                           train, lr, now, scalars=dict(report.scalars))
+        if rs.world_size > 1 and train:
+            self._join(rs, view)
+        return view
+
+    def _join(self, rs: RunState, view: ReportView) -> None:
+        if rs.join is None:
+            rs.join = StepJoin(rs.run)
+        late = rs.join.late
+        self._closed(rs, rs.join.add(view, rs.world_size))
+        if rs.join.late > late:
+            self.counters.add("late_reports")
+
+    def _closed(self, rs: RunState, steps: list[JoinedStep]) -> None:
+        for joined in steps:
+            self.counters.add("steps_joined")
+            if joined.reason != "complete":
+                self.counters.add("steps_incomplete")
+            if rs.last_joined is None or joined.step >= rs.last_joined.step:
+                rs.last_joined = joined
+                norm = joined.global_grad_norm
+                if norm is not None:
+                    rs.grad_norm = norm  # sharded gradients: the norm over every rank's shard
+        self.closed.extend(steps)
+
+    def expire_joins(self, now: float | None = None) -> None:
+        """Closes the steps that waited join_timeout_s for a rank; the consumer calls it periodically."""
+        for rs in self.runs.values():
+            if rs.join is not None and rs.join.open:
+                self._closed(rs, rs.join.expire(rs.world_size, self.config.join_timeout_s, now))
+
+    def take_closed(self) -> list[JoinedStep]:
+        out, self.closed = self.closed, []
+        return out
 
     def restore(self, run: str, checkpoint: dict[int, tuple[int, int]]) -> None:
         """Sequence watermarks committed by this run's previous owner: what it applied is not applied
@@ -306,7 +346,8 @@ class State:
             layers = tuple((name, ls.grad_norm, ls.param_norm, tuple(ls.nonfinite.items()))
                            for name, ls in rs.layers.items())
             out.append(RunSnapshot(rs.run, rs.step, rs.loss, rs.eval_loss, rs.learning_rate, rs.grad_norm, sps,
-                                   rs.last_report_time, layers, rs.world_size, tuple(sorted(rs.ranks))))
+                                   rs.last_report_time, layers, rs.world_size, tuple(sorted(rs.ranks)),
+                                   rs.last_joined))
         return out
 
     def _run(self, run: str) -> RunState:
