@@ -36,15 +36,21 @@ class RankPart:
     """What the join keeps of one rank's report."""
 
     loss: float | None
-    sharded_sq: float                                   # Σ g² over this rank's shards of sharded gradients
-    replicated_sq: float                                # Σ g² over replicated gradients, as this rank saw them
-    # (kind, tensor name) -> (dictionary entry, Σx²) of replicated parameters and gradients
-    replicated: dict[tuple[int, str], tuple[TensorMeta, float]]
+    sharded_sq: float                    # Σ g² over this rank's shards of sharded gradients
+    replicated_sq: float                 # Σ g² over replicated gradients, as this rank saw them
+    # replicated parameters and gradients, in report order: (kind, tensor name), entry, Σx²
+    keys: tuple[tuple[int, str], ...]
+    metas: tuple[TensorMeta, ...]
+    values: tuple[float, ...]
     time: float
 
     @property
     def grad_norm(self) -> float:
         return math.sqrt(self.sharded_sq + self.replicated_sq)
+
+    @property
+    def replicated(self) -> dict[tuple[int, str], tuple[TensorMeta, float]]:
+        return {k: (m, v) for k, m, v in zip(self.keys, self.metas, self.values, strict=True)}
 
 
 @dataclass(slots=True)
@@ -136,16 +142,21 @@ class StepJoin:
 
 def part_of(view: ReportView) -> RankPart:
     sharded = replicated_sq = 0.0
-    replicated: dict[tuple[int, str], tuple[TensorMeta, float]] = {}
+    keys: list[tuple[int, str]] = []
+    metas: list[TensorMeta] = []
+    values: list[float] = []
     for kind in (PARAMETER, GRADIENT):
         for meta, s in view.of_kind(kind):
             if meta.partition == PER_RANK:
                 continue
+            sq = s.sum_squares
             if meta.partition == SHARDED:
                 if kind == GRADIENT:
-                    sharded += s.sum_squares
+                    sharded += sq
                 continue
-            replicated[(kind, meta.name)] = (meta, s.sum_squares)
+            keys.append((kind, meta.name))
+            metas.append(meta)
+            values.append(sq)
             if kind == GRADIENT:
-                replicated_sq += s.sum_squares
-    return RankPart(view.loss, sharded, replicated_sq, replicated, view.time)
+                replicated_sq += sq
+    return RankPart(view.loss, sharded, replicated_sq, tuple(keys), tuple(metas), tuple(values), view.time)

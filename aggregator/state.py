@@ -220,7 +220,9 @@ class State:
             n = s.nan_count + s.inf_count
             if n:
                 bad.append((meta, n))
-            kinds = nonfinite.setdefault(meta.layer, {})
+            kinds = nonfinite.get(meta.layer)
+            if kinds is None:
+                kinds = nonfinite[meta.layer] = {}
             kinds[meta.kind_name] = kinds.get(meta.kind_name, 0) + n
 
         step = report.step
