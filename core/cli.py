@@ -1,10 +1,12 @@
-"""The `gradwatch` command: up, demo, collector, aggregator."""
+"""The `gradwatch` command: up, demo, collector, aggregator, grafana."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+from pathlib import Path
 
 from gradwatch import __version__
 from gradwatch.envconfig import ConfigError
@@ -56,6 +58,39 @@ def cmd_demo(args) -> int:
     return 0 if print_summary(result) else 1
 
 
+def _grafana_args(parser: argparse.ArgumentParser) -> None:
+    from gradwatch.grafana import DEFAULT_DIR, DEFAULT_FOLDER_UID
+
+    sub = parser.add_subparsers(dest="grafana_command", required=True)
+    gen = sub.add_parser("generate", help="write the dashboards as JSON (deploy/grafana/dashboards)")
+    gen.add_argument("--out", type=Path, default=DEFAULT_DIR, help="directory (%(default)s)")
+    gen.add_argument("--check", action="store_true", help="write nothing; exit 1 if the files are out of date")
+    push = sub.add_parser("push", help="upload the dashboards to a Grafana (HTTP API, via grafana-client)")
+    push.add_argument("--url", required=True, help="Grafana base URL, e.g. http://localhost:3000")
+    push.add_argument("--token", default=os.environ.get("GRAFANA_TOKEN") or None,
+                      help="service-account token (env GRAFANA_TOKEN); without one, user:password in --url")
+    push.add_argument("--folder-uid", default=DEFAULT_FOLDER_UID, help="folder, created if missing (%(default)s)")
+    push.add_argument("--from", dest="from_dir", type=Path, default=None,
+                      help="push these JSON files instead of freshly generated dashboards")
+
+
+def cmd_grafana(args) -> int:
+    try:
+        from gradwatch import grafana
+        if args.grafana_command == "generate":
+            return grafana.main_generate(args.out, args.check)
+        from grafana_client.client import GrafanaException
+    except ImportError as err:
+        print(f"gradwatch grafana: {err.name} is missing: pip install 'gradwatch[deploy]'", file=sys.stderr)
+        return 2
+    try:
+        return grafana.main_push(args.url, args.token, args.folder_uid, args.from_dir)
+    except GrafanaException as err:
+        status = f"HTTP {err.status_code}: " if getattr(err, "status_code", 0) else ""
+        print(f"gradwatch grafana push: {status}{getattr(err, 'message', None) or err}", file=sys.stderr)
+        return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="gradwatch", description="Live telemetry for neural-network training.")
@@ -69,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--blowup-step", type=int, default=200)
     sub.add_parser("collector", help="run a collector (see gradwatch collector --help)", add_help=False)
     sub.add_parser("aggregator", help="run an aggregator (see gradwatch aggregator --help)", add_help=False)
+    _grafana_args(sub.add_parser("grafana", help="dashboards: generate the JSON files, push them to a Grafana"))
 
     # The component commands own their flags: pass everything after the name straight through.
     if argv and argv[0] in ("collector", "aggregator"):
@@ -81,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        return {"up": cmd_up, "demo": cmd_demo}[args.command](args)
+        return {"up": cmd_up, "demo": cmd_demo, "grafana": cmd_grafana}[args.command](args)
     except ConfigError as err:
         print(f"gradwatch {args.command}: {err}", file=sys.stderr)
         return 2
