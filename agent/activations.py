@@ -4,6 +4,12 @@ The execution order of the first forward pass is what lets the aggregator name t
 a NaN appeared. Activation statistics are summarized into the shared device buffer inside the hook
 (device work only: no host sync), for training forward passes (grad enabled) of due steps; with
 gradient accumulation the last micro-batch's activations are the ones reported.
+
+Activation gradients (the gradient with respect to a module's output) come from a tensor hook that the
+forward hook puts on the output on due steps; it summarizes the gradient when backward reaches it, on
+the device, and returns nothing, so the gradient flows on unchanged. A tensor hook rather than a full
+backward hook: those wrap the output in a custom autograd function, which breaks in-place ops after the
+module (ReLU(inplace=True)) and is one more node in every backward pass, due or not.
 """
 
 from __future__ import annotations
@@ -29,13 +35,22 @@ def _first_tensor(output) -> torch.Tensor | None:
 
 
 class ActivationHooks:
-    def __init__(self, model: torch.nn.Module, start_id: int, capture: list[tuple[str, torch.nn.Module]]):
-        """Order hooks on every leaf module; statistics of the `capture` modules' outputs."""
+    def __init__(self, model: torch.nn.Module, start_id: int, capture: list[tuple[str, torch.nn.Module]],
+                 outputs: bool = True, gradients: bool = False):
+        """Order hooks on every leaf module; statistics of the `capture` modules' outputs (`outputs`) and of
+        the gradients with respect to them (`gradients`). Slots: every output, then every gradient."""
+        kinds = [(run_pb2.TENSOR_KIND_ACTIVATION, ":output")] if outputs else []
+        if gradients:
+            kinds.append((run_pb2.TENSOR_KIND_ACTIVATION_GRADIENT, ":output.grad"))
         self.slots = [
-            TensorSlot(id=start_id + i, name=f"{path}:output", kind=run_pb2.TENSOR_KIND_ACTIVATION, module_path=path,
-                       order=i, shape=(), dtype="", numel=0, partition=run_pb2.PARTITION_PER_RANK)
-            for i, (path, _) in enumerate(capture)
+            TensorSlot(id=start_id + len(capture) * k + i, name=path + suffix, kind=kind, module_path=path, order=i,
+                       shape=(), dtype="", numel=0, partition=run_pb2.PARTITION_PER_RANK)
+            for k, (kind, suffix) in enumerate(kinds) for i, (path, _) in enumerate(capture)
         ]
+        # Positions in self.slots of each captured module's output and gradient slots (None: not watched).
+        self._output_at = [i if outputs else None for i in range(len(capture))]
+        self._grad_at = [len(capture) * outputs + i if gradients else None for i in range(len(capture))]
+        self._grad_hooks = [self._grad_hook(i) for i in range(len(capture))]
         slot_of = {path: i for i, (path, _) in enumerate(capture)}
         leaves = [(path, m) for path, m in model.named_modules() if path and next(m.children(), None) is None]
         self.exec_order: dict[str, int] = {}
@@ -62,10 +77,28 @@ class ActivationHooks:
                 t = _first_tensor(output)
                 if t is None or not t.is_floating_point() or t.is_sparse or self._summarizer is None:
                     return
-                slot = self.slots[index]
-                self._summarizer.summarize(slot.id, t)
-                self.present[slot.id] = dataclasses.replace(slot, numel=t.numel(), shape=tuple(t.shape))
+                if self._output_at[index] is not None:
+                    slot = self.slots[self._output_at[index]]
+                    self._summarizer.summarize(slot.id, t)
+                    self.present[slot.id] = dataclasses.replace(slot, numel=t.numel(), shape=tuple(t.shape))
+                if self._grad_at[index] is not None and t.requires_grad:
+                    t.register_hook(self._grad_hooks[index])
             except Exception:  # never break the forward pass; the watcher counts it at capture
+                self.errors += 1
+
+        return hook
+
+    def _grad_hook(self, index: int):
+        def hook(grad: torch.Tensor) -> None:
+            # Runs inside backward (on CUDA, on autograd's device thread): device work only, returns None
+            # so the gradient is left as it is.
+            try:
+                if grad is None or grad.is_sparse or self._summarizer is None:
+                    return
+                slot = self.slots[self._grad_at[index]]
+                self._summarizer.summarize(slot.id, grad)
+                self.present[slot.id] = dataclasses.replace(slot, numel=grad.numel(), shape=tuple(grad.shape))
+            except Exception:  # never break the backward pass; the watcher counts it at capture
                 self.errors += 1
 
         return hook

@@ -24,6 +24,9 @@ DEFAULT_EXPORT_TIMEOUT_S = 10.0    # one deadline for an Export call and all of 
 DEFAULT_SHUTDOWN_TIMEOUT_S = 5.0   # close() waits this long to flush
 DEFAULT_CHUNK_ELEMENTS = 1 << 22   # tensors are summarized in chunks so temporaries stay bounded
 DEFAULT_TLS = False                # plaintext unless asked; the collector decides whether it serves TLS
+DEFAULT_UPDATES_MAX_BYTES = 256 << 20  # device memory for the parameter copy that updates need, on captured steps
+DEFAULT_INPUTS_MAX_CHANNELS = 64   # observe_inputs: per-channel statistics for tensors with at most this many
+DEFAULT_LABELS_MAX_CLASSES = 1000  # observe_inputs: classes counted one by one; higher labels count as overflow
 
 
 @dataclass
@@ -51,6 +54,9 @@ class AgentConfig:
     tls_ca_file: str | None = None    # PEM roots to trust; None: gRPC's default roots
     tls_cert_file: str | None = None  # client certificate and key, for collectors that require mTLS
     tls_key_file: str | None = None
+    updates_max_bytes: int = DEFAULT_UPDATES_MAX_BYTES
+    inputs_max_channels: int = DEFAULT_INPUTS_MAX_CHANNELS
+    labels_max_classes: int = DEFAULT_LABELS_MAX_CLASSES
 
     @classmethod
     def from_env(cls, **overrides) -> AgentConfig:
@@ -71,6 +77,8 @@ class AgentConfig:
             tls_ca_file=env("GRADWATCH_TLS_CA", None, str),
             tls_cert_file=env("GRADWATCH_TLS_CERT", None, str),
             tls_key_file=env("GRADWATCH_TLS_KEY", None, str),
+            updates_max_bytes=env("GRADWATCH_UPDATES_MAX_BYTES", DEFAULT_UPDATES_MAX_BYTES),
+            labels_max_classes=env("GRADWATCH_LABELS_MAX_CLASSES", DEFAULT_LABELS_MAX_CLASSES),
         )
         for key, value in overrides.items():
             if value is not None:
@@ -96,9 +104,12 @@ class AgentConfig:
         if not host or not port.isdigit():
             raise ConfigError(f"collector must be host:port, got {self.collector!r}")
         for name in ("every", "host_slots", "queue_size", "queue_bytes", "batch_reports", "batch_bytes",
-                     "chunk_elements"):
+                     "chunk_elements", "labels_max_classes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        for name in ("updates_max_bytes", "inputs_max_channels"):  # 0: no updates / no per-channel statistics
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         for name in ("export_interval_s", "export_timeout_s", "shutdown_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")

@@ -20,7 +20,8 @@ if TYPE_CHECKING:
     import torch
 
 _PATTERN_FIELDS = ("include", "exclude", "module_types")
-_KIND_FIELDS = ("parameters", "gradients", "activations", "activation_gradients", "updates", "histogram")
+_KIND_FIELDS = ("parameters", "gradients", "activations", "activation_gradients", "updates", "optimizer_state",
+                "histogram")
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
@@ -75,6 +76,7 @@ class Selection:
     activations: bool = False           # module outputs (forward hooks)
     activation_gradients: bool = False  # gradients w.r.t. module outputs (backward hooks)
     updates: bool = False               # what the optimizer step changed in each parameter
+    optimizer_state: bool = False       # the optimizer's state tensors of each parameter (Adam's moments)
     histogram: bool = True              # log2-magnitude histograms on top of the scalar statistics
     leaf_modules_only: bool = True      # activation hooks on modules without children only
     max_tensors: int | None = None      # None: no budget
@@ -96,7 +98,8 @@ class Selection:
         flags = ((self.parameters, run_pb2.TENSOR_KIND_PARAMETER), (self.gradients, run_pb2.TENSOR_KIND_GRADIENT),
                  (self.activations, run_pb2.TENSOR_KIND_ACTIVATION),
                  (self.activation_gradients, run_pb2.TENSOR_KIND_ACTIVATION_GRADIENT),
-                 (self.updates, run_pb2.TENSOR_KIND_UPDATE))
+                 (self.updates, run_pb2.TENSOR_KIND_UPDATE),
+                 (self.optimizer_state, run_pb2.TENSOR_KIND_OPTIMIZER_STATE))
         return frozenset(kind for on, kind in flags if on)
 
     @classmethod
@@ -120,7 +123,8 @@ class Selection:
 
         Comma-separated `key:value` items; `|` separates several values. Keys: `preset`, `include`,
         `exclude`, `types`, `max_tensors`, and the on/off switches `parameters`, `gradients`, `activations`,
-        `activation_gradients`, `updates`, `histogram`, `leaf_modules_only` (1/0, true/false, yes/no, on/off).
+        `activation_gradients`, `updates`, `optimizer_state`, `histogram`, `leaf_modules_only` (1/0,
+        true/false, yes/no, on/off).
         A bare preset name is short for `preset:NAME`. The preset applies first wherever it is written;
         an empty spec gives `Selection()`.
         """
@@ -143,7 +147,8 @@ class Selection:
 
     def apply(self, model: torch.nn.Module) -> Selected:
         """The parameters and modules of `model` to watch, what that costs in tensors, and what was left out."""
-        param_cost = self.parameters + self.gradients + self.updates
+        # Optimizer state counts as two tensors per parameter (Adam's moments), the most the agent watches.
+        param_cost = self.parameters + self.gradients + self.updates + 2 * self.optimizer_state
         module_cost = self.activations + self.activation_gradients
         owned: dict[str, list[tuple[str, torch.nn.Parameter]]] = {}
         if param_cost:
@@ -230,10 +235,11 @@ _PARSE_KEYS = {"preset": "preset", "include": "include", "exclude": "exclude", "
 
 # Least to most expensive (as cockpit's "economy" | "business" | "full"); each captures a superset of the
 # one before it. Per step, economy costs two tensors per parameter, business adds one per leaf module and
-# the histograms, full adds an activation gradient per leaf module and an update per parameter.
+# the histograms, full adds an activation gradient per leaf module, and per parameter an update (and a
+# device copy of the parameter on captured steps, within updates_max_bytes) and the optimizer state.
 PRESETS: MappingProxyType[str, Selection] = MappingProxyType({
     "economy": Selection(parameters=True, gradients=True, histogram=False),
     "business": Selection(parameters=True, gradients=True, histogram=True, activations=True),
     "full": Selection(parameters=True, gradients=True, histogram=True, activations=True,
-                      activation_gradients=True, updates=True),
+                      activation_gradients=True, updates=True, optimizer_state=True),
 })

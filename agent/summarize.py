@@ -7,6 +7,7 @@ Each watched tensor owns a row of `buffer` (float64, on the model's device):
 over its finite values (see gradwatch.stats). Everything here is device work queued on the training
 thread's stream; nothing reads a value back to the host. This is the plain-torch path (CPU, and CUDA
 until the fused multi-tensor kernel lands): a few ops per tensor, chunked so temporaries stay bounded.
+Rows merge (`accumulate`) the way the aggregator merges summaries: counts and sums add, min/max fold.
 """
 
 from __future__ import annotations
@@ -38,8 +39,16 @@ class Summarizer:
         self.buffer = torch.zeros(n_rows, NCOLS, dtype=torch.float64, device=device)
         self._maps: dict[torch.dtype, torch.Tensor] = {}
 
-    def summarize(self, row: int, tensor: torch.Tensor) -> None:
-        """Queue the statistics of `tensor` into buffer[row]."""
+    def grow(self, n_rows: int) -> None:
+        """Make room for more rows (new tensors seen after watch()), keeping the rows written so far."""
+        if n_rows <= self.n_rows:
+            return
+        buffer = torch.zeros(n_rows, NCOLS, dtype=torch.float64, device=self.device)
+        buffer[: self.n_rows].copy_(self.buffer)
+        self.buffer, self.n_rows = buffer, n_rows
+
+    def summarize(self, row: int, tensor: torch.Tensor, accumulate: bool = False) -> None:
+        """Queue the statistics of `tensor` into buffer[row] (merged into what is there with `accumulate`)."""
         flat = tensor.detach().reshape(-1)  # a view for contiguous tensors; parameters and grads are
         if flat.is_complex():
             flat = torch.view_as_real(flat).reshape(-1)
@@ -47,11 +56,29 @@ class Summarizer:
         if n <= self.chunk_elements:
             result = self._row(flat)
         else:
-            parts = torch.stack([self._row(c) for c in flat.split(self.chunk_elements)])
-            result = parts.sum(0)
-            result[COL_MIN] = parts[:, COL_MIN].amin()
-            result[COL_MAX] = parts[:, COL_MAX].amax()
-        self.buffer[row].copy_(result, non_blocking=True)
+            result = merge(torch.stack([self._row(c) for c in flat.split(self.chunk_elements)]))
+        self._store(slice(row, row + 1), result, accumulate)
+
+    def summarize_channels(self, whole: int, first: int, x: torch.Tensor, accumulate: bool = False) -> None:
+        """Queue the statistics of each channel (dim 1) of the floating-point `x` into
+        buffer[first : first + channels], and of all of `x` into buffer[whole], their merge.
+
+        One pass whatever the channel count: every statistic is a reduction over the other dims, and the
+        exponent histogram counts (channel, exponent) pairs at once. Chunked along dim 0 (the batch).
+        """
+        x = x.detach()
+        per_item = max(x[0].numel(), 1) if x.shape[0] else 1
+        chunks = x.split(max(1, self.chunk_elements // per_item))
+        rows = self._channel_rows(chunks[0]) if len(chunks) == 1 else merge(
+            torch.stack([self._channel_rows(c) for c in chunks]))
+        self._store(slice(first, first + x.shape[1]), rows, accumulate)
+        self._store(slice(whole, whole + 1), merge(rows), accumulate)
+
+    def _store(self, rows: slice, result: torch.Tensor, accumulate: bool) -> None:
+        target = self.buffer[rows]
+        if accumulate:
+            result = merge(torch.stack([target, result.reshape(target.shape)]))
+        target.copy_(result.reshape(target.shape), non_blocking=True)
 
     def _row(self, x: torch.Tensor) -> torch.Tensor:
         spec = _EXPONENT_BITS.get(x.dtype)
@@ -82,6 +109,37 @@ class Summarizer:
         hist[0] += counts[0] - zero
         return torch.cat([head, hist.double()])
 
+    def _channel_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """(channels, NCOLS) statistics of x (batch, channels, ...): the row-wise twin of `_row`."""
+        spec = _EXPONENT_BITS.get(x.dtype)
+        if spec is None:
+            x = x.float()
+            spec = _EXPONENT_BITS[torch.float32]
+        view, shift, mask, _ = spec
+        channels = x.shape[1]
+        dims = (0, *range(2, x.dim()))
+        n = x.numel() // channels
+        # Exponent of every element, offset by its channel's block of bins: one histogram for all channels.
+        exponent = ((x.view(view) >> shift) & mask).long()
+        offsets = torch.arange(channels, device=x.device).mul_(mask + 1).view(1, channels, *([1] * (x.dim() - 2)))
+        counts = self._count((exponent + offsets).reshape(-1), channels * (mask + 1)).view(channels, mask + 1)
+        nonfinite = counts[:, mask]
+        nan = torch.isnan(x).sum(dims)
+        clean = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+        zero = n - nonfinite - torch.count_nonzero(clean, dim=dims)
+        cd = clean.double()
+        head = torch.stack([
+            nan, nonfinite - nan, zero, cd.sum(dims), (cd * cd).sum(dims),
+            torch.nan_to_num(x, nan=_INF, posinf=_INF, neginf=_INF).amin(dims),
+            torch.nan_to_num(x, nan=-_INF, posinf=-_INF, neginf=-_INF).amax(dims),
+        ], dim=1).double()
+        if not self.histogram:
+            return torch.cat([head, head.new_zeros(channels, HIST_BUCKETS)], dim=1)
+        hist = counts.new_zeros(channels, HIST_BUCKETS + 1).index_add_(1, self._bucket_map(x.dtype), counts)
+        hist = hist[:, :HIST_BUCKETS]
+        hist[:, 0] += counts[:, 0] - zero
+        return torch.cat([head, hist.double()], dim=1)
+
     def _count(self, values: torch.Tensor, bins: int) -> torch.Tensor:
         if values.device.type == "cpu":
             return torch.bincount(values, minlength=bins)  # host memory: nothing to sync with
@@ -99,3 +157,11 @@ class Summarizer:
             buckets[0] = buckets[mask] = HIST_BUCKETS  # zeros/denormals, NaN/Inf: handled apart
             cached = self._maps[dtype] = buckets.to(self.device)
         return cached
+
+
+def merge(parts: torch.Tensor) -> torch.Tensor:
+    """Merge statistics rows along dim 0 (parts of one tensor): counts and sums add, min and max fold."""
+    out = parts.sum(0)
+    out[..., COL_MIN] = parts[..., COL_MIN].amin(0)
+    out[..., COL_MAX] = parts[..., COL_MAX].amax(0)
+    return out

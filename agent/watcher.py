@@ -1,58 +1,40 @@
 """The Watcher: hooks into a model and optimizer, captures due steps, never disturbs training.
 
 Capture window: with an optimizer, a step pre-hook summarizes gradients and parameters right before
-the update (after backward, after GradScaler's unscale_, before zero_grad). Without one, the user's
-`watcher.step()` call is the window. The statistics are copied to pinned host memory at capture time
-(one async copy); scalars passed to `watcher.step()` later are copied straight into the same host slot.
-Every public entry point swallows its own errors (counted): the agent must never raise into the
-training loop.
+the update (after backward, after GradScaler's unscale_, before zero_grad), and the step post-hook adds
+what the update did (updates, optimizer state) and queues the one async copy of the step's statistics
+to pinned host memory. Without an optimizer, the user's `watcher.step()` call is the window.
+Integrations whose optimizer step runs forward and backward inside it (Lightning's closures) set
+`external_window` and call `capture_window()` where the gradients are final. Scalars passed to
+`watcher.step()` later are copied straight into the same host slot; `watcher.step(phase="eval", ...)`
+sends an evaluation report of scalars only. Every public entry point swallows its own errors (counted):
+the agent must never raise into the training loop. The device side lives in agent/capture.py.
 """
 
 from __future__ import annotations
 
 import atexit
-import dataclasses
 import functools
 import logging
 import math
-import threading
 import time
 import weakref
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from gradwatch.agent import encode
-from gradwatch.agent.activations import ActivationHooks
 from gradwatch.agent.batch import AgentCounters, ReportPipeline
+from gradwatch.agent.capture import Capture, CapturedStep
 from gradwatch.agent.config import AgentConfig
 from gradwatch.agent.exporter import Exporter
+from gradwatch.agent.inputs import label_scalars
 from gradwatch.agent.schedule import Burst, parse
-from gradwatch.agent.slots import build_slots, distributed_info
-from gradwatch.agent.summarize import NCOLS, Summarizer
+from gradwatch.agent.slots import distributed_info
 from gradwatch.v1 import report_pb2
 
 log = logging.getLogger("gradwatch.agent")
-
-
-@dataclass
-class CapturedStep:
-    """One logged step between the training thread and the reader thread."""
-
-    step: int
-    sequence: int
-    capture_time: float
-    host: torch.Tensor
-    event: object | None
-    present: list
-    scalars: dict = field(default_factory=dict)        # Python floats
-    tensor_scalars: list = field(default_factory=list)  # names of scalar-row slots, in slot order
-    release: object = None
-
-    def wait(self) -> None:
-        if self.event is not None:
-            self.event.synchronize()  # sync: reader thread waits for the async device->host copy
 
 
 @dataclass
@@ -82,6 +64,10 @@ def _guarded(method):
 
 
 class Watcher:
+    """See gradwatch.watch(). `external_window`: set by integrations (before the first step) whose optimizer
+    step runs backward inside it; they call capture_window() where the gradients are final, and a step
+    counts when the optimizer's post-hook runs."""
+
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, run: str,
                  config: AgentConfig, hyperparameters: Mapping[str, object] | None = None,
                  labels: Mapping[str, str] | None = None):
@@ -91,24 +77,15 @@ class Watcher:
         self.rank, self.world_size = distributed_info()
         self.model = model
         self.optimizer = optimizer
+        self.external_window = False
         self.selection = config.selection()
-        selected = self.selection.apply(model)
-        self._log_selection(selected)
-        param_slots, self._sources = build_slots(selected.parameters, self.selection.parameters,
-                                                 self.selection.gradients)
-        self._activations = ActivationHooks(model, len(param_slots),
-                                            selected.modules if self.selection.activations else [])
-        self.slots = param_slots + self._activations.slots
         self._schedule = parse(config.schedule_spec())
         self._burst = self._schedule if isinstance(self._schedule, Burst) else None
+        self._capture = Capture(model, optimizer, self.selection, config, self.counters, self._due,
+                                lambda: self._pipeline.set_registration(self._registration()))
+        self._log_selection()
         self._histogram = self.selection.histogram
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        self._summarizer = Summarizer(len(self.slots), device, self._histogram, config.chunk_elements)
-        self._activations.bind(self._summarizer, self._due)
-        pin = device.type == "cuda"
-        self._free_slots = [torch.empty((len(self.slots) + 1, NCOLS), dtype=torch.float64, pin_memory=pin)
-                            for _ in range(config.host_slots)]
-        self._slot_lock = threading.Lock()
+        self._highest_label = -1  # reader thread: the highest class seen so far
         self._step = 0  # the optimizer step in progress (its forward, backward and update)
         self._sequence = 0
         self._pending: CapturedStep | None = None  # captured at the optimizer step, waiting for step() scalars
@@ -116,7 +93,6 @@ class Watcher:
         self._held_scalars: dict[str, object] = {}  # scalars of watcher.step() calls between optimizer steps
         self._closed = False
         self._hyperparameters, self._labels = hyperparameters, labels
-        self._order_known = False
         self._pipeline = ReportPipeline(
             Exporter.from_config(config), self._encode, self._registration(), self.counters,
             queue_size=config.queue_size, batch_reports=config.batch_reports, batch_bytes=config.batch_bytes,
@@ -128,15 +104,26 @@ class Watcher:
         self._hooks = []
         if optimizer is not None:
             self._hooks.append(optimizer.register_step_pre_hook(self._before_optimizer_step))
+            self._hooks.append(optimizer.register_step_post_hook(self._after_optimizer_step))
 
-    def _log_selection(self, selected) -> None:
-        s = selected.skipped
+    @property
+    def slots(self):
+        """The tensor dictionary: one TensorSlot per watched tensor, id == position."""
+        return self._capture.slots
+
+    def _log_selection(self) -> None:
+        s, updates = self._capture.selected.skipped, self._capture.updates
         if s.over_budget_tensors:
             log.warning("gradwatch: the tensor budget (max_tensors=%s) leaves out %d parameters and %d modules "
                         "(%d tensors); narrow the selection or raise the budget", self.selection.max_tensors,
                         s.over_budget_parameters, s.over_budget_modules, s.over_budget_tensors)
-        if self.selection.activation_gradients or self.selection.updates:
-            log.warning("gradwatch: activation gradients and updates are not captured yet; watching the rest")
+        if self.optimizer is None and (self.selection.updates or self.selection.optimizer_state):
+            log.warning("gradwatch: updates and optimizer state need the optimizer passed to watch(); "
+                        "watching the rest")
+        if updates is not None and updates.over_budget:
+            log.warning("gradwatch: updates_max_bytes (%d B) leaves out the updates of %d parameters; the copy "
+                        "for the others takes %d B on captured steps", self.config.updates_max_bytes,
+                        updates.over_budget, updates.copy_bytes)
 
     def _registration(self):
         return encode.registration(self.run, self.rank, self.world_size, self.slots, self._hyperparameters,
@@ -145,7 +132,7 @@ class Watcher:
     # ---- training-thread API -------------------------------------------------------------------
 
     @_guarded
-    def step(self, **scalars) -> None:
+    def step(self, phase: str = "train", **scalars) -> None:
         """Mark the end of one training step and attach scalars (loss=..., accuracy=...).
 
         Tensor values are copied on the device (no host sync). Without an optimizer, call it after
@@ -153,8 +140,16 @@ class Watcher:
         call it after optimizer.step(); a call when the optimizer did not step (a micro-batch of
         gradient accumulation, or a step GradScaler skipped for overflow) reports nothing and keeps its
         scalars for the next report, so steps count optimizer steps and overflow steps are no alarm.
+
+        phase="eval": an evaluation report (PHASE_EVAL) of these scalars only, at the last optimizer
+        step; it is no step, and leaves held scalars and the step being captured alone.
         """
         if self._closed:
+            return
+        if phase != "train":
+            if phase != "eval":
+                raise ValueError(f"phase must be 'train' or 'eval', got {phase!r}")
+            self._send(self._capture.evaluation(max(self._step - 1, 0)), scalars)
             return
         if self.optimizer is not None:
             if not self._opt_stepped:
@@ -164,97 +159,100 @@ class Watcher:
                 return
             self._submit(self._pending, {**self._held_scalars, **scalars})
             return
-        captured = self._capture() if self._due() else None
+        captured = self._begin() if self._due() else None
+        if captured is not None:
+            self._capture.finish(captured, updated=False)
         self._step += 1
         self._submit(captured, scalars)
 
+    @_guarded
+    def observe_inputs(self, batch: object, labels: object = None) -> None:
+        """Statistics of a training batch (a tensor, or a dict/tuple/list of them) on due steps, as INPUT
+        tensors `inputs.<key>` and `inputs.<key>[c]` per channel; and, on every call, counts of the
+        integer class `labels`, reported as scalars `labels/<class>` over the batches since the last report.
+        Call it once per batch (or micro-batch) of training data. No host sync."""
+        if not self._closed:
+            self._capture.inputs.observe(batch, labels, self._due())
+
+    @_guarded
+    def capture_window(self) -> None:
+        """With `external_window`: the gradients of the coming optimizer step are final (Lightning calls it
+        from on_before_optimizer_step). The step counts when the optimizer's post-hook runs; a window whose
+        optimizer step never comes (GradScaler skipped it) is given up at the next one."""
+        if not self._closed and self.external_window:
+            self._open_window()
+
     def _before_optimizer_step(self, optimizer, args, kwargs) -> None:
         try:
-            if self._closed:
+            if self._closed or self.external_window:
                 return
-            if self._opt_stepped:  # the user does not call watcher.step(): every optimizer step is a step
-                self._submit(self._pending, self._held_scalars)
-            self._pending = self._capture() if self._due() else None
+            self._open_window()
             self._step += 1
             self._opt_stepped = True
         except Exception:
-            self.counters.internal_errors += 1
-            if self.counters.internal_errors == 1:
-                log.exception("gradwatch: internal error in the optimizer hook (training continues)")
+            self._hook_error()
+
+    def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
+        try:
+            if self._closed:
+                return
+            if self.external_window:
+                self._step += 1
+                self._opt_stepped = True
+            if self._pending is not None and not self._pending.copied:
+                self._capture.finish(self._pending, updated=True)
+        except Exception:
+            self._hook_error()
+
+    def _hook_error(self) -> None:
+        self.counters.internal_errors += 1
+        if self.counters.internal_errors == 1:
+            log.exception("gradwatch: internal error in an optimizer hook (training continues)")
 
     def _due(self) -> bool:
         return self._schedule.due(self._step)
 
-    def _capture(self) -> CapturedStep | None:
-        """Queue the statistics of the step in progress and their copy into a free host slot."""
-        with self._slot_lock:
-            host = self._free_slots.pop() if self._free_slots else None
-        self._sequence += 1
-        present = self._activations.take_present()  # summarized by the forward hooks of this step
-        if self._activations.errors:  # hook errors are swallowed in the forward pass, counted here
-            self.counters.internal_errors += self._activations.errors
-            self._activations.errors = 0
-        if host is None:
-            self.counters.skipped_busy += 1
-            return None
-        # Parameters and gradients: the slots before the activation slots, one per source.
-        for slot, source in zip(self.slots[: len(self._sources)], self._sources, strict=True):
-            tensor = source()
-            if tensor is None or tensor.is_sparse:
-                continue  # unused parameters have no gradient this step
-            self._summarizer.summarize(slot.id, tensor)
-            present.append(slot)
-        if not self._order_known:
-            self._learn_order()
-        # One async copy; the last host row stays for scalars, which step() copies in later.
-        host[: len(self.slots)].copy_(self._summarizer.buffer, non_blocking=True)
-        captured = CapturedStep(self._step, self._sequence, time.time(), host, None, present,
-                                release=lambda h=host: self._release(h))
-        if self.optimizer is not None:  # the learning rate this update used, not the scheduler's next one
-            self._attach_scalars(captured, {f"lr/{i}": g.get("lr", float("nan"))
-                                            for i, g in enumerate(self.optimizer.param_groups)})
-        self.counters.captured += 1
-        return captured
+    def _open_window(self) -> None:
+        if self._opt_stepped:  # the user does not call watcher.step(): every optimizer step is a step
+            self._submit(self._pending, self._held_scalars)
+        elif self._pending is not None:  # an external window whose optimizer step never came
+            self._capture.drop(self._pending)
+            self._pending = None
+        self._pending = self._begin() if self._due() else None
 
-    def _learn_order(self) -> None:
-        """After the first forward pass: tensors of a module take its forward execution order, so the
-        aggregator can tell which layer came first; the registration is rebuilt before it is sent."""
-        order = self._activations.exec_order
-        self._order_known = True
-        self._activations.stop_order_tracking()
-        if not order:
-            return
-        late = len(order)  # modules that did not run (or are containers) come after those that did
-        self.slots = [dataclasses.replace(s, order=order.get(s.module_path, late + s.order)) for s in self.slots]
-        self._activations.slots = [s for s in self.slots if s.id >= len(self._sources)]
-        self._pipeline.set_registration(self._registration())
+    def _begin(self) -> CapturedStep | None:
+        captured = self._capture.begin(self._step)
+        if captured is None:
+            self._sequence += 1  # no host slot free: a report lost, and the sequence gap shows it
+        return captured
 
     def _submit(self, captured: CapturedStep | None, scalars: Mapping[str, object]) -> None:
         if captured is not None:
-            self._attach_scalars(captured, scalars)
-            if captured.host.is_pinned():
-                captured.event = torch.cuda.Event()
-                captured.event.record()
-            self._pipeline.submit(captured)
+            if not captured.copied:
+                self._capture.finish(captured, updated=False)
+            self._send(captured, scalars)
         self._pending = None
         self._opt_stepped = False
         self._held_scalars = {}
 
-    def _attach_scalars(self, captured: CapturedStep, scalars: Mapping[str, object]) -> None:
-        scalar_row = captured.host[len(self.slots)]
-        for name, value in scalars.items():
-            if isinstance(value, torch.Tensor):
-                if value.numel() != 1 or len(captured.tensor_scalars) >= NCOLS:
-                    continue
-                # Straight into the pinned host slot: async, ordered after the step's kernels.
-                scalar_row[len(captured.tensor_scalars)].copy_(value.detach().reshape(()), non_blocking=True)
-                captured.tensor_scalars.append(name)
-            elif isinstance(value, (int, float)):
-                captured.scalars[name] = float(value)
+    def _send(self, captured: CapturedStep, scalars: Mapping[str, object]) -> None:
+        captured.attach(scalars)
+        self._sequence += 1
+        captured.sequence = self._sequence
+        if captured.host.is_pinned():
+            captured.event = torch.cuda.Event()
+            captured.event.record()
+        self._pipeline.submit(captured)
 
-    def _release(self, host: torch.Tensor) -> None:
-        with self._slot_lock:
-            self._free_slots.append(host)
+    def _settle(self) -> None:
+        """Flush or close: submit the step waiting for scalars; give up a window whose step never came."""
+        if self._pending is None:
+            return
+        if self._opt_stepped:
+            self._submit(self._pending, self._held_scalars)
+        else:
+            self._capture.drop(self._pending)
+            self._pending = None
 
     # ---- reader thread -------------------------------------------------------------------------
 
@@ -263,14 +261,17 @@ class Watcher:
             return captured.report
         captured.wait()
         rows = captured.host.numpy()  # sync: reader thread, after the copy's event completed
-        scalars = dict(captured.scalars)
-        scalar_row = rows[len(self.slots)]
+        scalars = {}
+        if captured.label_row is not None:
+            scalars, self._highest_label = label_scalars(rows[captured.label_row : -1].reshape(-1),
+                                                         self._capture.inputs.max_classes, self._highest_label)
+        scalars.update(captured.scalars)
         for i, name in enumerate(captured.tensor_scalars):
-            scalars[name] = float(scalar_row[i])
-        lrs = [scalars.pop(f"lr/{i}") for i in range(len(self.optimizer.param_groups))] if self.optimizer else []
+            scalars[name] = float(rows[-1][i])
+        lrs = [scalars.pop(f"lr/{i}", math.nan) for i in range(captured.lr_groups)]
         report = encode.step_report(self.run, self.rank, captured.step, captured.sequence, captured.capture_time,
-                                    report_pb2.PHASE_TRAIN, rows, captured.present, self._histogram, scalars, lrs)
-        if self._burst is not None and (
+                                    captured.phase, rows, captured.present, self._histogram, scalars, lrs)
+        if self._burst is not None and captured.phase == report_pb2.PHASE_TRAIN and (
                 any(t.nan_count or t.inf_count for t in report.tensors)
                 or (report.HasField("loss") and not math.isfinite(report.loss))):
             self._burst.trigger(captured.step)  # capture every step for a while, from the next due() on
@@ -280,8 +281,7 @@ class Watcher:
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything captured so far was exported (or dropped); False on timeout."""
-        if self._pending is not None:
-            self._submit(self._pending, self._held_scalars)
+        self._settle()
         return self._pipeline.force_flush(self.config.shutdown_timeout_s if timeout is None else timeout)
 
     def close(self, timeout: float | None = None) -> None:
@@ -289,8 +289,7 @@ class Watcher:
         if self._closed:
             return
         try:
-            if self._pending is not None:
-                self._submit(self._pending, self._held_scalars)
+            self._settle()
             self._sequence += 1
             final = report_pb2.StepReport(run_id=self.run, rank=self.rank, step=max(self._step - 1, 0),
                                           sequence=self._sequence, phase=report_pb2.PHASE_TRAIN, final=True)
@@ -299,7 +298,7 @@ class Watcher:
             self._closed = True
             for h in self._hooks:
                 h.remove()
-            self._activations.remove()
+            self._capture.remove_hooks()
             self._pipeline.shutdown(self.config.shutdown_timeout_s if timeout is None else timeout)
         except Exception:
             self.counters.internal_errors += 1

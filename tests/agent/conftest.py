@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 from concurrent import futures
 
 import grpc
 import pytest
+import torch
 
+import gradwatch.agent
 from gradwatch.v1 import ingest_service_pb2, ingest_service_pb2_grpc
 
 
@@ -48,3 +52,37 @@ def ingest():
     servicer.target = f"127.0.0.1:{port}"
     yield servicer
     server.stop(0)
+
+
+AGENT_DIR = os.path.dirname(gradwatch.agent.__file__) + os.sep
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
+
+
+def _agent_on_stack() -> bool:
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code.co_filename.startswith(AGENT_DIR):
+            return True
+        frame = frame.f_back
+    return False
+
+
+@pytest.fixture
+def host_reads(monkeypatch):
+    """CPU stand-in for set_sync_debug_mode("error"): the names of the tensor host reads that agent code
+    makes on the test's own (training) thread while the fixture is active. Reads by the user's code and
+    torch's own (Adam reads its step count on a CPU) are not the agent's; the reader thread may read."""
+    training_thread = threading.current_thread()
+    offenders: list[str] = []
+
+    def trap(name, original):
+        def wrapped(self, *args, **kwargs):
+            if threading.current_thread() is training_thread and _agent_on_stack():
+                offenders.append(name)
+            return original(self, *args, **kwargs)
+        return wrapped
+
+    for name in HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, trap(name, getattr(torch.Tensor, name)))
+    yield offenders
+    monkeypatch.undo()

@@ -76,10 +76,10 @@ def test_queue_stays_within_its_byte_budget_and_the_newest_arrive_after_recovery
     try:
         for step in range(steps):
             if step == steps - 1:  # every host slot back: the last step is surely captured, not skipped
-                wait_for(lambda: len(w._free_slots) == w.config.host_slots, timeout=10)
+                wait_for(lambda: len(w._capture.free_hosts) == w.config.host_slots, timeout=10)
             train_step(model, opt, w)
             peak = max(peak, pipeline.queued_bytes)
-        wait_for(lambda: len(w._free_slots) == w.config.host_slots, timeout=10)  # all encoded and queued
+        wait_for(lambda: len(w._capture.free_hosts) == w.config.host_slots, timeout=10)  # all encoded and queued
         assert ingest.requests == [] and w.counters.exported == 0
         assert w.counters.export_errors > 0  # the outage was real: batches failed and went back
         assert 0 < pipeline.queued_bytes <= QUEUE_BYTES

@@ -125,7 +125,9 @@ def test_presets_are_ordered_by_cost_each_a_superset_of_the_one_before():
     assert not PRESETS["economy"].histogram
     assert PRESETS["full"].kinds == {
         run_pb2.TENSOR_KIND_PARAMETER, run_pb2.TENSOR_KIND_GRADIENT, run_pb2.TENSOR_KIND_ACTIVATION,
-        run_pb2.TENSOR_KIND_ACTIVATION_GRADIENT, run_pb2.TENSOR_KIND_UPDATE}
+        run_pb2.TENSOR_KIND_ACTIVATION_GRADIENT, run_pb2.TENSOR_KIND_UPDATE, run_pb2.TENSOR_KIND_OPTIMIZER_STATE}
+    # Updates (a device copy of each parameter on captured steps) and optimizer state only in full.
+    assert not ({run_pb2.TENSOR_KIND_UPDATE, run_pb2.TENSOR_KIND_OPTIMIZER_STATE} & PRESETS["business"].kinds)
 
 
 def test_preset_with_overrides():
@@ -146,6 +148,9 @@ def test_preset_with_overrides():
     # is not taken either, so the watched set stays a prefix of the model.
     (Selection(updates=True, activations=True, max_tensors=5), SEQ_ALL[:1], [],
      Skipped(over_budget_parameters=5, over_budget_modules=5, over_budget_tensors=20)),
+    # Optimizer state counts two tensors per parameter (Adam's moments): 4 per parameter here.
+    (Selection(optimizer_state=True, max_tensors=8), SEQ_ALL[:2], [],
+     Skipped(over_budget_parameters=4, over_budget_tensors=16)),
     (PRESETS["business"].replace(max_tensors=1), [], [],
      Skipped(over_budget_parameters=6, over_budget_modules=5, over_budget_tensors=17)),
     # Filtered items cost nothing and are counted as filtered, not over budget.
@@ -178,6 +183,7 @@ def test_selection_never_touches_tensor_data():
     ("economy,activations:yes,leaf_modules_only:0", PRESETS["economy"].replace(activations=True,
                                                                                 leaf_modules_only=False)),
     ("parameters:false,gradients:TRUE,updates:on", Selection(parameters=False, updates=True)),
+    ("optimizer_state:on", Selection(optimizer_state=True)),
 ])
 def test_parse_valid(spec, expected):
     assert Selection.parse(spec) == expected

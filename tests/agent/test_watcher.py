@@ -122,7 +122,7 @@ def test_agent_errors_never_reach_the_training_loop(ingest, monkeypatch):
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     w = gradwatch.watch(model, opt, run="unit-8", collector=ingest.target)
-    monkeypatch.setattr(w._summarizer, "summarize", lambda *a: 1 / 0)
+    monkeypatch.setattr(w._capture.summarizer, "summarize", lambda *a: 1 / 0)
     train(model, opt, w, steps=3)  # must not raise
     w.close()
     assert w.counters.internal_errors >= 3
@@ -155,6 +155,61 @@ def test_training_thread_makes_no_host_reads(ingest, monkeypatch):
     w.close()
     assert offenders == []
     assert len(ingest.reports) == 5 and all(r.loss > 0 for r in ingest.reports)
+
+
+def full_capture_loop(watcher, model, opt, device="cpu", steps=4):
+    """Every capture at once: the full preset (activation gradients, updates, Adam state), inputs with
+    channels, labels, accumulation, held scalars and an evaluation report with a tensor loss."""
+    for _ in range(steps):
+        for _ in range(2):
+            x = torch.randn(4, 3, 5, device=device)
+            y = torch.randint(0, 4, (4,), device=device)
+            watcher.observe_inputs({"x": x, "ids": y}, labels=y)
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            watcher.step(micro=loss)
+        opt.step()
+        opt.zero_grad()
+        watcher.step(loss=loss)
+        watcher.step(phase="eval", loss=loss.detach() * 2, accuracy=loss.detach())
+
+
+def conv_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv1d(3, 6, 3), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(18, 4))
+
+
+def test_new_captures_make_no_host_reads_on_the_training_thread(ingest, host_reads):
+    model = conv_model()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    w = gradwatch.watch(model, opt, run="unit-9b", collector=ingest.target, select="preset:full")
+    full_capture_loop(w, model, opt)
+    w.close()
+    assert host_reads == []
+    reports = ingest.reports
+    assert [(r.step, r.phase) for r in reports] == [(s, p) for s in range(4) for p in (1, 2)]
+    reg = [r for req in ingest.requests for r in req.registrations][-1]
+    kinds = {t.id: t.kind for t in reg.tensors}
+    assert {kinds[s.tensor_id] for s in reports[0].tensors} == set(range(1, 8))  # every TensorKind
+    assert all(r.scalars["labels/0"] + r.scalars["labels/3"] >= 0 for r in reports[::2])
+    assert w.counters.internal_errors == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_new_captures_pass_sync_debug_mode_error(ingest):
+    model = conv_model().cuda()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    w = gradwatch.watch(model, opt, run="unit-cuda-full", collector=ingest.target, select="preset:full")
+    full_capture_loop(w, model, opt, "cuda", steps=1)  # the first step grows the dictionary (allowed to sync)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        full_capture_loop(w, model, opt, "cuda", steps=4)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    w.close()
+    assert len(ingest.reports) == 10 and w.counters.internal_errors == 0
 
 
 @pytest.mark.gpu
