@@ -16,22 +16,27 @@ from dataclasses import replace
 from gradwatch.aggregator.alert import Alert
 from gradwatch.aggregator.config import AggregatorConfig, env_name
 from gradwatch.aggregator.counters import Counters
+from gradwatch.aggregator.join import JoinedStep
 from gradwatch.aggregator.rulebase import KINDS, SEVERITIES, Rule, RuleSettings
 from gradwatch.aggregator.rules import ExplodingGradient, NonFinite, VanishingGradient
 from gradwatch.aggregator.rules_activations import DeadReLU, SaturatedActivation
+from gradwatch.aggregator.rules_data import ClassImbalance, InputDataDrift, UnnormalizedInput
 from gradwatch.aggregator.rules_loss import LossNotDecreasing, LossSpike, StalledTraining
+from gradwatch.aggregator.rules_ranks import RankDivergence
 from gradwatch.aggregator.rules_tensors import AllZero, PoorWeightInitialization, TensorVariance, UnchangedTensor
+from gradwatch.aggregator.rules_training import Overfit, Overtraining, WeightUpdateRatio
 from gradwatch.aggregator.state import ReportView
 from gradwatch.envconfig import ConfigError
 
-# Evaluation order: the causes (NaN, explosion) before their consequences.
+# Evaluation order: the causes (NaN, explosion, bad inputs) before their consequences.
 CATALOGUE: tuple[type[Rule], ...] = (
-    NonFinite, ExplodingGradient, VanishingGradient, LossSpike, LossNotDecreasing, AllZero, UnchangedTensor,
-    PoorWeightInitialization, TensorVariance, DeadReLU, SaturatedActivation, StalledTraining)
+    NonFinite, ExplodingGradient, VanishingGradient, WeightUpdateRatio, UnnormalizedInput, InputDataDrift,
+    ClassImbalance, LossSpike, LossNotDecreasing, Overfit, Overtraining, AllZero, UnchangedTensor,
+    PoorWeightInitialization, TensorVariance, DeadReLU, SaturatedActivation, StalledTraining, RankDivergence)
 BY_NAME = {rule.name: rule for rule in CATALOGUE}
 COMMON = ("enabled", "severity", "layers", "resolve_after_steps", "cooldown_steps", "keep_firing_s")
 # Integer thresholds that count reports or steps: at least 1.
-_COUNTS = ("window", "min_history", "smoothing", "window_steps")
+_COUNTS = ("window", "min_history", "smoothing", "window_steps", "patience", "train_window", "reference_reports")
 
 
 def load_rules(config: AggregatorConfig) -> dict[str, RuleSettings]:
@@ -129,6 +134,7 @@ class RuleEngine:
             settings = load_rules(config)
             rules = [rule(settings[rule.name], counters) for rule in CATALOGUE if settings[rule.name].enabled]
         self.rules = rules
+        self.joined = [rule for rule in rules if getattr(rule, "JOINED", False)]
 
     def evaluate(self, view: ReportView) -> list[Alert]:
         out: list[Alert] = []
@@ -138,6 +144,10 @@ class RuleEngine:
                 continue
             out.extend(rule.evaluate(view))
         return out
+
+    def evaluate_joined(self, joined: JoinedStep) -> list[Alert]:
+        """Cross-rank rules, on a step the join closed."""
+        return [a for rule in self.joined for a in rule.evaluate_joined(joined)]
 
     def evaluate_idle(self, now: float) -> list[Alert]:
         """Time-driven rules (StalledTraining); the consumer calls it at its discovery interval."""
