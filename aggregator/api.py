@@ -6,6 +6,9 @@ and written without it).
     GET /healthz                 200 "ok" while the process serves
     GET /api/v1/runs             every run: step, losses, learning rate, grad norm, speed, firing alerts
     GET /api/v1/runs/{run}       one run, plus world size, ranks, per-layer norms and non-finite counts
+    GET /api/v1/runs/{run}/layers  latest per-layer statistics: norms, update ratio, dead and saturated
+                                 fractions, log2-magnitude histograms
+    GET /api/v1/runs/{run}/steps[?from=&to=&limit=]  recent steps: loss, grad norm, per-layer grad norms
     GET /api/v1/alerts[?run=]    firing alerts, as the gradwatch:alerts stream holds them
 
 JSON answers use Prometheus' HTTP API envelope: {"status": "success", "data": ...} or
@@ -30,6 +33,7 @@ from prometheus_client.exposition import choose_encoder, gzip_accepted
 from gradwatch.aggregator.alert import Alert, json_number
 from gradwatch.aggregator.counters import DedupLog
 from gradwatch.aggregator.exposition import Snapshot
+from gradwatch.aggregator.health import layer_health, merge_histograms
 from gradwatch.aggregator.join import JoinedStep
 from gradwatch.aggregator.state import RunSnapshot
 
@@ -86,9 +90,11 @@ def joined_step(j: JoinedStep | None) -> dict | None:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True  # a slow client never delays shutdown
 
-    def __init__(self, address: tuple[str, int], registry: CollectorRegistry, snapshot: Callable[[], Snapshot]):
+    def __init__(self, address: tuple[str, int], registry: CollectorRegistry, snapshot: Callable[[], Snapshot],
+                 history: Callable[[str, int | None, int | None, int], list[dict] | None] | None = None):
         self.registry = registry
         self.snapshot = snapshot
+        self.history = history
         self.errors = DedupLog(log)
         super().__init__(address, _Handler)
 
@@ -134,6 +140,14 @@ class _Handler(BaseHTTPRequestHandler):
                 self._ok({"runs": [run_summary(r, firing.get(r.run, 0)) for r in snap.runs]})
             elif path.startswith(RUNS_PREFIX) and "/" not in path[len(RUNS_PREFIX):]:
                 self._run(unquote(path[len(RUNS_PREFIX):]))
+            elif path.startswith(RUNS_PREFIX) and path.endswith(("/layers", "/steps")):
+                run, _, what = path[len(RUNS_PREFIX):].rpartition("/")
+                if "/" in run:
+                    self._error(404, "not_found", f"no such path: {url.path}")
+                elif what == "layers":
+                    self._layers(unquote(run))
+                else:
+                    self._steps(unquote(run), query)
             elif path == "/api/v1/alerts":
                 runs = set(query.get("run", ()))
                 alerts = [a.to_dict() for a in self.server.snapshot().firing if not runs or a.run in runs]
@@ -166,6 +180,35 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._ok(run_detail(found, [a for a in snap.firing if a.run == run]))
 
+    def _layers(self, run: str) -> None:
+        snap = self.server.snapshot()
+        found = next((r for r in snap.runs if r.run == run), None)
+        if found is None:
+            self._unknown(run)
+            return
+        self._ok({"step": found.step, "layers": layer_detail(found)})
+
+    def _steps(self, run: str, query: dict[str, list[str]]) -> None:
+        try:
+            first = _int_arg(query, "from")
+            last = _int_arg(query, "to")
+            limit = _int_arg(query, "limit")
+        except ValueError as e:
+            self._error(400, "bad_data", str(e))
+            return
+        rows = self.server.history(run, first, last, 1000 if limit is None else max(0, limit)) \
+            if self.server.history else None
+        if rows is None:
+            self._unknown(run)
+            return
+        for row in rows:
+            row["loss"], row["grad_norm"] = _num(row["loss"]), _num(row["grad_norm"])
+            row["layers"] = {k: _num(v) for k, v in row["layers"].items()}
+        self._ok({"steps": rows})
+
+    def _unknown(self, run: str) -> None:
+        self._error(404, "not_found", f"no run {run!r} (runs are forgotten after run_expiry_s without a report)")
+
     def _ok(self, data: dict) -> None:
         self._json(200, {"status": "success", "data": data})
 
@@ -187,6 +230,36 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
 
+def _int_arg(query: dict[str, list[str]], name: str) -> int | None:
+    values = query.get(name)
+    if not values:
+        return None
+    try:
+        return int(values[-1])
+    except ValueError:
+        raise ValueError(f"{name}: expected an integer step, not {values[-1]!r}") from None
+
+
+def layer_detail(run: RunSnapshot) -> list[dict]:
+    """Per layer, in forward order where known: norms, non-finite counts, health, exact histograms."""
+    layers = {name for name, *_ in run.layers}
+    health = layer_health(run.tensors, layers) if run.tensors else {}
+    hists: dict[str, dict] = {}
+    for layer, kind, counts, _ in merge_histograms(run.tensors, layers, 1 << 30) if run.tensors else ():
+        first = next((i for i, c in enumerate(counts) if c), 0)
+        last = max((i for i, c in enumerate(counts) if c), default=-1)
+        hists.setdefault(layer, {})[kind] = {"offset": first, "counts": counts[first:last + 1]}
+    out = []
+    for name, grad, param, kinds in run.layers:
+        h = health.get(name)
+        out.append({"layer": name, "grad_norm": _num(grad), "param_norm": _num(param), "nonfinite": dict(kinds),
+                    "update_ratio": _num(h.update_ratio) if h else None,
+                    "dead_fraction": _num(h.dead_fraction) if h else None,
+                    "saturated_fraction": _num(h.saturated_fraction) if h else None,
+                    "histograms": hists.get(name, {})})
+    return out
+
+
 def _count_by_run(alerts: list[Alert]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for a in alerts:
@@ -195,13 +268,14 @@ def _count_by_run(alerts: list[Alert]) -> dict[str, int]:
 
 
 def serve(host: str, port: int, registry: CollectorRegistry, snapshot: Callable[[], Snapshot], *,
+          history: Callable[[str, int | None, int | None, int], list[dict] | None] | None = None,
           poll_s: float = 0.5) -> tuple[ThreadingHTTPServer, threading.Thread]:
     """Starts /metrics and the query API on a daemon thread; returns (server, thread). Raises ListenError
     with a message for the command line when the port cannot be opened. shutdown() takes up to poll_s."""
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
         server_class = type("Server", (_Server,), {"address_family": family})
-        server = server_class((host, port), registry, snapshot)
+        server = server_class((host, port), registry, snapshot, history)
     except OSError as e:
         if e.errno == errno.EADDRINUSE:
             why = "address in use (another aggregator running? choose one with --metrics-listen)"

@@ -28,6 +28,10 @@ DEFAULT_JOIN_TIMEOUT_S = 30.0
 DEFAULT_ALERT_STREAM_MAXLEN = 10_000
 DEFAULT_DEAD_LETTER_MAXLEN = 10_000
 DEFAULT_MAX_LAYER_SERIES = 5_000
+# (layer, kind) log2-magnitude histograms on /metrics, all runs together: 16 bucket series each.
+DEFAULT_MAX_HISTOGRAM_LAYERS = 64
+# Reports per run kept for step-range queries (/api/v1/runs/{run}/steps): per-layer gradient norms.
+DEFAULT_HISTORY_REPORTS = 2_000
 DEFAULT_RUN_EXPIRY_S = 3600.0
 DEFAULT_EXPLODING_ABS_LIMIT = 1e4
 DEFAULT_EXPLODING_RATIO = 10.0
@@ -71,6 +75,8 @@ class AggregatorConfig:
     alert_stream_maxlen: int = DEFAULT_ALERT_STREAM_MAXLEN
     dead_letter_maxlen: int = DEFAULT_DEAD_LETTER_MAXLEN
     max_layer_series: int = DEFAULT_MAX_LAYER_SERIES
+    max_histogram_layers: int = DEFAULT_MAX_HISTOGRAM_LAYERS
+    history_reports: int = DEFAULT_HISTORY_REPORTS
     run_expiry_s: float = DEFAULT_RUN_EXPIRY_S
     exploding_abs_limit: float = DEFAULT_EXPLODING_ABS_LIMIT
     exploding_ratio: float = DEFAULT_EXPLODING_RATIO
@@ -142,7 +148,9 @@ class AggregatorConfig:
                      "webhook_queue_size"):
             if getattr(self, name) < 1:
                 raise _bad(name, getattr(self, name), "an integer >= 1")
-        for name in ("block_ms", "claim_idle_ms", "cooldown_steps", "alertmanager_retries", "webhook_retries"):
+        for name in ("block_ms", "claim_idle_ms", "cooldown_steps", "max_histogram_layers", "history_reports",
+                     "alertmanager_retries",
+                     "webhook_retries"):
             if getattr(self, name) < 0:
                 raise _bad(name, getattr(self, name), "an integer >= 0")
         for name in ("claim_interval_s", "discover_interval_s", "run_expiry_s", "alertmanager_resend_s",

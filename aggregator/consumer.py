@@ -371,6 +371,10 @@ class Aggregator:
 
     # -- metrics ------------------------------------------------------------------------------------
 
+    def history(self, run: str, first: int | None, last: int | None, limit: int) -> list[dict] | None:
+        with self._lock:
+            return self.state.history(run, first, last, limit)
+
     def snapshot(self) -> Snapshot:
         """A consistent copy for one scrape: the lock is held only while copying."""
         with self._lock:
@@ -380,4 +384,4 @@ class Aggregator:
         values, raised = self.counters.snapshot()
         alerts = {rule.name: 0 for rule in self.rules.rules}  # every rule's series exists from the start
         alerts.update(raised)
-        return Snapshot(runs, firing, values, alerts, series)
+        return Snapshot(runs, firing, values, alerts, series, self.config.max_histogram_layers)

@@ -10,9 +10,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeHistogramMetricFamily, GaugeMetricFamily, Metric
 
 from gradwatch.aggregator.alert import Alert
+from gradwatch.aggregator.health import BOUNDS, layer_health, layer_histograms
 from gradwatch.aggregator.state import RunSnapshot
 
 COUNTERS = {
@@ -46,6 +47,13 @@ class Snapshot:
     counters: dict[str, int] = field(default_factory=dict)
     alerts: dict[str, int] = field(default_factory=dict)  # rule -> firing alerts raised
     layer_series: int = 0
+    histogram_budget: int = 64  # (layer, kind) magnitude histograms exported, all runs together
+
+
+# User scalars exported per run, at most; label histograms (labels/<class>) and learning rates have
+# their own series or none.
+MAX_SCALARS = 32
+SKIP_SCALARS = ("labels/", "lr/")
 
 
 class AggregatorCollector:
@@ -82,7 +90,50 @@ class AggregatorCollector:
         nonfinite = GaugeMetricFamily("gradwatch_layer_nonfinite_values",
                                       "NaN and Inf values in the layer's tensors of one kind, latest report.",
                                       labels=["run", "layer", "kind"])
+        update = GaugeMetricFamily("gradwatch_layer_update_ratio",
+                                   "||update|| / ||weight|| of the layer in the latest step (the agent sends updates).",
+                                   labels=["run", "layer"])
+        dead = GaugeMetricFamily("gradwatch_layer_dead_fraction",
+                                 "Fraction of exact zeros in the layer's ReLU-like (min >= 0) activations.",
+                                 labels=["run", "layer"])
+        saturated = GaugeMetricFamily("gradwatch_layer_saturated_fraction",
+                                      "Fraction of the layer's [-1, 1]-bounded activations with |y| >= 0.5.",
+                                      labels=["run", "layer"])
+        magnitude = GaugeHistogramMetricFamily(
+            "gradwatch_layer_magnitude", "log2-magnitude histogram of the layer's values of one kind, latest step "
+            "(le: upper bound of |x|; a bounded set of layers)", labels=["run", "layer", "kind"])
+        scalar = GaugeMetricFamily("gradwatch_run_scalar", "User scalar of the latest training report (accuracy, ...).",
+                                   labels=["run", "name"])
+        eval_scalar = GaugeMetricFamily("gradwatch_run_eval_scalar", "User scalar of the latest evaluation report.",
+                                        labels=["run", "name"])
+        world = GaugeMetricFamily("gradwatch_run_world_size", "Ranks of the run, from the registrations.",
+                                  labels=["run"])
+        joined_ranks = GaugeMetricFamily("gradwatch_run_ranks_joined",
+                                         "Ranks that reported the latest step the cross-rank join closed.",
+                                         labels=["run"])
+        hist_budget = snap.histogram_budget
         for run in snap.runs:
+            if run.world_size:
+                world.add_metric([run.run], run.world_size)
+            if run.joined is not None:
+                joined_ranks.add_metric([run.run], len(run.joined.parts))
+            for family, values in ((scalar, run.scalars), (eval_scalar, run.eval_scalars)):
+                names = sorted(k for k in values if not k.startswith(SKIP_SCALARS))[:MAX_SCALARS]
+                for name in names:
+                    family.add_metric([run.run, name], values[name])
+            if run.tensors:
+                layers = {name for name, *_ in run.layers}
+                for layer, h in layer_health(run.tensors, layers).items():
+                    for family, value in ((update, h.update_ratio), (dead, h.dead_fraction),
+                                          (saturated, h.saturated_fraction)):
+                        if value is not None:
+                            family.add_metric([run.run, layer], value)
+                if hist_budget > 0:
+                    hists = layer_histograms(run.tensors, layers, hist_budget)
+                    hist_budget -= len(hists)
+                    for layer, kind, cumulative, total in hists:
+                        buckets = [(_le(b), float(c)) for b, c in zip(BOUNDS, cumulative, strict=True)]
+                        magnitude.add_metric([run.run, layer, kind], buckets, total)
             for attr, family in families.items():
                 value = getattr(run, attr)
                 if value is not None and (attr != "step" or value >= 0):
@@ -95,7 +146,8 @@ class AggregatorCollector:
                 for kind, count in kinds:
                     nonfinite.add_metric([run.run, layer, kind], count)
         yield from families.values()
-        yield from (grad, param, nonfinite)
+        yield from (grad, param, nonfinite, update, dead, saturated, magnitude, scalar, eval_scalar, world,
+                    joined_ranks)
 
         firing = GaugeMetricFamily("gradwatch_alert_firing", "1 while the rule's alert is firing for the run.",
                                    labels=["run", "rule", "layer"])
@@ -114,3 +166,7 @@ class AggregatorCollector:
         yield GaugeMetricFamily("gradwatch_aggregator_layer_series", "Layers held in the state, all runs.",
                                 value=snap.layer_series)
 
+
+
+def _le(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else f"{bound:.6g}"

@@ -111,7 +111,7 @@ class LayerState:
 
 
 class RunState:
-    def __init__(self, run: str):
+    def __init__(self, run: str, history: int = 0):
         self.run = run
         self.ranks: dict[int, RankState] = {}
         self.world_size = 0
@@ -124,6 +124,13 @@ class RunState:
         self.last_report_time: float | None = None
         self.last_seen = time.monotonic()
         self.layers: dict[str, LayerState] = {}
+        self.scalars: dict[str, float] = {}       # user scalars of the latest training report
+        self.eval_scalars: dict[str, float] = {}  # ... and of the latest evaluation report
+        self.tensors: dict[int, list[tuple[TensorMeta, report_pb2.TensorSummary]]] = {}  # latest training report
+        # Recent reports of the lowest rank, for step-range queries: (step, capture time, train, loss,
+        # global grad norm, layer -> grad norm)
+        self.history: deque[tuple[int, float, bool, float | None, float | None, dict[str, float]]] = deque(
+            maxlen=history)
         self.join: StepJoin | None = None          # only for runs of several ranks
         self.last_joined: JoinedStep | None = None
 
@@ -143,6 +150,10 @@ class RunSnapshot:
     world_size: int = 0
     ranks: tuple[int, ...] = ()  # ranks that registered or reported
     joined: JoinedStep | None = None  # the latest step closed by the cross-rank join (world_size > 1)
+    scalars: dict[str, float] = field(default_factory=dict)
+    eval_scalars: dict[str, float] = field(default_factory=dict)
+    # the latest training report's summaries by kind (never mutated: safe to read outside the lock)
+    tensors: dict[int, list[tuple[TensorMeta, report_pb2.TensorSummary]]] = field(default_factory=dict)
 
 
 def _sqrt(x: float) -> float:
@@ -231,6 +242,7 @@ class State:
         train = report.phase != report_pb2.PHASE_EVAL
         global_norm = _sqrt(math.fsum(grad_sq.values())) if grad_sq else None
         loss = report.loss if report.HasField("loss") else None
+        scalars = dict(report.scalars) if report.scalars else {}
         if step >= rs.step:  # a late redelivery must not move the gauges backwards
             rs.step = step
             rs.phase = "train" if train else "eval"
@@ -244,6 +256,13 @@ class State:
             if global_norm is not None:
                 rs.grad_norm = global_norm
             rs.last_report_time = t
+            if scalars:
+                if train:
+                    rs.scalars = scalars
+                else:
+                    rs.eval_scalars = scalars
+            if by_kind and train:
+                rs.tensors = by_kind  # a reference: layer health and histograms are derived at scrape time
         rs.last_seen = time.monotonic()
         if train and (not rank.rate or step > rank.rate[-1][1]):
             rank.rate.append((t, step))
@@ -274,9 +293,11 @@ class State:
             self.counters.add("series_dropped", dropped)
         lr = max(report.learning_rates) if report.learning_rates else None
         view = ReportView(run, report.rank, step, t, loss, grad_norms, global_norm, bad, rank.layer_order, by_kind,
-                          train, lr, now, scalars=dict(report.scalars))
+                          train, lr, now, scalars=scalars)
         if rs.world_size > 1 and train:
             self._join(rs, view)
+        if report.rank == 0 or report.rank == min(rs.ranks):  # the lowest rank's reports
+            rs.history.append((step, t, train, loss, global_norm, grad_norms))
         return view
 
     def _join(self, rs: RunState, view: ReportView) -> None:
@@ -298,6 +319,18 @@ class State:
                 if norm is not None:
                     rs.grad_norm = norm  # sharded gradients: the norm over every rank's shard
         self.closed.extend(steps)
+
+    def history(self, run: str, first: int | None = None, last: int | None = None,
+                limit: int = 1000) -> list[dict] | None:
+        """The run's recent reports with first <= step <= last (the latest `limit`); None for an unknown run."""
+        rs = self.runs.get(run)
+        if rs is None:
+            return None
+        lo = -1 << 62 if first is None else first
+        hi = 1 << 62 if last is None else last
+        rows = [r for r in rs.history if lo <= r[0] <= hi][-limit:] if limit > 0 else []
+        return [{"step": step, "time": t, "phase": "train" if train else "eval", "loss": loss, "grad_norm": norm,
+                 "layers": dict(layers)} for step, t, train, loss, norm, layers in rows]
 
     def expire_joins(self, now: float | None = None) -> None:
         """Closes the steps that waited join_timeout_s for a rank; the consumer calls it periodically."""
@@ -349,13 +382,13 @@ class State:
                            for name, ls in rs.layers.items())
             out.append(RunSnapshot(rs.run, rs.step, rs.loss, rs.eval_loss, rs.learning_rate, rs.grad_norm, sps,
                                    rs.last_report_time, layers, rs.world_size, tuple(sorted(rs.ranks)),
-                                   rs.last_joined))
+                                   rs.last_joined, rs.scalars, rs.eval_scalars, rs.tensors))
         return out
 
     def _run(self, run: str) -> RunState:
         rs = self.runs.get(run)
         if rs is None:
-            rs = self.runs[run] = RunState(run)
+            rs = self.runs[run] = RunState(run, self.config.history_reports)
         return rs
 
     def _fetch(self, run: str, rank_id: int, rank: RankState) -> None:

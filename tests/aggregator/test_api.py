@@ -26,7 +26,7 @@ def api(make_aggregator, build, publish, run_all):
     publish.report(build.report(5, run="nanloss", loss=float("nan")))
     agg = make_aggregator()
     run_all(agg)
-    server, thread = serve("127.0.0.1", 0, agg.registry, agg.snapshot, poll_s=0.02)
+    server, thread = serve("127.0.0.1", 0, agg.registry, agg.snapshot, history=agg.history, poll_s=0.02)
     yield f"http://127.0.0.1:{server.server_port}", agg, server
     server.shutdown()
     server.server_close()
@@ -102,7 +102,7 @@ def test_healthz(api):
     assert request(f"{base}/healthz")[::2] == (200, b"ok\n")
 
 
-@pytest.mark.parametrize("path", ["/", "/api", "/api/v1", "/api/v1/nope", "/api/v1/runs/demo/layers",
+@pytest.mark.parametrize("path", ["/", "/api", "/api/v1", "/api/v1/nope", "/api/v1/runs/demo/layers/x",
                                   "/metrics/extra", "/favicon.ico"])
 def test_bad_paths_are_json_404s(api, path):
     base, _, _ = api
@@ -171,3 +171,32 @@ def test_taken_port_is_a_listen_error(agg_config):
         port = taken.getsockname()[1]
         with pytest.raises(ListenError, match=f"cannot listen on 127.0.0.1:{port}: address in use"):
             serve("127.0.0.1", port, None, lambda: None)
+
+
+def test_layers_of_a_run(api):
+    base, _, _ = api
+    status, doc = get_json(f"{base}/api/v1/runs/demo/layers")
+    assert status == 200 and doc["data"]["step"] == 1
+    layers = {entry["layer"]: entry for entry in doc["data"]["layers"]}
+    assert list(layers) == ["embed", "fc1", "fc2", "head"]
+    assert layers["fc2"]["grad_norm"] == pytest.approx(7.0) and layers["fc1"]["nonfinite"]["parameter"] == 3
+    # Build.report's activations go negative and reach 3: neither ReLU-like nor tanh-like; no updates sent
+    assert layers["fc2"]["update_ratio"] is None and layers["fc2"]["dead_fraction"] is None
+    assert layers["fc2"]["histograms"] == {}
+    assert get_json(f"{base}/api/v1/runs/nope/layers")[0] == 404
+
+
+def test_steps_of_a_run(api):
+    base, _, _ = api
+    status, doc = get_json(f"{base}/api/v1/runs/demo/steps")
+    steps = doc["data"]["steps"]
+    assert status == 200 and [s["step"] for s in steps] == [0, 1]
+    assert steps[0]["layers"]["fc2"] == pytest.approx(7.0) and steps[1]["loss"] == 0.25
+    assert steps[1]["phase"] == "train" and steps[1]["time"] == pytest.approx(1_700_000_000.1)
+    assert [s["step"] for s in get_json(f"{base}/api/v1/runs/demo/steps?from=1")[1]["data"]["steps"]] == [1]
+    assert [s["step"] for s in get_json(f"{base}/api/v1/runs/demo/steps?to=0")[1]["data"]["steps"]] == [0]
+    assert [s["step"] for s in get_json(f"{base}/api/v1/runs/demo/steps?limit=1")[1]["data"]["steps"]] == [1]
+    status, doc = get_json(f"{base}/api/v1/runs/demo/steps?from=x")
+    assert status == 400 and "from" in doc["error"]
+    assert get_json(f"{base}/api/v1/runs/nope/steps")[0] == 404
+    assert get_json(f"{base}/api/v1/runs/demo/other")[0] == 404
