@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 
@@ -425,3 +426,40 @@ def test_close_sends_one_end_of_run_marker_after_the_last_report(ingest):
     (final,) = ingest.finals
     assert final.sequence == 4 and final.step == 2 and not final.tensors
     assert w.counters.exported == 3  # counters count step reports only
+
+
+def test_eval_phase_reports_scalars_at_the_last_optimizer_step_and_disturbs_nothing(ingest):
+    from gradwatch.v1 import report_pb2
+
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    w = gradwatch.watch(model, opt, run="unit-evalphase", collector=ingest.target)
+    w.step(phase="eval", loss=3.0)  # a baseline before training: step 0
+    for i in range(3):
+        for micro in range(2):
+            loss = model(torch.randn(4, 8)).pow(2).mean()
+            loss.backward()
+            w.step(micro=float(micro))  # held for the next report
+            if i == 1 and micro == 0:  # mid-accumulation: held scalars and the step stay as they are
+                w.step(phase="eval", loss=loss.detach() + 1, accuracy=torch.tensor(0.75))
+        opt.step()
+        opt.zero_grad()
+        if i == 2:  # between optimizer.step() and watcher.step(): the captured step waits for its loss
+            w.step(phase="eval", loss=torch.tensor(float("nan")))
+        w.step(loss=loss)
+    w.step(phase="test", loss=1.0)  # not a phase: counted, never raised
+    w.close()
+    reports = ingest.reports
+    phases = [(r.step, r.phase) for r in reports]
+    train, evals = report_pb2.PHASE_TRAIN, report_pb2.PHASE_EVAL
+    assert phases == [(0, evals), (0, train), (0, evals), (1, train), (2, evals), (2, train)]
+    assert [r.sequence for r in reports] == list(range(1, 7))
+    for r in reports:
+        if r.phase == evals:
+            assert not r.tensors and not r.learning_rates
+        else:
+            assert len(r.tensors) == 8 and r.scalars["micro"] == 1.0 and r.loss > 0 and list(r.learning_rates) == [0.1]
+    assert reports[0].loss == 3.0
+    assert reports[2].loss > 1 and reports[2].scalars["accuracy"] == 0.75
+    assert math.isnan(reports[4].loss)  # data: no burst, no alarm from the agent
+    assert w.counters.internal_errors == 1 and w.counters.captured == 6
