@@ -244,20 +244,19 @@ class InputDataDrift(Rule):
 
 
 class UnnormalizedInput(Rule):
-    """Inputs fed without normalisation: an input tensor (or channel) whose values all lie in [0,
-    max_value] with a mean above min_mean in `window` consecutive reports of a rank and phase, as raw
-    8-bit pixels (0..255) are; scaled to [0, 1] the mean is below 1, standardised the minimum is
-    negative. Training and evaluation are judged apart: a validation loader that forgot the transform
-    is caught too. Reports carry no dtype, so integer inputs such as token ids of a small vocabulary
-    look the same: exclude_tensors (globs on the input name) leaves out the usual names of ids, masks
-    and labels; add yours. Models that normalise inside (detectron2 takes 0..255 images) are expected
-    to fire: exclude their input. Defaults: max_value 255, min_mean 1, window 3, exclude_tensors
-    ["*ids*", "*idx*", "*mask*", "*label*", "*target*", "*token*", "*index*", "*position*"]."""
+    """Inputs fed without normalisation: a floating-point input tensor (or channel) whose values all
+    lie in [0, max_value] with a mean above min_mean in `window` consecutive reports of a rank and
+    phase, as raw 8-bit pixels (0..255) are; scaled to [0, 1] the mean is below 1, standardised the
+    minimum is negative. Training and evaluation are judged apart: a validation loader that forgot the
+    transform is caught too. Reports carry no dtype, and token ids or class labels in the batch look
+    the same, so an input counts as floating point only when the agent sent per-channel summaries of
+    it (`inputs.x[0]`, ...: floating-point tensors with 2+ dims and at most 64 channels, NCHW images);
+    NHWC images and 1-D inputs are not judged. Models that normalise inside (detectron2 takes 0..255
+    images) are expected to fire: list their input in exclude_tensors (globs on the input name).
+    Defaults: max_value 255, min_mean 1, window 3, exclude_tensors []."""
 
     name = "UnnormalizedInput"
-    DEFAULTS = {"max_value": 255.0, "min_mean": 1.0, "window": 3,
-                "exclude_tensors": ["*ids*", "*idx*", "*mask*", "*label*", "*target*", "*token*", "*index*",
-                                    "*position*"]}
+    DEFAULTS = {"max_value": 255.0, "min_mean": 1.0, "window": 3, "exclude_tensors": []}
     LAYERS = False
 
     def __init__(self, *args, **kwargs):
@@ -270,11 +269,15 @@ class UnnormalizedInput(Rule):
         inputs = view.of_kind(INPUT)
         if not inputs:
             return []
+        # Tensors with per-channel summaries (`name[c]`) are floating point: only they are judged.
+        floats = {name[:name.rindex("[")] for name in (m.name for m, _ in inputs) if name.endswith("]")}
         top, floor, hits = self.p["max_value"], self.p["min_mean"], []
-        for meta, s in inputs:
+        for meta, s in inputs if floats else ():
             n = s.count - s.nan_count - s.inf_count
             if n > 0 and s.min >= 0 and s.max <= top and s.sum > floor * n and self.names(meta.name):
-                hits.append((meta, s.sum / n))
+                name = meta.name
+                if (name[:name.rindex("[")] if name.endswith("]") else name) in floats:
+                    hits.append((meta, s.sum / n))
         streak = self.streaks[view.train].update(view.run, view.rank, [m.name for m, _ in hits])
         bad = [h for h in hits if streak[h[0].name] >= self.p["window"]]
         phase = "training" if view.train else "evaluation"
@@ -287,7 +290,7 @@ class UnnormalizedInput(Rule):
                 return self.alert(view, meta.layer, meta.name, mean, floor, (
                     f"Input {meta.name} looks unnormalised in {phase}: values within [0, {top:g}] with mean "
                     f"{mean:.3g} in {streak[meta.name]} consecutive reports up to step {view.step}, as raw 8-bit "
-                    f"pixels are; scale and standardise it (or list it in exclude_tensors if it holds ids){more}"))
+                    f"pixels are; scale and standardise it{more}"))
             return self.transition(view, True, fire, None)
         if self.phase.get(view.run, view.train) != view.train:
             return []  # the open incident is the other phase's: no evidence either way

@@ -111,8 +111,9 @@ def test_a_class_gone_from_a_short_window_is_missing(tmp_path):
                                 "seen earlier in the run; class ")
 
 
-# Inputs: `inputs.x` (an image batch) and its three channels, `inputs.input_ids` (token ids).
-INPUTS = ("inputs.x", "inputs.x[0]", "inputs.x[1]", "inputs.x[2]", "inputs.input_ids")
+# Inputs: `inputs.x` (an image batch) and its three channels, `inputs.input_ids` (token ids), `inputs.1` (the
+# labels of an (x, y) batch), `inputs.hwc` (NHWC float images: more than 64 "channels", so none are sent).
+INPUTS = ("inputs.x", "inputs.x[0]", "inputs.x[1]", "inputs.x[2]", "inputs.input_ids", "inputs.1", "inputs.hwc")
 
 
 def registration() -> run_pb2.RunRegistration:
@@ -128,7 +129,7 @@ def summary(n: int, mean: float, std: float, lo: float, hi: float) -> dict:
 
 def normalised(s: int, name: str) -> dict | None:
     """ImageNet-normalised pixels of a shuffled dataset: each batch's mean and std move a little."""
-    if name == "inputs.input_ids":
+    if not name.startswith("inputs.x"):
         return None
     n = 64 * 224 * 224 * (3 if name == "inputs.x" else 1)
     return summary(n, 0.05 * math.sin(1.3 * s), 1.0 + 0.05 * math.cos(0.7 * s), -2.1, 2.6)
@@ -137,12 +138,20 @@ def normalised(s: int, name: str) -> dict | None:
 def raw(s: int, name: str) -> dict | None:
     """Raw 8-bit pixels as floats."""
     n = 64 * 224 * 224 * (3 if name == "inputs.x" else 1)
-    return summary(n, 115 + 3 * math.sin(s), 70.0, 0.0, 255.0) if name != "inputs.input_ids" else None
+    return summary(n, 115 + 3 * math.sin(s), 70.0, 0.0, 255.0) if name.startswith("inputs.x") else None
 
 
 def tokens(s: int, name: str) -> dict | None:
-    """Character-level token ids (vocabulary 65) beside normalised images."""
-    return summary(64 * 256, 40.0, 12.0, 0.0, 64.0) if name == "inputs.input_ids" else normalised(s, name)
+    """Character-level token ids (vocabulary 65) and CIFAR labels of the batch (0..9), beside normalised
+    images."""
+    if name == "inputs.input_ids":
+        return summary(64 * 256, 40.0, 12.0, 0.0, 64.0)
+    return summary(64, 4.5, 2.9, 0.0, 9.0) if name == "inputs.1" else normalised(s, name)
+
+
+def hwc(s: int, name: str) -> dict | None:
+    """Raw pixels in an NHWC float tensor: no per-channel summaries, so its dtype is unknown."""
+    return summary(64 * 224 * 224 * 3, 115.0, 70.0, 0.0, 255.0) if name == "inputs.hwc" else normalised(s, name)
 
 
 def feeding(steps: int, stats, phase=lambda s: report_pb2.PHASE_TRAIN) -> list:
@@ -242,7 +251,8 @@ UNNORMALIZED = [
     pytest.param(normalised, {}, [], id="standardised: negative values"),
     pytest.param(lambda s, n: None if n == "inputs.input_ids" else summary(1000, 0.45, 0.25, 0.0, 1.0), {}, [],
                  id="ToTensor: [0, 1]"),
-    pytest.param(tokens, {}, [], id="token ids of a 65-character vocabulary are excluded by name"),
+    pytest.param(tokens, {}, [], id="token ids of a 65-character vocabulary, labels in the batch: integers"),
+    pytest.param(hwc, {}, [], id="NHWC images: no channels, not judged"),
     pytest.param(lambda s, n: raw(s, n) if s < 2 else normalised(s, n), {}, [], id="two odd reports"),
 ]
 
