@@ -53,9 +53,9 @@ def start(args: list[str], ready_url: str, kit) -> subprocess.Popen:
 
 
 def train_sick(collector: str) -> None:
-    """A few steps of a model with a dead ReLU layer (bias -1000), a saturated tanh (weights x100) and
-    activations watched, so the aggregator's DeadReLU, SaturatedActivation and
-    PoorWeightInitialization rules fire."""
+    """A few slow steps (longer than two scrapes, so Prometheus sees the step advance) of a model with a
+    dead ReLU layer (bias -1000), a saturated tanh (weights x100) and activations watched, so the
+    aggregator's DeadReLU, SaturatedActivation and PoorWeightInitialization rules fire."""
     import torch
     from torch import nn
 
@@ -75,6 +75,7 @@ def train_sick(collector: str) -> None:
             loss.backward()
             optimizer.step()
             watcher.step(loss=loss)
+            time.sleep(0.25)
 
 
 def am_alerts(kit, url: str, **labels) -> list[dict]:
@@ -105,6 +106,9 @@ def test_dashboards_and_alerts_through_prometheus_and_alertmanager(kit, tmp_path
                 procs.append(start([prometheus_bin, f"--config.file={config}",
                                     f"--storage.tsdb.path={tmp_path / 'tsdb'}",
                                     f"--web.listen-address=127.0.0.1:{prom_port}"], f"{prom_url}/-/ready", kit))
+                up = f"{prom_url}/api/v1/query?" + urllib.parse.urlencode({"query": 'up{job=~"gradwatch-.*"} == 1'})
+                kit.wait_until(lambda: len(kit.http_json(up)["data"]["result"]) == 2, 30,
+                               "Prometheus to scrape the aggregator and the collector")
                 import gradwatch
                 from gradwatch.demo import train
 
