@@ -74,20 +74,25 @@ def layer_heatmap(title: str, expr: str, description: str) -> heatmap.Panel:
     return queries(panel, (expr, "{{layer}}"))
 
 
-def variables(dash: db.Dashboard, layers: bool = False) -> db.Dashboard:
+LAYERS_WITH_GRADIENTS = 'label_values(gradwatch_layer_grad_norm{run=~"$run"}, layer)'
+LAYERS_WITH_ALERTS = 'label_values(gradwatch_alert_firing{run=~"$run"}, layer)'  # activations have no gradient
+
+
+def variables(dash: db.Dashboard, layers: str | None = None) -> db.Dashboard:
+    """datasource and run, and a multi-value layer variable (default: all) from the `layers` query."""
     dash.with_variable(db.DatasourceVariable("datasource").label("Prometheus").type("prometheus"))
     dash.with_variable(db.QueryVariable("run").label("run").datasource(DATASOURCE)
                        .query("label_values(gradwatch_run_step, run)").refresh(dm.VariableRefresh.ON_TIME_RANGE_CHANGED)
                        .sort(dm.VariableSort.ALPHABETICAL_ASC).multi(True))
     if layers:
-        dash.with_variable(db.QueryVariable("layer").label("layer").datasource(DATASOURCE)
-                           .query('label_values(gradwatch_layer_grad_norm{run=~"$run"}, layer)')
+        dash.with_variable(db.QueryVariable("layer").label("layer").datasource(DATASOURCE).query(layers)
                            .refresh(dm.VariableRefresh.ON_TIME_RANGE_CHANGED).sort(dm.VariableSort.ALPHABETICAL_ASC)
-                           .multi(True).include_all(True).all_value(".*"))
+                           .multi(True).include_all(True).all_value(".*")
+                           .current(dm.VariableOption(selected=True, text=["All"], value=["$__all"])))
     return dash
 
 
-def base(uid: str, title: str, description: str, layers: bool = False) -> db.Dashboard:
+def base(uid: str, title: str, description: str, layers: str | None = None) -> db.Dashboard:
     dash = (db.Dashboard(title).uid(uid).description(description).tags(TAGS).time("now-1h", "now").refresh("10s")
             .timezone("browser").tooltip(dm.DashboardCursorSync.CROSSHAIR).editable())
     dash.annotation(db.AnnotationQuery().name(ALERT_ANNOTATION).datasource(DATASOURCE).enable(True)
@@ -121,7 +126,7 @@ def run_overview() -> db.Dashboard:
 def layers() -> db.Dashboard:
     return (base("gradwatch-layers", "gradwatch / Layers",
                  "Per-layer gradient norms, update ratios, parameter norms and NaN/Inf counts over steps.",
-                 layers=True)
+                 layers=LAYERS_WITH_GRADIENTS)
             .with_panel(layer_heatmap("Gradient norm per layer", f"gradwatch_layer_grad_norm{{{RUN_LAYER}}}",
                                       "L2 norm of each layer's gradients (gradwatch_layer_grad_norm)."))
             .with_panel(layer_heatmap(
@@ -145,7 +150,8 @@ GRADIENT_HEALTH_RULES = "VanishingGradient|AllZero|UnchangedTensor|PoorWeightIni
 
 def activations() -> db.Dashboard:
     return (base("gradwatch-activations", "gradwatch / Activation health",
-                 "Dead and saturated units and other tensor-health findings of the aggregator's rules.", layers=True)
+                 "Dead and saturated units and other tensor-health findings of the aggregator's rules.",
+                 layers=LAYERS_WITH_ALERTS)
             .with_panel(number("Dead-unit alerts", f'count by (run) (gradwatch_alert_firing{{{RUN}, rule="DeadReLU"}}) '
                                                    f"or on (run) 0 * gradwatch_run_step{{{RUN}}}", width=8))
             .with_panel(number("Saturation alerts",

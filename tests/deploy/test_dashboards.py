@@ -90,7 +90,7 @@ def test_dashboards_have_variables_ids_and_alert_annotations(models):
         variables = {v["name"] for v in model["templating"]["list"]}
         assert {"datasource", "run"} <= variables
         text = json.dumps(model)
-        used = set(re.findall(r"\$\{?(\w+)", text)) - {"__rate_interval"}
+        used = set(re.findall(r"\$\{?(\w+)", text)) - {"__rate_interval", "__all"}  # Grafana built-ins
         assert used <= variables, f"{name}: undefined variables {used - variables}"
         ids = [p["id"] for p in model["panels"]]
         assert len(ids) == len(set(ids)), name
