@@ -155,11 +155,12 @@ def test_replica_sigkill_and_redis_restart_lose_nothing_and_count_nothing_twice(
             return all(applied(client, r).get("reports") == expected and pending(client, r) == 0 for r in RUNS)
 
         try:
-            wait_until(done, 30, "every report applied")
+            wait_until(done, 60, "every report applied")
         except AssertionError:
-            raise AssertionError(f"expected {expected} per run, applied "
-                                 f"{[applied(client, r) for r in RUNS]}, pending {[pending(client, r) for r in RUNS]}; "
-                                 f"logs: {(tmp_path / 'b.log').read_text()[-3000:]}") from None
+            logs = "\n".join(f"--- {p.name}\n{p.read_text()[-4000:]}" for p in sorted(tmp_path.glob("*.log")))
+            raise AssertionError(f"expected {expected} per run (writer alive: {writer.is_alive()}), applied "
+                                 f"{[applied(client, r) for r in RUNS]}, pending {[pending(client, r) for r in RUNS]}, "
+                                 f"leases {[client.get(lease_key(r)) for r in RUNS]}\n{logs}") from None
         for run in RUNS:
             record = applied(client, run)
             assert record["reports"] == expected, run                # none lost, none counted twice
