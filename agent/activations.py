@@ -23,6 +23,10 @@ from gradwatch.agent.encode import TensorSlot
 from gradwatch.agent.summarize import Summarizer
 from gradwatch.v1 import run_pb2
 
+# Under torch.compile the hooks run eagerly at a graph break of their own: tracing them would compile the
+# summarizer into the model's graphs and recompile whenever a step's due-ness changes.
+_eager = getattr(getattr(torch, "compiler", None), "disable", lambda fn: fn)
+
 
 def _first_tensor(output) -> torch.Tensor | None:
     if isinstance(output, torch.Tensor):
@@ -68,6 +72,7 @@ class ActivationHooks:
         self._due = due
 
     def _hook(self, path: str, index: int | None):
+        @_eager
         def hook(module, inputs, output):
             try:
                 if path not in self.exec_order:
@@ -89,6 +94,7 @@ class ActivationHooks:
         return hook
 
     def _grad_hook(self, index: int):
+        @_eager
         def hook(grad: torch.Tensor) -> None:
             # Runs inside backward (on CUDA, on autograd's device thread): device work only, returns None
             # so the gradient is left as it is.

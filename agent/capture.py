@@ -130,7 +130,6 @@ class Capture:
             self.updates.snapshot()
         captured = CapturedStep(step, time.time(), host, present)
         captured.release = lambda: self._release(captured.host)
-        self.counters.captured += 1
         return captured
 
     def finish(self, captured: CapturedStep, updated: bool) -> None:
@@ -169,7 +168,6 @@ class Capture:
     def evaluation(self, step: int) -> CapturedStep:
         # A host row of its own for tensor scalars: the step being captured keeps its slot.
         host = torch.empty((1, NCOLS), dtype=torch.float64, pin_memory=self.pin)
-        self.counters.captured += 1
         return CapturedStep(step, time.time(), host, [], phase=report_pb2.PHASE_EVAL, copied=True)
 
     # ---- the dictionary ------------------------------------------------------------------------

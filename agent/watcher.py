@@ -239,6 +239,7 @@ class Watcher:
         captured.attach(scalars)
         self._sequence += 1
         captured.sequence = self._sequence
+        self.counters.captured += 1
         if captured.host.is_pinned():
             captured.event = torch.cuda.Event()
             captured.event.record()

@@ -463,3 +463,29 @@ def test_eval_phase_reports_scalars_at_the_last_optimizer_step_and_disturbs_noth
     assert reports[2].loss > 1 and reports[2].scalars["accuracy"] == 0.75
     assert math.isnan(reports[4].loss)  # data: no burst, no alarm from the agent
     assert w.counters.internal_errors == 1 and w.counters.captured == 6
+
+
+def test_external_window_gives_up_a_step_the_optimizer_never_made(ingest):
+    """Lightning's way: the integration opens the window after backward; a step that GradScaler skips
+    (no optimizer hooks run) is given up at the next window, with no sequence gap and no update."""
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    w = gradwatch.watch(model, opt, run="unit-window", collector=ingest.target, select="updates:on")
+    w.external_window = True
+    for i in range(4):
+        model(torch.randn(4, 8)).pow(2).mean().backward()
+        w.capture_window()
+        if i != 1:
+            opt.step()
+        opt.zero_grad()
+        w.step(loss=float(i))
+    w.close()
+    reports = ingest.reports
+    assert [r.step for r in reports] == [0, 1, 2] and [r.sequence for r in reports] == [1, 2, 3]
+    assert [r.loss for r in reports] == [0.0, 2.0, 3.0]
+    reg = [r for req in ingest.requests for r in req.registrations][-1]
+    kinds = {t.id: t.kind for t in reg.tensors}
+    for r in reports:
+        assert sum(1 for s in r.tensors if kinds[s.tensor_id] == run_pb2.TENSOR_KIND_UPDATE) == 4
+        assert all(s.sum_squares > 0 for s in r.tensors if kinds[s.tensor_id] == run_pb2.TENSOR_KIND_GRADIENT)
+    assert w.counters.captured == 3 and w.counters.internal_errors == 0
