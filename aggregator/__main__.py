@@ -92,7 +92,8 @@ def run(config: AggregatorConfig, stop: threading.Event | None = None,
         aggregator.stop(0)
         return 1
     try:
-        server, _ = serve(host, port, registry, aggregator.snapshot, history=aggregator.history)
+        server, _ = serve(host, port, registry, aggregator.snapshot, history=aggregator.history,
+                          topology=aggregator.topology)
     except ListenError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         aggregator.stop(0)

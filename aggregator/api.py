@@ -9,6 +9,7 @@ and written without it).
     GET /api/v1/runs/{run}/layers  latest per-layer statistics: norms, update ratio, dead and saturated
                                  fractions, log2-magnitude histograms
     GET /api/v1/runs/{run}/steps[?from=&to=&limit=]  recent steps: loss, grad norm, per-layer grad norms
+    GET /api/v1/runs/{run}/topology  the module graph (nodes with their tensors, data-flow edges)
     GET /api/v1/alerts[?run=]    firing alerts, as the gradwatch:alerts stream holds them
 
 JSON answers use Prometheus' HTTP API envelope: {"status": "success", "data": ...} or
@@ -91,10 +92,12 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True  # a slow client never delays shutdown
 
     def __init__(self, address: tuple[str, int], registry: CollectorRegistry, snapshot: Callable[[], Snapshot],
-                 history: Callable[[str, int | None, int | None, int], list[dict] | None] | None = None):
+                 history: Callable[[str, int | None, int | None, int], list[dict] | None] | None = None,
+                 topology: Callable[[str], dict | None] | None = None):
         self.registry = registry
         self.snapshot = snapshot
         self.history = history
+        self.topology = topology
         self.errors = DedupLog(log)
         super().__init__(address, _Handler)
 
@@ -140,12 +143,18 @@ class _Handler(BaseHTTPRequestHandler):
                 self._ok({"runs": [run_summary(r, firing.get(r.run, 0)) for r in snap.runs]})
             elif path.startswith(RUNS_PREFIX) and "/" not in path[len(RUNS_PREFIX):]:
                 self._run(unquote(path[len(RUNS_PREFIX):]))
-            elif path.startswith(RUNS_PREFIX) and path.endswith(("/layers", "/steps")):
+            elif path.startswith(RUNS_PREFIX) and path.endswith(("/layers", "/steps", "/topology")):
                 run, _, what = path[len(RUNS_PREFIX):].rpartition("/")
                 if "/" in run:
                     self._error(404, "not_found", f"no such path: {url.path}")
                 elif what == "layers":
                     self._layers(unquote(run))
+                elif what == "topology":
+                    graph = self.server.topology(unquote(run)) if self.server.topology else None
+                    if graph is None:
+                        self._unknown(unquote(run))
+                    else:
+                        self._ok(graph)
                 else:
                     self._steps(unquote(run), query)
             elif path == "/api/v1/alerts":
@@ -269,13 +278,14 @@ def _count_by_run(alerts: list[Alert]) -> dict[str, int]:
 
 def serve(host: str, port: int, registry: CollectorRegistry, snapshot: Callable[[], Snapshot], *,
           history: Callable[[str, int | None, int | None, int], list[dict] | None] | None = None,
+          topology: Callable[[str], dict | None] | None = None,
           poll_s: float = 0.5) -> tuple[ThreadingHTTPServer, threading.Thread]:
     """Starts /metrics and the query API on a daemon thread; returns (server, thread). Raises ListenError
     with a message for the command line when the port cannot be opened. shutdown() takes up to poll_s."""
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
         server_class = type("Server", (_Server,), {"address_family": family})
-        server = server_class((host, port), registry, snapshot, history)
+        server = server_class((host, port), registry, snapshot, history, topology)
     except OSError as e:
         if e.errno == errno.EADDRINUSE:
             why = "address in use (another aggregator running? choose one with --metrics-listen)"

@@ -375,6 +375,10 @@ class Aggregator:
         with self._lock:
             return self.state.history(run, first, last, limit)
 
+    def topology(self, run: str) -> dict | None:
+        with self._lock:
+            return self.state.topology(run)
+
     def snapshot(self) -> Snapshot:
         """A consistent copy for one scrape: the lock is held only while copying."""
         with self._lock:

@@ -38,11 +38,12 @@ class TensorMeta:
     kind_name: str  # label value of `kind`, precomputed: it is needed for every tensor of every report
     shape: tuple[int, ...] = ()
     partition: int = run_pb2.PARTITION_UNSPECIFIED  # how ranks hold it: replicated, sharded, per rank
+    dtype: str = ""
 
     @classmethod
     def of(cls, name: str, kind: int, layer: str, order: int, shape: tuple[int, ...] = (),
-           partition: int = run_pb2.PARTITION_UNSPECIFIED) -> TensorMeta:
-        return cls(name, kind, layer, order, KIND_NAMES.get(kind, "unspecified"), shape, partition)
+           partition: int = run_pb2.PARTITION_UNSPECIFIED, dtype: str = "") -> TensorMeta:
+        return cls(name, kind, layer, order, KIND_NAMES.get(kind, "unspecified"), shape, partition, dtype)
 
 
 def unknown_tensor(tensor_id: int) -> TensorMeta:
@@ -131,6 +132,7 @@ class RunState:
         # global grad norm, layer -> grad norm)
         self.history: deque[tuple[int, float, bool, float | None, float | None, dict[str, float]]] = deque(
             maxlen=history)
+        self.topology: run_pb2.ModelGraph | None = None  # the module graph, when an agent sent one
         self.join: StepJoin | None = None          # only for runs of several ranks
         self.last_joined: JoinedStep | None = None
 
@@ -186,13 +188,15 @@ class State:
                 rank.rate.clear()
         rank.start_ns = max(start_ns, rank.start_ns)
         rank.dictionary = {t.id: TensorMeta.of(t.name, t.kind, t.module_path or t.name, t.order, tuple(t.shape),
-                                               t.partition) for t in reg.tensors}
+                                               t.partition, t.dtype) for t in reg.tensors}
         order: dict[str, int] = {}
         for meta in rank.dictionary.values():
             order[meta.layer] = min(order.get(meta.layer, meta.order), meta.order)
         rank.layer_order = order
         rank.fetched = True
         rs.world_size = max(rs.world_size, reg.world_size)
+        if reg.HasField("topology") and reg.topology.nodes and (rs.topology is None or reg.rank == 0):
+            rs.topology = reg.topology
         self.counters.add("registrations")
 
     def apply(self, run: str, report: report_pb2.StepReport) -> ReportView | None:
@@ -331,6 +335,30 @@ class State:
         rows = [r for r in rs.history if lo <= r[0] <= hi][-limit:] if limit > 0 else []
         return [{"step": step, "time": t, "phase": "train" if train else "eval", "loss": loss, "grad_norm": norm,
                  "layers": dict(layers)} for step, t, train, loss, norm, layers in rows]
+
+    def topology(self, run: str) -> dict | None:
+        """The run's module graph: the agent's (nodes with their types, data-flow edges) when it sent one,
+        else the layers of the tensor dictionary chained in forward order (`inferred`). Each node lists
+        its tensors. None for an unknown run."""
+        rs = self.runs.get(run)
+        if rs is None:
+            return None
+        rank = rs.ranks[min(rs.ranks)] if rs.ranks else None
+        tensors: dict[str, list[dict]] = {}
+        order: dict[str, int] = {}
+        for meta in (rank.dictionary or {}).values() if rank else ():
+            tensors.setdefault(meta.layer, []).append({"name": meta.name, "kind": meta.kind_name,
+                                                       "shape": list(meta.shape), "dtype": meta.dtype})
+            order[meta.layer] = min(order.get(meta.layer, meta.order), meta.order)
+        if rs.topology is not None:
+            nodes = [{"id": n.module_path, "type": n.module_type, "order": order.get(n.module_path),
+                      "tensors": tensors.get(n.module_path, [])} for n in rs.topology.nodes]
+            edges = [{"source": e.source, "target": e.target} for e in rs.topology.edges]
+            return {"inferred": False, "nodes": nodes, "edges": edges}
+        chain = sorted(order, key=lambda layer: (order[layer], layer))
+        nodes = [{"id": layer, "type": "", "order": order[layer], "tensors": tensors[layer]} for layer in chain]
+        edges = [{"source": a, "target": b} for a, b in itertools.pairwise(chain)]
+        return {"inferred": True, "nodes": nodes, "edges": edges}
 
     def expire_joins(self, now: float | None = None) -> None:
         """Closes the steps that waited join_timeout_s for a rank; the consumer calls it periodically."""

@@ -26,7 +26,8 @@ def api(make_aggregator, build, publish, run_all):
     publish.report(build.report(5, run="nanloss", loss=float("nan")))
     agg = make_aggregator()
     run_all(agg)
-    server, thread = serve("127.0.0.1", 0, agg.registry, agg.snapshot, history=agg.history, poll_s=0.02)
+    server, thread = serve("127.0.0.1", 0, agg.registry, agg.snapshot, history=agg.history, topology=agg.topology,
+                           poll_s=0.02)
     yield f"http://127.0.0.1:{server.server_port}", agg, server
     server.shutdown()
     server.server_close()
@@ -200,3 +201,27 @@ def test_steps_of_a_run(api):
     assert status == 400 and "from" in doc["error"]
     assert get_json(f"{base}/api/v1/runs/nope/steps")[0] == 404
     assert get_json(f"{base}/api/v1/runs/demo/other")[0] == 404
+
+
+def test_topology_of_a_run(api, build, publish, run_all):
+    base, agg, _ = api
+    status, doc = get_json(f"{base}/api/v1/runs/demo/topology")
+    graph = doc["data"]
+    assert status == 200 and graph["inferred"] is True  # no graph from the agent: layers chained in forward order
+    assert [n["id"] for n in graph["nodes"]] == ["embed", "fc1", "fc2", "head"]
+    assert graph["edges"][0] == {"source": "embed", "target": "fc1"} and len(graph["edges"]) == 3
+    fc1 = graph["nodes"][1]
+    assert {t["kind"] for t in fc1["tensors"]} == {"parameter", "gradient", "activation"}
+    assert fc1["tensors"][0]["shape"] == [16, 16] and fc1["tensors"][0]["dtype"] == "float32"
+
+    reg = build.registration(run="graph")
+    for layer, kind in (("embed", "Embedding"), ("fc1", "Linear"), ("fc2", "Linear"), ("head", "Linear")):
+        reg.topology.nodes.add(module_path=layer, module_type=kind)
+    reg.topology.edges.add(source="embed", target="fc1")
+    reg.topology.edges.add(source="embed", target="head")  # a skip connection
+    publish.registration(reg)
+    run_all(agg)
+    graph = get_json(f"{base}/api/v1/runs/graph/topology")[1]["data"]
+    assert graph["inferred"] is False and graph["nodes"][0]["type"] == "Embedding"
+    assert {"source": "embed", "target": "head"} in graph["edges"]
+    assert get_json(f"{base}/api/v1/runs/nope/topology")[0] == 404
