@@ -73,6 +73,10 @@ def run_detail(run: RunSnapshot, alerts: list[Alert]) -> dict:
         "ranks": list(run.ranks),
         "layers": [{"layer": name, "grad_norm": _num(grad), "param_norm": _num(param), "nonfinite": dict(kinds)}
                    for name, grad, param, kinds in run.layers],
+        "hyperparameters": {k: _num(v) if isinstance(v, float) else v for k, v in run.hyperparameters.items()},
+        "labels": run.labels,
+        "scalars": {k: _num(v) for k, v in sorted(run.scalars.items()) if not k.startswith("labels/")},
+        "eval_scalars": {k: _num(v) for k, v in sorted(run.eval_scalars.items()) if not k.startswith("labels/")},
         "joined": joined_step(run.joined),
         "alerts": [a.to_dict() for a in alerts],
     }

@@ -133,6 +133,8 @@ class RunState:
         self.history: deque[tuple[int, float, bool, float | None, float | None, dict[str, float]]] = deque(
             maxlen=history)
         self.topology: run_pb2.ModelGraph | None = None  # the module graph, when an agent sent one
+        self.hyperparameters: dict[str, float | int | str | bool | None] = {}  # from the registration
+        self.labels: dict[str, str] = {}
         self.join: StepJoin | None = None          # only for runs of several ranks
         self.last_joined: JoinedStep | None = None
 
@@ -156,6 +158,8 @@ class RunSnapshot:
     eval_scalars: dict[str, float] = field(default_factory=dict)
     # the latest training report's summaries by kind (never mutated: safe to read outside the lock)
     tensors: dict[int, list[tuple[TensorMeta, report_pb2.TensorSummary]]] = field(default_factory=dict)
+    hyperparameters: dict[str, float | int | str | bool | None] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
 
 
 def _sqrt(x: float) -> float:
@@ -197,6 +201,10 @@ class State:
         rs.world_size = max(rs.world_size, reg.world_size)
         if reg.HasField("topology") and reg.topology.nodes and (rs.topology is None or reg.rank == 0):
             rs.topology = reg.topology
+        if reg.rank == 0 or not rs.hyperparameters:
+            rs.hyperparameters = {k: getattr(v, v.WhichOneof("value")) if v.WhichOneof("value") else None
+                                  for k, v in reg.hyperparameters.items()}
+            rs.labels = dict(reg.labels)
         self.counters.add("registrations")
 
     def apply(self, run: str, report: report_pb2.StepReport) -> ReportView | None:
@@ -410,7 +418,8 @@ class State:
                            for name, ls in rs.layers.items())
             out.append(RunSnapshot(rs.run, rs.step, rs.loss, rs.eval_loss, rs.learning_rate, rs.grad_norm, sps,
                                    rs.last_report_time, layers, rs.world_size, tuple(sorted(rs.ranks)),
-                                   rs.last_joined, rs.scalars, rs.eval_scalars, rs.tensors))
+                                   rs.last_joined, rs.scalars, rs.eval_scalars, rs.tensors, rs.hyperparameters,
+                                   rs.labels))
         return out
 
     def _run(self, run: str) -> RunState:

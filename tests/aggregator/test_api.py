@@ -225,3 +225,23 @@ def test_topology_of_a_run(api, build, publish, run_all):
     assert graph["inferred"] is False and graph["nodes"][0]["type"] == "Embedding"
     assert {"source": "embed", "target": "head"} in graph["edges"]
     assert get_json(f"{base}/api/v1/runs/nope/topology")[0] == 404
+
+
+def test_run_carries_hyperparameters_labels_and_scalars(api, build, publish, run_all):
+    base, agg, _ = api
+    reg = build.registration(run="sweep-3")
+    reg.hyperparameters["lr"].number = 0.3
+    reg.hyperparameters["batch_size"].integer = 64
+    reg.hyperparameters["optimizer"].text = "adamw"
+    reg.hyperparameters["amp"].flag = True
+    reg.labels["sweep"] = "lr-wd"
+    publish.registration(reg)
+    r = build.report(0, run="sweep-3")
+    r.scalars["accuracy"] = 0.5
+    r.scalars["labels/1"] = 9
+    publish.report(r)
+    run_all(agg)
+    run = get_json(f"{base}/api/v1/runs/sweep-3")[1]["data"]
+    assert run["hyperparameters"] == {"lr": 0.3, "batch_size": 64, "optimizer": "adamw", "amp": True}
+    assert run["labels"] == {"sweep": "lr-wd"}
+    assert run["scalars"] == {"accuracy": 0.5} and run["eval_scalars"] == {}
