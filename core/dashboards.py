@@ -16,6 +16,7 @@ from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import common as cm
 from grafana_foundation_sdk.models import dashboard as dm
 from grafana_foundation_sdk.models import heatmap as hm
+from grafana_foundation_sdk.models import prometheus as pm
 
 DATASOURCE = dm.DataSourceRef(type_val="prometheus", uid="${datasource}")
 RUN = 'run=~"$run"'
@@ -75,7 +76,10 @@ def layer_heatmap(title: str, expr: str, description: str) -> heatmap.Panel:
 
 
 LAYERS_WITH_GRADIENTS = 'label_values(gradwatch_layer_grad_norm{run=~"$run"}, layer)'
-LAYERS_WITH_ALERTS = 'label_values(gradwatch_alert_firing{run=~"$run"}, layer)'  # activations have no gradient
+# Activation-only modules have no gradient: their layers come from the activation health series.
+LAYERS_WITH_ACTIVATIONS = ('label_values({__name__=~"gradwatch_layer_(dead|saturated)_fraction", run=~"$run"}, '
+                           'layer)')
+LAYERS_WITH_HISTOGRAMS = 'label_values(gradwatch_layer_magnitude_bucket{run=~"$run"}, layer)'
 
 
 def variables(dash: db.Dashboard, layers: str | None = None) -> db.Dashboard:
@@ -130,11 +134,15 @@ def layers() -> db.Dashboard:
             .with_panel(layer_heatmap("Gradient norm per layer", f"gradwatch_layer_grad_norm{{{RUN_LAYER}}}",
                                       "L2 norm of each layer's gradients (gradwatch_layer_grad_norm)."))
             .with_panel(layer_heatmap(
-                "Update ratio per layer (lr·|g|/|W|)",
-                f"gradwatch:layer_update_ratio:sgd_estimate{{{RUN_LAYER}}}",
-                "Learning rate times gradient norm over parameter norm: the update ratio of plain SGD (recording "
-                "rule gradwatch:layer_update_ratio:sgd_estimate); around 1e-3 is healthy. With momentum or Adam "
-                "it is an estimate."))
+                "Update ratio per layer (|ΔW|/|W|)", f"gradwatch_layer_update_ratio{{{RUN_LAYER}}}",
+                "Norm of the optimizer step's change over the weight norm (gradwatch_layer_update_ratio; needs the "
+                "agent's updates selection, e.g. select='preset:business,updates:1'); around 1e-3 is healthy."))
+            .with_panel(series("Update ratio estimate lr·|g|/|W|",
+                               (f"gradwatch:layer_update_ratio:sgd_estimate{{{RUN_LAYER}}}", "{{layer}} ({{run}})"),
+                               log=True, width=24,
+                               description="Learning rate times gradient norm over parameter norm (recording rule "
+                                           "gradwatch:layer_update_ratio:sgd_estimate): the update ratio of plain SGD, "
+                                           "an estimate with momentum or Adam; needs no updates selection."))
             .with_panel(series("Gradient norm", (f"gradwatch_layer_grad_norm{{{RUN_LAYER}}}", "{{layer}} ({{run}})"),
                                log=True))
             .with_panel(series("Parameter norm",
@@ -151,7 +159,7 @@ GRADIENT_HEALTH_RULES = "VanishingGradient|AllZero|UnchangedTensor|PoorWeightIni
 def activations() -> db.Dashboard:
     return (base("gradwatch-activations", "gradwatch / Activation health",
                  "Dead and saturated units and other tensor-health findings of the aggregator's rules.",
-                 layers=LAYERS_WITH_ALERTS)
+                 layers=LAYERS_WITH_ACTIVATIONS)
             .with_panel(number("Dead-unit alerts", f'count by (run) (gradwatch_alert_firing{{{RUN}, rule="DeadReLU"}}) '
                                                    f"or on (run) 0 * gradwatch_run_step{{{RUN}}}", width=8))
             .with_panel(number("Saturation alerts",
@@ -160,7 +168,13 @@ def activations() -> db.Dashboard:
             .with_panel(number("Collapsed or huge activations",
                                f'count by (run) (gradwatch_alert_firing{{{RUN}, rule="TensorVariance"}}) '
                                f"or on (run) 0 * gradwatch_run_step{{{RUN}}}", width=8))
-            .with_panel(states("Dead and saturated units by layer",
+            .with_panel(series("Dead units (fraction of zeros, ReLU-like outputs)",
+                               (f"gradwatch_layer_dead_fraction{{{RUN_LAYER}}}", "{{layer}} ({{run}})"),
+                               unit="percentunit"))
+            .with_panel(series("Saturated units (|y| >= 0.5, tanh-like outputs)",
+                               (f"gradwatch_layer_saturated_fraction{{{RUN_LAYER}}}", "{{layer}} ({{run}})"),
+                               unit="percentunit"))
+            .with_panel(states("Dead and saturated units by layer (alerts)",
                                f'gradwatch_alert_firing{{{RUN_LAYER}, rule=~"{ACTIVATION_RULES}"}}',
                                "{{rule}} {{layer}} ({{run}})",
                                "DeadReLU: a ReLU-like output >= 99 % zeros; SaturatedActivation: a tanh-like output "
@@ -169,6 +183,30 @@ def activations() -> db.Dashboard:
                                f'gradwatch_alert_firing{{{RUN_LAYER}, rule=~"{GRADIENT_HEALTH_RULES}"}}',
                                "{{rule}} {{layer}} ({{run}})",
                                "VanishingGradient, AllZero, UnchangedTensor and PoorWeightInitialization alerts.")))
+
+
+def magnitude_heatmap(kind: str) -> heatmap.Panel:
+    """The log2-magnitude histogram of one kind of tensor over time: a gauge histogram, one column per scrape."""
+    panel = (heatmap.Panel().title(f"{kind.capitalize()}s: log2 |x|").span(12).height(10).calculate(False)
+             .description(f"Share of the {kind} values of the selected layers per power-of-two magnitude bucket "
+                          "(gradwatch_layer_magnitude, latest step at each scrape); NaN/Inf excluded.")
+             .color(heatmap.HeatmapColorOptions().mode(hm.HeatmapColorMode.SCHEME).scheme("Oranges")
+                    .scale(hm.HeatmapColorScale.EXPONENTIAL).exponent(0.5).steps(64))
+             .y_axis(heatmap.YAxisConfig().axis_placement(cm.AxisPlacement.LEFT).unit("short"))
+             .cell_gap(0).show_value(cm.VisibilityMode.NEVER))
+    panel.datasource(DATASOURCE)
+    expr = (f'sum by (le) (gradwatch_layer_magnitude_bucket{{{RUN_LAYER}, kind="{kind}"}}) '
+            f'/ scalar(sum(gradwatch_layer_magnitude_gcount{{{RUN_LAYER}, kind="{kind}"}}))')
+    return panel.with_target(query(expr, "{{le}}").format(pm.PromQueryFormat.HEATMAP).datasource(DATASOURCE))
+
+
+def histograms() -> db.Dashboard:
+    dash = base("gradwatch-histograms", "gradwatch / Histograms",
+                "log2-magnitude histograms of gradients, parameters, activations and updates over time.",
+                layers=LAYERS_WITH_HISTOGRAMS)
+    for kind in ("gradient", "parameter", "activation", "update"):
+        dash.with_panel(magnitude_heatmap(kind))
+    return dash
 
 
 def ingest() -> db.Dashboard:
@@ -209,6 +247,7 @@ DASHBOARDS: dict[str, Callable[[], db.Dashboard]] = {
     "gradwatch-run-overview": run_overview,
     "gradwatch-layers": layers,
     "gradwatch-activations": activations,
+    "gradwatch-histograms": histograms,
     "gradwatch-ingest": ingest,
 }
 

@@ -29,6 +29,8 @@ def exported_metric_names(kit) -> set[str]:
     names = set()
     for family in AggregatorCollector(lambda: None).describe():
         names.add(family.name + ("_total" if family.type == "counter" else ""))
+        if family.type == "gaugehistogram":
+            names.update(f"{family.name}{suffix}" for suffix in ("_bucket", "_gcount", "_gsum"))
     registry = CollectorRegistry()
     CollectorMetrics(registry)
     for family in registry.collect():
@@ -43,7 +45,8 @@ def exported_metric_names(kit) -> set[str]:
 def test_committed_json_matches_the_generator(tmp_path):
     written = grafana.generate(tmp_path)
     assert {p.name for p in written} == {f"{uid}.json" for uid in ("gradwatch-run-overview", "gradwatch-layers",
-                                                                  "gradwatch-activations", "gradwatch-ingest")}
+                                                                  "gradwatch-activations", "gradwatch-histograms",
+                                                                  "gradwatch-ingest")}
     assert grafana.drift(tmp_path) == []
     stale = grafana.drift()
     assert stale == [], f"deploy/grafana/dashboards is out of date ({stale}): run `gradwatch grafana generate`"

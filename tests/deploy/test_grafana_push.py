@@ -13,7 +13,8 @@ import pytest
 from gradwatch import grafana
 from gradwatch.cli import main
 
-UIDS = ["gradwatch-run-overview", "gradwatch-layers", "gradwatch-activations", "gradwatch-ingest"]
+UIDS = ["gradwatch-run-overview", "gradwatch-layers", "gradwatch-activations", "gradwatch-histograms",
+        "gradwatch-ingest"]
 
 
 class FakeGrafana:
