@@ -90,7 +90,7 @@ class Capture:
         self.slots = param_slots + self.activations.slots
         self.updates = self.states = None
         if optimizer is not None and sel.updates:
-            self.updates = Updates(selected.parameters, len(self.slots), config.updates_max_bytes)
+            self.updates = Updates(selected.parameters, optimizer, len(self.slots), config.updates_max_bytes)
             self.slots += self.updates.slots
             counters.updates_over_budget = self.updates.over_budget
         if optimizer is not None and sel.optimizer_state:

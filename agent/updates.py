@@ -4,8 +4,9 @@ optimizer's state tensors (Adam's moments, SGD's momentum).
 Updates need the old values: the step pre-hook of a captured step keeps a copy of the watched
 parameters (one multi-tensor op), and the post-hook turns that copy into new minus old in place (two
 more) and summarizes it. The copy lives from the pre-hook to the post-hook of captured steps only, in
-the device's caching allocator, and `updates_max_bytes` bounds it: parameters are taken in selection
-order while their bytes fit, the rest get no update slot and are counted. Update tensors carry their
+the device's caching allocator, and `updates_max_bytes` bounds it: parameters that the optimizer
+updates (frozen ones, such as a LoRA base model, take nothing) are taken in selection order while their
+bytes fit, the rest get no update slot and are counted. Update tensors carry their
 parameter's name and module path (kind UPDATE), so update/weight ratios pair them by name.
 
 Optimizer state exists only after the optimizer's first step, so its slots are found then (and for
@@ -28,14 +29,19 @@ def _dtype(t: torch.Tensor) -> str:
 
 
 class Updates:
-    def __init__(self, parameters: list[tuple[str, torch.nn.Parameter, str]], start_id: int, max_bytes: int):
-        """Update slots for the longest prefix of `parameters` whose copies fit in `max_bytes`."""
+    def __init__(self, parameters: list[tuple[str, torch.nn.Parameter, str]], optimizer: torch.optim.Optimizer,
+                 start_id: int, max_bytes: int):
+        """Update slots for the trainable `parameters` of `optimizer`, the longest prefix whose copies fit
+        in `max_bytes`."""
+        trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        parameters = [(index, entry) for index, entry in enumerate(parameters)
+                      if id(entry[1]) in trained and entry[1].requires_grad and not entry[1].is_sparse]
         self.slots: list[TensorSlot] = []
         self._params: list[torch.nn.Parameter] = []
         spent = 0
-        for index, (name, param, module_path) in enumerate(parameters):
+        for index, (name, param, module_path) in parameters:
             nbytes = param.numel() * param.element_size()
-            if param.is_sparse or spent + nbytes > max_bytes:
+            if spent + nbytes > max_bytes:
                 break
             spent += nbytes
             self.slots.append(TensorSlot(

@@ -200,3 +200,18 @@ def test_full_preset_captures_updates_and_state_in_one_report(ingest):
         assert {UPDATE, STATE, run_pb2.TENSOR_KIND_ACTIVATION_GRADIENT} <= kinds
         ratio = {n: math.sqrt(s.sum_squares) for n, s in by_kind(report, names, UPDATE).items()}
         assert all(0 < v < 1 for v in ratio.values())
+
+
+def test_frozen_parameters_take_no_copy(ingest):
+    """A LoRA-style run: the frozen base weight and a parameter outside the optimizer get no update slot
+    and no bytes of the budget."""
+    model = make_model()
+    model[0].weight.requires_grad_(False)
+    opt = torch.optim.SGD([model[0].bias, model[2].weight], lr=0.1)  # 2.bias is not trained by it
+    cfg = AgentConfig(collector=ingest.target, select="updates:on", updates_max_bytes=128 + 256)
+    w = gradwatch.watch(model, opt, run="upd-8", config=cfg)
+    assert w.counters.updates_over_budget == 0 and w._capture.updates.copy_bytes == 128 + 256
+    model(torch.randn(4, 8, dtype=torch.float64)).sum().backward()
+    opt.step()
+    w.close()
+    assert sorted(by_kind(ingest.reports[0], dictionary(ingest), UPDATE)) == ["0.bias", "2.weight"]
