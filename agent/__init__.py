@@ -1,10 +1,14 @@
 """gradwatch.agent: in-process telemetry for a training job.
 
     watcher = gradwatch.watch(model, optimizer, run="my-run")
-    for batch in data:
+    for x, y in data:
+        watcher.observe_inputs(x, labels=y)  # optional: input statistics and class counts
         loss = ...; loss.backward(); optimizer.step(); optimizer.zero_grad()
         watcher.step(loss=loss)        # tensors are fine: no host sync
+    watcher.step(phase="eval", loss=val_loss, accuracy=val_acc)
     watcher.close()
+
+Lightning and Hugging Face Trainer callbacks: gradwatch.agent.lightning, gradwatch.agent.hf.
 """
 
 from __future__ import annotations

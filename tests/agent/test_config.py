@@ -53,3 +53,17 @@ def test_tls_validation(pem, tmp_path, changes, message):
               for key, value in changes.items()}
     with pytest.raises(ConfigError, match=message):
         AgentConfig(**values).validate()
+
+
+def test_update_and_label_limits_from_env_and_validated(monkeypatch):
+    assert (AgentConfig().updates_max_bytes, AgentConfig().labels_max_classes) == (256 << 20, 1000)
+    monkeypatch.setenv("GRADWATCH_UPDATES_MAX_BYTES", str(1 << 30))
+    monkeypatch.setenv("GRADWATCH_LABELS_MAX_CLASSES", "10")
+    config = AgentConfig.from_env().validate()
+    assert (config.updates_max_bytes, config.labels_max_classes) == (1 << 30, 10)
+    assert AgentConfig(updates_max_bytes=0, inputs_max_channels=0).validate()  # no updates, no channels
+    for changes, message in (({"updates_max_bytes": -1}, "updates_max_bytes must be >= 0"),
+                             ({"inputs_max_channels": -1}, "inputs_max_channels must be >= 0"),
+                             ({"labels_max_classes": 0}, "labels_max_classes must be >= 1")):
+        with pytest.raises(ConfigError, match=message):
+            AgentConfig(**changes).validate()
