@@ -1,4 +1,4 @@
-"""The `gradwatch` command: up, demo, collector, aggregator, grafana."""
+"""The `gradwatch` command: up, demo, collector, aggregator, grafana, gradcheck, runs."""
 
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ def _stack_args(parser: argparse.ArgumentParser) -> None:
                         default=d.aggregator_metrics_listen, help="Prometheus /metrics (%(default)s)")
     parser.add_argument("--alertmanager-url", default=d.alertmanager_url,
                         help="push alerts to this Alertmanager (env GRADWATCH_ALERTMANAGER_URL)")
+    parser.add_argument("--rules", default=None, metavar="FILE",
+                        help="the aggregator's rule settings, TOML (env GRADWATCH_AGGREGATOR_RULES)")
 
 
 def _config(args):
@@ -34,7 +36,7 @@ def _config(args):
     return StackConfig(redis_url=args.redis_url, data_dir=args.data_dir, collector_listen=args.collector_listen,
                        collector_metrics_listen=args.collector_metrics_listen,
                        aggregator_metrics_listen=args.aggregator_metrics_listen, alertmanager_url=args.alertmanager_url,
-                       token=StackConfig.from_env().token)
+                       token=StackConfig.from_env().token, rules=args.rules)
 
 
 def cmd_up(args) -> int:
@@ -91,6 +93,69 @@ def cmd_grafana(args) -> int:
         return 1
 
 
+def _gradcheck_args(parser: argparse.ArgumentParser) -> None:
+    from gradwatch import debug
+
+    parser.add_argument("spec", metavar="MODULE:FUNCTION",
+                        help="a function returning (model, loss_fn, batch), e.g. mypkg.models:gradcheck_case or "
+                             "examples/gradcheck.py:broken")
+    parser.add_argument("--eps", type=float, default=debug.DEFAULT_EPS, help="perturbation (%(default)g)")
+    parser.add_argument("--samples", type=int, default=debug.DEFAULT_SAMPLES,
+                        help="coordinates per parameter tensor (%(default)s)")
+    parser.add_argument("--tolerance", type=float, default=debug.DEFAULT_TOLERANCE,
+                        help="largest relative error that passes (%(default)g)")
+    parser.add_argument("--seed", type=int, default=debug.DEFAULT_SEED, help="coordinate sampling (%(default)s)")
+    parser.add_argument("--train", action="store_true", help="check in training mode (dropout, batch norm)")
+    parser.add_argument("--run", default=None,
+                        help="also send the result as telemetry of this run (to --collector, evaluation scalars)")
+    parser.add_argument("--collector", default=None, help="collector host:port (env GRADWATCH_COLLECTOR)")
+
+
+def cmd_gradcheck(args) -> int:
+    from gradwatch import debug
+
+    try:
+        model, loss_fn, batch = debug.load_spec(args.spec)
+    except (ValueError, ImportError) as err:
+        print(f"gradwatch gradcheck: {err}", file=sys.stderr)
+        return 2
+    watcher = None
+    if args.run or args.collector:
+        import gradwatch
+
+        watcher = gradwatch.watch(model, run=args.run, collector=args.collector)
+    try:
+        report = debug.gradcheck(model, loss_fn, batch, eps=args.eps, samples=args.samples,
+                                 tolerance=args.tolerance, seed=args.seed, train=args.train, watcher=watcher)
+    finally:
+        if watcher is not None:
+            watcher.close()
+    print(report.table())
+    if watcher is not None:
+        print(f"sent as evaluation scalars gradcheck/* of run {watcher.run!r}")
+    return 0 if report.passed else 1
+
+
+def _runs_args(parser: argparse.ArgumentParser) -> None:
+    from gradwatch.runs import DEFAULT_URL
+
+    sub = parser.add_subparsers(dest="runs_command", required=True)
+    for name, what in (("list", "every run the aggregator knows"), ("compare", "runs side by side")):
+        p = sub.add_parser(name, help=what)
+        if name == "compare":
+            p.add_argument("runs", nargs="+", metavar="RUN")
+        p.add_argument("--url", default=DEFAULT_URL, help="the aggregator's HTTP address (%(default)s)")
+        p.add_argument("--json", action="store_true", help="the API's answers as JSON")
+
+
+def cmd_runs(args) -> int:
+    from gradwatch import runs
+
+    if args.runs_command == "list":
+        return runs.main_list(args.url, args.json)
+    return runs.main_compare(args.url, args.runs, args.json)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="gradwatch", description="Live telemetry for neural-network training.")
@@ -105,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("collector", help="run a collector (see gradwatch collector --help)", add_help=False)
     sub.add_parser("aggregator", help="run an aggregator (see gradwatch aggregator --help)", add_help=False)
     _grafana_args(sub.add_parser("grafana", help="dashboards: generate the JSON files, push them to a Grafana"))
+    _gradcheck_args(sub.add_parser("gradcheck", help="check a model's gradients against central differences"))
+    _runs_args(sub.add_parser("runs", help="runs side by side, from the aggregator's API"))
 
     # The component commands own their flags: pass everything after the name straight through.
     if argv and argv[0] in ("collector", "aggregator"):
@@ -117,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        return {"up": cmd_up, "demo": cmd_demo, "grafana": cmd_grafana}[args.command](args)
+        return {"up": cmd_up, "demo": cmd_demo, "grafana": cmd_grafana, "gradcheck": cmd_gradcheck,
+                "runs": cmd_runs}[args.command](args)
     except ConfigError as err:
         print(f"gradwatch {args.command}: {err}", file=sys.stderr)
         return 2

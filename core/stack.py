@@ -42,6 +42,8 @@ class StackConfig:
     aggregator_metrics_listen: str = DEFAULT_AGGREGATOR_METRICS_LISTEN
     alertmanager_url: str | None = None
     token: str | None = None
+    rules: str | None = None              # the aggregator's rule settings (TOML); None: $GRADWATCH_AGGREGATOR_RULES
+    log_level: str = "INFO"               # of the aggregator and the collector
 
     @classmethod
     def from_env(cls) -> StackConfig:
@@ -103,7 +105,8 @@ class Stack:
                 self.redis = RedisServer(Path(cfg.data_dir) / "redis").start()
                 self.redis_url = self.redis.url
             self._spawn("aggregator", ["--redis-url", self.redis_url, "--metrics-listen", cfg.aggregator_metrics_listen,
-                                       *(["--alertmanager-url", cfg.alertmanager_url] if cfg.alertmanager_url else [])])
+                                       *(["--alertmanager-url", cfg.alertmanager_url] if cfg.alertmanager_url else []),
+                                       *(["--rules", cfg.rules] if cfg.rules else [])])
             self._wait_http("aggregator", f"http://{cfg.aggregator_metrics_listen}/metrics")
             self._spawn("collector", ["--listen", cfg.collector_listen, "--redis-url", self.redis_url,
                                       "--metrics-listen", cfg.collector_metrics_listen,
@@ -120,7 +123,8 @@ class Stack:
         env_vars = dict(os.environ)
         if self.config.token:
             env_vars["GRADWATCH_TOKEN"] = self.config.token
-        self.procs[name] = subprocess.Popen([sys.executable, "-m", f"gradwatch.{name}", *args], env=env_vars)
+        self.procs[name] = subprocess.Popen([sys.executable, "-m", f"gradwatch.{name}", *args,
+                                             "--log-level", self.config.log_level], env=env_vars)
 
     def _wait(self, name: str, ready) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
