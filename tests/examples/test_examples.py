@@ -1,0 +1,100 @@
+"""Every example under examples/ runs as a user runs it (`python examples/NAME.py`, its own whole stack) and
+must show what it demonstrates: the alerts it is about reached the aggregator, the broken gradient was
+named, the diverging trials were told apart and pruned. Each writes what it saw with --json."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+TIMEOUT_S = 120  # each takes ~10 s alone; a loaded 2-core CI machine gets slack
+
+
+def run_example(name: str, tmp_path: Path) -> tuple[dict, str]:
+    out = tmp_path / f"{name}.json"
+    proc = subprocess.run([sys.executable, str(EXAMPLES / f"{name}.py"), "--json", str(out)], capture_output=True,
+                          text=True, timeout=TIMEOUT_S, cwd=tmp_path)
+    assert proc.returncode == 0, f"examples/{name}.py exited {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    return json.loads(out.read_text()), proc.stdout
+
+
+def rules(alerts: list[dict]) -> set[str]:
+    return {a["rule"] for a in alerts}
+
+
+def test_gradcheck(tmp_path):
+    result, stdout = run_example("gradcheck", tmp_path)
+    correct, broken = result["correct"], result["broken"]
+    assert correct["passed"] and correct["failed"] == []
+    assert max(correct["max_relative_error"].values()) < 1e-6
+    assert broken["failed"] == ["hidden.bias"]  # the input and weight gradients of the Function are right
+    assert broken["max_relative_error"]["hidden.bias"] > 0.5  # mean instead of sum over 32: off by 31/32
+    # The verdicts went through collector, Redis and aggregator.
+    assert correct["telemetry_passed"] == 1.0 and broken["telemetry_passed"] == 0.0
+    assert "hidden.bias" in stdout and "FAIL" in stdout
+
+
+def test_activation_health(tmp_path):
+    result, _ = run_example("activation_health", tmp_path)
+    tanh, relu = result["act-saturated-tanh"], result["act-dead-relu"]
+    assert {(a["rule"], a["layer"]) for a in tanh["alerts"]} >= {("SaturatedActivation", "act1")}
+    assert {(a["rule"], a["layer"]) for a in relu["alerts"]} >= {("DeadReLU", "act1")}
+    assert "DeadReLU" not in rules(tanh["alerts"]) and "SaturatedActivation" not in rules(relu["alerts"])
+    # The same fractions the dashboards read, from /api/v1/runs/{run}/layers.
+    assert tanh["layers"]["act1"]["saturated_fraction"] > 0.95
+    assert relu["layers"]["act1"]["dead_fraction"] == 1.0
+
+
+def test_data_statistics(tmp_path):
+    result, _ = run_example("data_statistics", tmp_path)
+    raw, imbalanced = result["data-raw-pixels"]["alerts"], result["data-imbalanced"]["alerts"]
+    assert "UnnormalizedInput" in rules(raw)
+    assert {"ClassImbalance", "InputDataDrift"} <= rules(imbalanced)
+    assert not {"ClassImbalance", "InputDataDrift"} & rules(raw)  # balanced labels, one preprocessing
+    assert "UnnormalizedInput" not in rules(imbalanced)
+    drift = next(a for a in imbalanced if a["rule"] == "InputDataDrift")
+    assert drift["step"] >= 30  # the preprocessing changed at step 30, not before
+    assert next(a for a in raw if a["rule"] == "UnnormalizedInput")["tensor"].startswith("inputs.0")
+
+
+def test_overfitting(tmp_path):
+    result, _ = run_example("overfitting", tmp_path)
+    fired = {a["rule"]: a for a in result["alerts"]}
+    assert {"Overfit", "Overtraining"} <= set(fired)
+    assert fired["Overtraining"]["step"] > result["best_step"]  # after the validation loss turned
+    run = result["run"]
+    assert run["eval_loss"] > run["loss"] and run["scalars"]["accuracy"] > run["eval_scalars"]["accuracy"]
+
+
+def test_sweep(tmp_path):
+    result, stdout = run_example("sweep", tmp_path)
+    assert sorted(result["diverged"]) == result["expected_diverged"] == ["sweep-lr0.5-wd0", "sweep-lr0.5-wd0.01"]
+    for run, why in result["diverged"].items():
+        assert "ExplodingGradient" in why, run
+    runs = {r["run"]: r for r in result["runs"]}
+    assert len(runs) == 6
+    assert runs["sweep-lr0.1-wd0.01"]["hyperparameters"] == {"lr": 0.1, "weight_decay": 0.01, "momentum": 0.9,
+                                                             "batch_size": 64}
+    assert runs["sweep-lr0.1-wd0.01"]["labels"] == {"sweep": "lr-x-wd", "model": "mlp-tanh"}
+    # The compare table: hyperparameter rows, one column per run, the rules of the diverged ones.
+    table = stdout[stdout.index("the runs side by side"):]
+    assert "weight_decay" in table and "sweep-lr0.01-wd0" in table and "ExplodingGradient" in table
+
+
+def test_optuna_pruning(tmp_path):
+    pytest.importorskip("optuna")
+    result, _ = run_example("optuna_pruning", tmp_path)
+    trials = result["trials"]
+    assert trials[0]["state"] == "COMPLETE" and trials[1]["state"] == "PRUNED"
+    assert trials[1]["gradwatch_alert"] in {"ExplodingGradient", "NonFinite"}
+    assert trials[1]["stopped_at_step"] < 299  # stopped early, not judged after the fact
+    for t in trials:  # pruned exactly when gradwatch raised an alert
+        assert (t["state"] == "PRUNED") == ("gradwatch_alert" in t), t
+    assert result["best"] is not None and trials[result["best"]]["state"] == "COMPLETE"
