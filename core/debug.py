@@ -30,8 +30,7 @@ DEFAULT_SEED = 0
 SCALAR_PREFIX = "gradcheck/"
 MAX_TENSOR_SCALARS = 30     # per-tensor scalars sent, the worst first (the aggregator exports 32 per report)
 
-_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
-               "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs")
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
 @dataclass(frozen=True)
