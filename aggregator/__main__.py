@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 from gradwatch.aggregator.api import ListenError, serve
 from gradwatch.aggregator.config import DEFAULT_METRICS_LISTEN, DEFAULT_REDIS_URL, AggregatorConfig
 from gradwatch.aggregator.consumer import Aggregator
+from gradwatch.aggregator.live import alert_log
 from gradwatch.envconfig import ConfigError
 
 log = logging.getLogger("gradwatch.aggregator")
@@ -93,7 +94,8 @@ def run(config: AggregatorConfig, stop: threading.Event | None = None,
         return 1
     try:
         server, _ = serve(host, port, registry, aggregator.snapshot, history=aggregator.history,
-                          topology=aggregator.topology)
+                          topology=aggregator.topology, alert_log=lambda run: alert_log(aggregator.client, run),
+                          frames=aggregator.frames)
     except ListenError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         aggregator.stop(0)
@@ -106,8 +108,8 @@ def run(config: AggregatorConfig, stop: threading.Event | None = None,
             previous[sig] = signal.signal(sig, lambda *_: stop.set())
     targets = ", ".join(["Redis"] + (["Alertmanager"] if config.alertmanager_url else [])
                         + (["webhook"] if config.webhook_url else []))
-    log.info("aggregator %s reading %s; metrics on http://%s:%d/metrics, query API under /api/v1; alerts to %s",
-             config.consumer, redact(config.redis_url), host, server.server_port, targets)
+    log.info("aggregator %s reading %s; metrics on http://%s:%d/metrics, query API under /api/v1, live view at "
+             "/ui/; alerts to %s", config.consumer, redact(config.redis_url), host, server.server_port, targets)
     aggregator.start()
     try:
         while not stop.wait(0.5):  # a timed wait keeps the main thread responsive to signals

@@ -11,6 +11,8 @@ and written without it).
     GET /api/v1/runs/{run}/steps[?from=&to=&limit=]  recent steps: loss, grad norm, per-layer grad norms
     GET /api/v1/runs/{run}/topology  the module graph (nodes with their tensors, data-flow edges)
     GET /api/v1/alerts[?run=]    firing alerts, as the gradwatch:alerts stream holds them
+    GET /, /ui/, /api/v1/events, /api/v1/runs/{run}/{heatmap,histograms,nodegraph,alerts}: the live
+                                 view and its data (aggregator/live_http.py)
 
 JSON answers use Prometheus' HTTP API envelope: {"status": "success", "data": ...} or
 {"status": "error", "errorType": ..., "error": ...}. Only GET and HEAD are allowed.
@@ -36,12 +38,15 @@ from gradwatch.aggregator.counters import DedupLog
 from gradwatch.aggregator.exposition import Snapshot
 from gradwatch.aggregator.health import layer_health, merge_histograms
 from gradwatch.aggregator.join import JoinedStep
+from gradwatch.aggregator.live import DEFAULT_TICK_S, FrameStore, LiveHub
+from gradwatch.aggregator.live_http import LIVE_RUN_PATHS, STATIC, LiveRoutes
 from gradwatch.aggregator.state import RunSnapshot
 
 log = logging.getLogger("gradwatch.aggregator.api")
 RUNS_PREFIX = "/api/v1/runs/"
 # A client that opens a connection and sends nothing must not hold a thread for ever.
 REQUEST_TIMEOUT_S = 10.0
+GZIP_MIN_BYTES = 16 << 10
 
 
 class ListenError(OSError):
@@ -97,13 +102,21 @@ class _Server(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], registry: CollectorRegistry, snapshot: Callable[[], Snapshot],
                  history: Callable[[str, int | None, int | None, int], list[dict] | None] | None = None,
-                 topology: Callable[[str], dict | None] | None = None):
+                 topology: Callable[[str], dict | None] | None = None,
+                 alert_log: Callable[[str], list[dict]] | None = None, live: LiveHub | None = None):
         self.registry = registry
         self.snapshot = snapshot
         self.history = history
         self.topology = topology
+        self.alert_log = alert_log  # the run's alert transitions (the alert stream), for the live view
+        self.live = live
         self.errors = DedupLog(log)
         super().__init__(address, _Handler)
+
+    def shutdown(self) -> None:
+        if self.live is not None:
+            self.live.stop()  # ends the event streams, whose threads would otherwise outlive the server
+        super().shutdown()
 
     def handle_error(self, request, client_address) -> None:
         # A client that hangs up mid-answer is not worth a traceback on stderr.
@@ -111,7 +124,7 @@ class _Server(ThreadingHTTPServer):
                         exc_info=True)
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(LiveRoutes, BaseHTTPRequestHandler):
     server: _Server
     server_version = "gradwatch-aggregator"
     timeout = REQUEST_TIMEOUT_S
@@ -137,7 +150,14 @@ class _Handler(BaseHTTPRequestHandler):
         path = url.path.rstrip("/") or "/"
         query = parse_qs(url.query)
         try:
-            if path == "/metrics":
+            if path in ("/", "/ui") or url.path.startswith("/ui/"):
+                self._ui(url.path)
+            elif path == "/api/v1/events":
+                self._events(query)
+            elif path.startswith(RUNS_PREFIX) and path.endswith(LIVE_RUN_PATHS) and path.count("/") == 5:
+                run, _, what = path[len(RUNS_PREFIX):].rpartition("/")
+                self._live_run(unquote(run), what, query)
+            elif path == "/metrics":
                 self._metrics(query)
             elif path == "/healthz":
                 self._send(200, b"ok\n", "text/plain; charset=utf-8")
@@ -152,7 +172,7 @@ class _Handler(BaseHTTPRequestHandler):
                 if "/" in run:
                     self._error(404, "not_found", f"no such path: {url.path}")
                 elif what == "layers":
-                    self._layers(unquote(run))
+                    self._layers(unquote(run), query)
                 elif what == "topology":
                     graph = self.server.topology(unquote(run)) if self.server.topology else None
                     if graph is None:
@@ -193,13 +213,14 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._ok(run_detail(found, [a for a in snap.firing if a.run == run]))
 
-    def _layers(self, run: str) -> None:
+    def _layers(self, run: str, query: dict[str, list[str]]) -> None:
         snap = self.server.snapshot()
         found = next((r for r in snap.runs if r.run == run), None)
         if found is None:
             self._unknown(run)
             return
-        self._ok({"step": found.step, "layers": layer_detail(found)})
+        histograms = query.get("histograms", ["1"])[-1] not in ("0", "false")
+        self._ok({"step": found.step, "layers": layer_detail(found, histograms)})
 
     def _steps(self, run: str, query: dict[str, list[str]]) -> None:
         try:
@@ -214,9 +235,15 @@ class _Handler(BaseHTTPRequestHandler):
         if rows is None:
             self._unknown(run)
             return
+        layers = query.get("layers", ["1"])[-1] not in ("0", "false")  # the live view's curves need none
         for row in rows:
             row["loss"], row["grad_norm"] = _num(row["loss"]), _num(row["grad_norm"])
-            row["layers"] = {k: _num(v) for k, v in row["layers"].items()}
+            if layers:
+                row["layers"] = {k: _num(v) for k, v in row["layers"].items()}
+            else:
+                del row["layers"]
+            if "scalars" in row:
+                row["scalars"] = {k: _num(v) for k, v in row["scalars"].items()}
         self._ok({"steps": rows})
 
     def _unknown(self, run: str) -> None:
@@ -230,7 +257,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _json(self, code: int, doc: dict, extra: dict[str, str] | None = None) -> None:
         body = json.dumps(doc, allow_nan=False, separators=(",", ":")).encode()
-        self._send(code, body, "application/json", {"Cache-Control": "no-store", **(extra or {})})
+        headers = {"Cache-Control": "no-store", **(extra or {})}
+        # A 1,000-layer model's answers run to megabytes; numbers and names compress ~5x.
+        if len(body) > GZIP_MIN_BYTES and gzip_accepted(self.headers.get("Accept-Encoding", "")):
+            body = gzip.compress(body, 4)
+            headers.update({"Content-Encoding": "gzip", "Vary": "Accept-Encoding"})
+        self._send(code, body, "application/json", headers)
 
     def _send(self, code: int, body: bytes, content_type: str, extra: dict[str, str] | None = None) -> None:
         self.send_response(code)
@@ -253,12 +285,12 @@ def _int_arg(query: dict[str, list[str]], name: str) -> int | None:
         raise ValueError(f"{name}: expected an integer step, not {values[-1]!r}") from None
 
 
-def layer_detail(run: RunSnapshot) -> list[dict]:
+def layer_detail(run: RunSnapshot, histograms: bool = True) -> list[dict]:
     """Per layer, in forward order where known: norms, non-finite counts, health, exact histograms."""
     layers = {name for name, *_ in run.layers}
     health = layer_health(run.tensors, layers) if run.tensors else {}
     hists: dict[str, dict] = {}
-    for layer, kind, counts, _ in merge_histograms(run.tensors, layers, 1 << 30) if run.tensors else ():
+    for layer, kind, counts, _ in merge_histograms(run.tensors, layers, 1 << 30) if run.tensors and histograms else ():
         first = next((i for i, c in enumerate(counts) if c), 0)
         last = max((i for i, c in enumerate(counts) if c), default=-1)
         hists.setdefault(layer, {})[kind] = {"offset": first, "counts": counts[first:last + 1]}
@@ -283,13 +315,19 @@ def _count_by_run(alerts: list[Alert]) -> dict[str, int]:
 def serve(host: str, port: int, registry: CollectorRegistry, snapshot: Callable[[], Snapshot], *,
           history: Callable[[str, int | None, int | None, int], list[dict] | None] | None = None,
           topology: Callable[[str], dict | None] | None = None,
+          alert_log: Callable[[str], list[dict]] | None = None,
+          frames: FrameStore | None = None,
+          live_tick_s: float | None = DEFAULT_TICK_S,
           poll_s: float = 0.5) -> tuple[ThreadingHTTPServer, threading.Thread]:
-    """Starts /metrics and the query API on a daemon thread; returns (server, thread). Raises ListenError
-    with a message for the command line when the port cannot be opened. shutdown() takes up to poll_s."""
+    """Starts /metrics, the query API and the live view on daemon threads; returns (server, thread).
+    Raises ListenError with a message for the command line when the port cannot be opened. shutdown()
+    takes up to poll_s and ends the live view's event streams. live_tick_s None: no live hub; frames: the
+    consumer's histogram frames (else the hub samples one per tick)."""
+    live = LiveHub(snapshot, history, live_tick_s, frames=frames) if live_tick_s else None
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
         server_class = type("Server", (_Server,), {"address_family": family})
-        server = server_class((host, port), registry, snapshot, history, topology)
+        server = server_class((host, port), registry, snapshot, history, topology, alert_log, live)
     except OSError as e:
         if e.errno == errno.EADDRINUSE:
             why = "address in use (another aggregator running? choose one with --metrics-listen)"
@@ -298,4 +336,7 @@ def serve(host: str, port: int, registry: CollectorRegistry, snapshot: Callable[
         raise ListenError(f"cannot listen on {host}:{port}: {why}") from e
     thread = threading.Thread(target=server.serve_forever, args=(poll_s,), name="gradwatch-http", daemon=True)
     thread.start()
+    if live is not None:
+        live.start()
+        threading.Thread(target=STATIC.warm, name="gradwatch-ui-warm", daemon=True).start()
     return server, thread

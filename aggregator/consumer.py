@@ -26,6 +26,7 @@ from gradwatch.aggregator.counters import Counters, DedupLog
 from gradwatch.aggregator.entries import dead_letter, dead_letter_key, decode_entry
 from gradwatch.aggregator.exposition import AggregatorCollector, Snapshot
 from gradwatch.aggregator.leases import Leases, applied_key, lease_key
+from gradwatch.aggregator.live import FrameStore
 from gradwatch.aggregator.ruleset import RuleEngine
 from gradwatch.aggregator.state import State
 from gradwatch.collector.streams import (
@@ -77,6 +78,7 @@ class Aggregator:
             health_check_interval=30, **quiet_handshake())
         self._lock = threading.Lock()  # state and rules: the consumer writes, scrapes read
         self.state = State(config, self.counters, self._fetch_registration)
+        self.frames = FrameStore()  # every training report's histograms, thinned: the live view's animation
         self.rules = RuleEngine(config, self.counters)
         self.sink = AlertSink(self.client, config, self.counters)
         self.leases = Leases(self.client, config.consumer, config.lease_ttl_ms)
@@ -200,6 +202,7 @@ class Aggregator:
         with self._lock:
             self.state.forget(run)
             self.rules.forget(run)
+        self.frames.forget(run)
         self.sink.forget(run)
         log.info("no longer following run %s: %s", run, why)
 
@@ -210,6 +213,7 @@ class Aggregator:
                 self.rules.forget(run)
         for run in gone:
             self.sink.forget(run)
+            self.frames.forget(run)
             log.info("run %s expired: no report for %.0f s", run, self.config.run_expiry_s)
 
     def _read(self) -> int:
@@ -289,6 +293,8 @@ class Aggregator:
                 applied.reports += 1
                 applied.summaries += len(item.tensors)
                 applied.ranks.add(item.rank)
+                if view.train and (view.rank == 0 or view.rank == min(self.state.runs[run].ranks)):  # one rank's
+                    self.frames.add(run, view.step, view.by_kind)
                 alerts = self.rules.evaluate(view)
                 if self.state.closed:  # steps of a multi-rank run this report completed
                     for joined in self.state.take_closed():

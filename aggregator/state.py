@@ -27,6 +27,7 @@ KIND_NAMES = {v: run_pb2.TensorKind.Name(v).removeprefix("TENSOR_KIND_").lower()
 # Tensors without a dictionary entry sort after every known one in forward order.
 UNKNOWN_ORDER = 1 << 32
 RATE_WINDOW = 10
+MAX_CURVE_SCALARS = 16  # user scalars kept per history row (the live view's accuracy curves)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,9 +130,9 @@ class RunState:
         self.eval_scalars: dict[str, float] = {}  # ... and of the latest evaluation report
         self.tensors: dict[int, list[tuple[TensorMeta, report_pb2.TensorSummary]]] = {}  # latest training report
         # Recent reports of the lowest rank, for step-range queries: (step, capture time, train, loss,
-        # global grad norm, layer -> grad norm)
-        self.history: deque[tuple[int, float, bool, float | None, float | None, dict[str, float]]] = deque(
-            maxlen=history)
+        # global grad norm, layer -> grad norm, curve scalars such as accuracy)
+        self.history: deque[tuple[int, float, bool, float | None, float | None, dict[str, float],
+                                  dict[str, float]]] = deque(maxlen=history)
         self.topology: run_pb2.ModelGraph | None = None  # the module graph, when an agent sent one
         self.hyperparameters: dict[str, float | int | str | bool | None] = {}  # from the registration
         self.labels: dict[str, str] = {}
@@ -160,6 +161,15 @@ class RunSnapshot:
     tensors: dict[int, list[tuple[TensorMeta, report_pb2.TensorSummary]]] = field(default_factory=dict)
     hyperparameters: dict[str, float | int | str | bool | None] = field(default_factory=dict)
     labels: dict[str, str] = field(default_factory=dict)
+
+
+def curve_scalars(scalars: dict[str, float]) -> dict[str, float]:
+    """The user scalars worth a curve (accuracy, ...): not label counts or learning rates, at most
+    MAX_CURVE_SCALARS of them."""
+    if not scalars:
+        return {}
+    return dict(itertools.islice(((k, v) for k, v in scalars.items() if not k.startswith(("labels/", "lr/"))),
+                                 MAX_CURVE_SCALARS))
 
 
 def _sqrt(x: float) -> float:
@@ -309,7 +319,7 @@ class State:
         if rs.world_size > 1 and train:
             self._join(rs, view)
         if report.rank == 0 or report.rank == min(rs.ranks):  # the lowest rank's reports
-            rs.history.append((step, t, train, loss, global_norm, grad_norms))
+            rs.history.append((step, t, train, loss, global_norm, grad_norms, curve_scalars(scalars)))
         return view
 
     def _join(self, rs: RunState, view: ReportView) -> None:
@@ -342,7 +352,8 @@ class State:
         hi = 1 << 62 if last is None else last
         rows = [r for r in rs.history if lo <= r[0] <= hi][-limit:] if limit > 0 else []
         return [{"step": step, "time": t, "phase": "train" if train else "eval", "loss": loss, "grad_norm": norm,
-                 "layers": dict(layers)} for step, t, train, loss, norm, layers in rows]
+                 "layers": dict(layers), "scalars": dict(curve)}
+                for step, t, train, loss, norm, layers, curve in rows]
 
     def topology(self, run: str) -> dict | None:
         """The run's module graph: the agent's (nodes with their types, data-flow edges) when it sent one,

@@ -103,7 +103,7 @@ def test_healthz(api):
     assert request(f"{base}/healthz")[::2] == (200, b"ok\n")
 
 
-@pytest.mark.parametrize("path", ["/", "/api", "/api/v1", "/api/v1/nope", "/api/v1/runs/demo/layers/x",
+@pytest.mark.parametrize("path", ["/api", "/api/v1", "/api/v1/nope", "/api/v1/runs/demo/layers/x",
                                   "/metrics/extra", "/favicon.ico"])
 def test_bad_paths_are_json_404s(api, path):
     base, _, _ = api
