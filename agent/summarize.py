@@ -57,7 +57,10 @@ class Summarizer:
             result = self._row(flat)
         else:
             result = merge(torch.stack([self._row(c) for c in flat.split(self.chunk_elements)]))
-        self._store(slice(row, row + 1), result, accumulate)
+        if accumulate:
+            self._store(slice(row, row + 1), result, accumulate)
+        else:  # the per-step path for every watched tensor: as few Python-level ops as possible
+            self.buffer[row].copy_(result, non_blocking=True)
 
     def summarize_channels(self, whole: int, first: int, x: torch.Tensor, accumulate: bool = False) -> None:
         """Queue the statistics of each channel (dim 1) of the floating-point `x` into
