@@ -32,6 +32,7 @@ from gradwatch.agent.exporter import Exporter
 from gradwatch.agent.inputs import label_scalars
 from gradwatch.agent.schedule import Burst, parse
 from gradwatch.agent.slots import distributed_info
+from gradwatch.agent.topology import ModelTopology
 from gradwatch.v1 import report_pb2
 
 log = logging.getLogger("gradwatch.agent")
@@ -79,6 +80,7 @@ class Watcher:
         self.optimizer = optimizer
         self.external_window = False
         self.selection = config.selection()
+        self._topology = ModelTopology(model)  # before the hooks below: the first registration may carry it
         self._schedule = parse(config.schedule_spec())
         self._burst = self._schedule if isinstance(self._schedule, Burst) else None
         self._capture = Capture(model, optimizer, self.selection, config, self.counters, self._due,
@@ -127,7 +129,7 @@ class Watcher:
 
     def _registration(self):
         return encode.registration(self.run, self.rank, self.world_size, self.slots, self._hyperparameters,
-                                   self._labels, None, time.time())
+                                   self._labels, self._topology.graph(), time.time())
 
     # ---- training-thread API -------------------------------------------------------------------
 
@@ -300,6 +302,7 @@ class Watcher:
             for h in self._hooks:
                 h.remove()
             self._capture.remove_hooks()
+            self._topology.close()
             self._pipeline.shutdown(self.config.shutdown_timeout_s if timeout is None else timeout)
         except Exception:
             self.counters.internal_errors += 1
