@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 from gradwatch.aggregator.api import ListenError, serve
 from gradwatch.aggregator.config import DEFAULT_METRICS_LISTEN, DEFAULT_REDIS_URL, AggregatorConfig
 from gradwatch.aggregator.consumer import Aggregator
-from gradwatch.aggregator.live import alert_log
+from gradwatch.aggregator.views import alert_log
 from gradwatch.envconfig import ConfigError
 
 log = logging.getLogger("gradwatch.aggregator")

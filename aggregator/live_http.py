@@ -19,8 +19,9 @@ import select
 import socket
 import time
 
-from gradwatch.aggregator.live import HEARTBEAT_S, heatmap, nodegraph, sse
+from gradwatch.aggregator.live import HEARTBEAT_S, sse
 from gradwatch.aggregator.static import StaticFiles
+from gradwatch.aggregator.views import heatmap, nodegraph
 
 log = logging.getLogger("gradwatch.aggregator.api")
 LIVE_RUN_PATHS = ("/heatmap", "/histograms", "/nodegraph", "/alerts")

@@ -49,6 +49,7 @@ def cmd_up(args) -> int:
           f"\n  collector  {cfg.collector_listen}  (point agents here: GRADWATCH_COLLECTOR)"
           f"\n  metrics    http://{cfg.aggregator_metrics_listen}/metrics  (aggregator)"
           f"\n             http://{cfg.collector_metrics_listen}/metrics  (collector)"
+          f"\n  live view  http://{cfg.aggregator_metrics_listen}/"
           f"\nCtrl-C stops it.", flush=True)
     return run_forever(stack)
 
@@ -56,8 +57,25 @@ def cmd_up(args) -> int:
 def cmd_demo(args) -> int:
     from gradwatch.demo import print_summary, run_demo
 
-    result = run_demo(_config(args), steps=args.steps, blowup_step=args.blowup_step)
-    return 0 if print_summary(result) else 1
+    cfg = _config(args)
+    ok: list[bool] = []
+
+    def keep_up(result) -> None:
+        # The stack stays up for the live view until Ctrl-C or SIGTERM.
+        import signal
+        import threading
+
+        ok.append(print_summary(result))
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        print(f"\nlive view: http://{cfg.aggregator_metrics_listen}/#run={result.run}  (Ctrl-C stops the stack)",
+              flush=True)
+        while not stop.wait(0.5):
+            pass
+
+    result = run_demo(cfg, steps=args.steps, blowup_step=args.blowup_step, before_stop=keep_up if args.keep else None)
+    return 0 if (ok[0] if ok else print_summary(result)) else 1
 
 
 def _grafana_args(parser: argparse.ArgumentParser) -> None:
@@ -167,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     _stack_args(demo)
     demo.add_argument("--steps", type=int, default=300)
     demo.add_argument("--blowup-step", type=int, default=200)
+    demo.add_argument("--keep", action="store_true", help="keep the stack up after training, for the live view")
     sub.add_parser("collector", help="run a collector (see gradwatch collector --help)", add_help=False)
     sub.add_parser("aggregator", help="run an aggregator (see gradwatch aggregator --help)", add_help=False)
     _grafana_args(sub.add_parser("grafana", help="dashboards: generate the JSON files, push them to a Grafana"))

@@ -10,6 +10,7 @@ import threading
 import time
 import urllib.request
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import redis
@@ -115,7 +116,9 @@ def train(watcher_factory, steps: int, blowup_step: int, factor: float, out=sys.
 
 
 def run_demo(cfg: StackConfig, steps: int = DEFAULT_STEPS, blowup_step: int = DEFAULT_BLOWUP_STEP,
-             factor: float = DEFAULT_BLOWUP_FACTOR, out=sys.stdout) -> DemoResult:
+             factor: float = DEFAULT_BLOWUP_FACTOR, out=sys.stdout,
+             before_stop: Callable[[DemoResult], None] | None = None) -> DemoResult:
+    """Runs the demo; `before_stop(result)` is called while the stack still runs (`--keep`)."""
     import gradwatch
 
     free_defaults(cfg)
@@ -124,7 +127,8 @@ def run_demo(cfg: StackConfig, steps: int = DEFAULT_STEPS, blowup_step: int = DE
     with Stack(cfg) as stack:
         print(f"  redis      {stack.redis_url}{' (embedded)' if stack.redis else ''}\n"
               f"  collector  {cfg.collector_listen} (gRPC)\n"
-              f"  metrics    http://{cfg.aggregator_metrics_listen}/metrics", file=out, flush=True)
+              f"  metrics    http://{cfg.aggregator_metrics_listen}/metrics\n"
+              f"  live view  http://{cfg.aggregator_metrics_listen}/", file=out, flush=True)
         printer = AlertPrinter(stack.redis_url, run, out)
         printer.start()
         print(f"training a small MLP on synthetic data for {steps} steps as run {run!r}", file=out, flush=True)
@@ -139,6 +143,8 @@ def run_demo(cfg: StackConfig, steps: int = DEFAULT_STEPS, blowup_step: int = DE
         result.metrics_sample = [line for line in text.splitlines()
                                  if line.startswith(("gradwatch_layer_grad_norm", "gradwatch_run_loss",
                                                      "gradwatch_run_step")) and run in line]
+        if before_stop is not None:
+            before_stop(result)
     return result
 
 

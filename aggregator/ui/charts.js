@@ -150,19 +150,27 @@ export class Heatmap {
         const l = Math.log10(v);
         lo = Math.min(lo, l);
         hi = Math.max(hi, l);
-        finite.push([x, y, l]);
+        finite.push([x, y, l, l]);  // colour value, true value
       } else {
         zero.push([x, y, 1]);
       }
     }));
     if (!finite.length) { lo = 0; hi = 1; }
+    // Colours span the 1st to 99th percentile: one exploding step must not flatten every other cell.
+    if (finite.length > 100) {
+      const sorted = finite.map((c) => c[2]).sort((a, b) => a - b);
+      lo = sorted[Math.floor(0.01 * (sorted.length - 1))];
+      hi = sorted[Math.ceil(0.99 * (sorted.length - 1))];
+      if (hi <= lo) hi = lo + 1;
+      for (const c of finite) c[2] = Math.min(hi, Math.max(lo, c[3]));
+    }
     const many = this.layers.length > 60;
     this.chart.setOption({
       backgroundColor: 'transparent',
       animation: false,
       tooltip: {
         formatter: (p) => {
-          const v = p.seriesId === 'nonfinite' ? p.data[3] : p.seriesId === 'zero' ? '0 (zero, or no finite value)' : fmt(10 ** p.data[2]);
+          const v = p.seriesId === 'nonfinite' ? p.data[3] : p.seriesId === 'zero' ? '0 (zero, or no finite value)' : fmt(10 ** p.data[3]);
           return `<b>${esc(this.layers[p.data[1]])}</b><br>step ${this.steps[p.data[0]]}: gradient norm ${v}`;
         },
       },

@@ -146,6 +146,8 @@ export class TopologyView {
     const { width } = this.chart.getDom().getBoundingClientRect();
     const size = Math.max(5, Math.min(26, (0.55 * width) / Math.max(1, this.layout.perBand)));
     const labels = n <= 80;
+    const xs = this.layout.pos.map((p) => p[0]);
+    const [x0, x1] = [Math.min(...xs), Math.max(...xs)];
     // Only what differs from the series' defaults goes into an item: ECharts resolves every item option
     // through a model of its own, which is most of the cost of drawing 1,000 nodes.
     const data = this.nodes.map((node, i) => {
@@ -156,13 +158,16 @@ export class TopologyView {
       const item = { name: node.id, x: this.layout.pos[i][0], y: this.layout.pos[i][1], itemStyle: { color } };
       if (role) {
         const accent = ROLE_STYLE[role].color;
+        // Labels of nodes near the sides grow inwards, so they are not cut at the panel's edge.
+        const at = (item.x - x0) / Math.max(1, x1 - x0);
+        const align = at > 0.7 ? 'right' : at < 0.3 ? 'left' : 'center';
         Object.assign(item, {
           gwRole: role,
           symbol: role === 'nonfinite' ? 'diamond' : 'circle',
           symbolSize: size * 1.8,
           z: 10,
           itemStyle: { color, borderColor: accent, borderWidth: Math.max(3, size / 5), shadowBlur: 18, shadowColor: accent },
-          label: { show: true, position: 'top', formatter: `${ROLE_STYLE[role].text}: {b}`, color: accent,
+          label: { show: true, position: 'top', align, formatter: `${ROLE_STYLE[role].text}: {b}`, color: accent,
                    fontWeight: 'bold', fontSize: 13, backgroundColor: 'rgba(20,22,26,0.85)', padding: [2, 4] },
         });
       } else if (node.id === this.selected) {

@@ -15,7 +15,8 @@ import pytest
 
 from gradwatch.aggregator import api as api_module
 from gradwatch.aggregator.api import serve
-from gradwatch.aggregator.live import FrameStore, alert_log
+from gradwatch.aggregator.live import FrameStore
+from gradwatch.aggregator.views import alert_log
 
 
 @pytest.fixture

@@ -280,3 +280,43 @@ def test_a_1000_layer_model_paints_within_bounds(stack, browser):
     assert first_paint < FIRST_PAINT_BOUND_MS
     assert page.errors == [], page.errors
     page.page.close()
+
+
+def test_demo_keep_leaves_the_live_view_up_until_sigterm(tmp_path):
+    """`gradwatch demo --keep`: the summary, then the live view's address, served until SIGTERM."""
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    ports = [free_port() for _ in range(3)]
+    env = dict(os.environ, GRADWATCH_DATA_DIR=str(tmp_path / "data"))
+    env.pop("GRADWATCH_REDIS_URL", None)
+    proc = subprocess.Popen([sys.executable, "-m", "gradwatch", "demo", "--keep", "--steps", "60",
+                             "--blowup-step", "40", "--collector-listen", f"127.0.0.1:{ports[0]}",
+                             "--collector-metrics-listen", f"127.0.0.1:{ports[1]}",
+                             "--metrics-listen", f"127.0.0.1:{ports[2]}"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        lines = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not any("live view:" in line for line in lines):
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+        found = re.search(r"live view: (http://\S+)/#run=(\S+)", "".join(lines))
+        assert found, "".join(lines)
+        base, run = found.groups()
+        with urllib.request.urlopen(f"{base}/ui/", timeout=5) as resp:
+            assert resp.status == 200 and b"app.js" in resp.read()
+        with urllib.request.urlopen(f"{base}/api/v1/runs/{run}/topology", timeout=5) as resp:
+            graph = json.load(resp)["data"]
+        assert graph["inferred"] is False  # the agent sent the MLP's module graph (torch.fx)
+        assert {"source": "fc1", "target": "act1"} in graph["edges"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
