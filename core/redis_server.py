@@ -51,8 +51,9 @@ class RedisServer:
     """Starts redis-server on host:port with its files under `data_dir`; stop() ends it."""
 
     def __init__(self, data_dir: str | os.PathLike, port: int | None = None, host: str = "127.0.0.1",
-                 extra_args: list[str] | None = None, appendonly: bool = True):
+                 extra_args: list[str] | None = None, appendonly: bool = True, binary: str | None = None):
         self.host = host
+        self.binary = binary  # None: find_redis_server()
         self.port = port or free_port(host)
         self.data_dir = Path(data_dir).resolve()  # redis-server chdirs to --dir before opening its log
         self.extra_args = list(extra_args or [])
@@ -66,7 +67,7 @@ class RedisServer:
     def start(self, timeout: float = 10.0) -> RedisServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         args = [
-            find_redis_server(),
+            self.binary or find_redis_server(),
             "--bind", self.host,
             "--port", str(self.port),
             "--dir", str(self.data_dir),
