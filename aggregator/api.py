@@ -301,6 +301,8 @@ def layer_detail(run: RunSnapshot, histograms: bool = True) -> list[dict]:
                     "update_ratio": _num(h.update_ratio) if h else None,
                     "dead_fraction": _num(h.dead_fraction) if h else None,
                     "saturated_fraction": _num(h.saturated_fraction) if h else None,
+                    "activation_mean": _num(h.activation_mean) if h else None,
+                    "activation_var": _num(h.activation_var) if h else None,
                     "histograms": hists.get(name, {})})
     return out
 

@@ -28,6 +28,8 @@ class LayerHealth:
     update_ratio: float | None        # ||update|| / ||weight||, from UPDATE and PARAMETER summaries
     dead_fraction: float | None       # zero fraction of ReLU-like (min >= 0) activations
     saturated_fraction: float | None  # fraction with |y| >= 0.5 of activations bounded by [-1, 1]
+    activation_mean: float | None = None  # over the layer's finite activation values
+    activation_var: float | None = None
 
 
 def layer_health(tensors: dict, layers) -> dict[str, LayerHealth]:
@@ -40,10 +42,15 @@ def layer_health(tensors: dict, layers) -> dict[str, LayerHealth]:
         update[meta.layer] = update.get(meta.layer, 0.0) + s.sum_squares
     zeros: dict[str, list[int]] = {}
     sat: dict[str, list[float]] = {}
+    moments: dict[str, list[float]] = {}  # layer -> [finite count, sum, sum of squares]
     for meta, s in tensors.get(ACTIVATION, ()):
         n = s.count
         if not n:
             continue
+        m = moments.setdefault(meta.layer, [0.0, 0.0, 0.0])
+        m[0] += n - s.nan_count - s.inf_count
+        m[1] += s.sum
+        m[2] += s.sum_squares
         if s.min >= 0:
             z = zeros.setdefault(meta.layer, [0, 0])
             z[0] += s.zero_count
@@ -53,13 +60,17 @@ def layer_health(tensors: dict, layers) -> dict[str, LayerHealth]:
             f[0] += saturated_fraction(s) * n
             f[1] += n
     out = {}
-    for layer in set(update) | set(zeros) | set(sat):
+    for layer in set(update) | set(zeros) | set(sat) | set(moments):
         if layer not in layers:
             continue
         p, u = param.get(layer), update.get(layer)
         ratio = math.sqrt(u) / math.sqrt(p) if u is not None and p else None
-        z, f = zeros.get(layer), sat.get(layer)
-        out[layer] = LayerHealth(ratio, z[0] / z[1] if z else None, f[0] / f[1] if f else None)
+        z, f, m = zeros.get(layer), sat.get(layer), moments.get(layer)
+        mean = var = None
+        if m and m[0] > 0:
+            mean = m[1] / m[0]
+            var = max(m[2] / m[0] - mean * mean, 0.0)
+        out[layer] = LayerHealth(ratio, z[0] / z[1] if z else None, f[0] / f[1] if f else None, mean, var)
     return out
 
 

@@ -21,6 +21,7 @@ from gradwatch.aggregator.rulebase import KINDS, SEVERITIES, Rule, RuleSettings
 from gradwatch.aggregator.rules import ExplodingGradient, NonFinite, VanishingGradient
 from gradwatch.aggregator.rules_activations import DeadReLU, SaturatedActivation
 from gradwatch.aggregator.rules_data import ClassImbalance, InputDataDrift, UnnormalizedInput
+from gradwatch.aggregator.rules_debug import GradientCheckFailed
 from gradwatch.aggregator.rules_loss import LossNotDecreasing, LossSpike, StalledTraining
 from gradwatch.aggregator.rules_ranks import RankDivergence
 from gradwatch.aggregator.rules_tensors import AllZero, PoorWeightInitialization, TensorVariance, UnchangedTensor
@@ -30,8 +31,8 @@ from gradwatch.envconfig import ConfigError
 
 # Evaluation order: the causes (NaN, explosion, bad inputs) before their consequences.
 CATALOGUE: tuple[type[Rule], ...] = (
-    NonFinite, ExplodingGradient, VanishingGradient, WeightUpdateRatio, UnnormalizedInput, InputDataDrift,
-    ClassImbalance, LossSpike, LossNotDecreasing, Overfit, Overtraining, AllZero, UnchangedTensor,
+    NonFinite, GradientCheckFailed, ExplodingGradient, VanishingGradient, WeightUpdateRatio, UnnormalizedInput,
+    InputDataDrift, ClassImbalance, LossSpike, LossNotDecreasing, Overfit, Overtraining, AllZero, UnchangedTensor,
     PoorWeightInitialization, TensorVariance, DeadReLU, SaturatedActivation, StalledTraining, RankDivergence)
 BY_NAME = {rule.name: rule for rule in CATALOGUE}
 COMMON = ("enabled", "severity", "layers", "resolve_after_steps", "cooldown_steps", "keep_firing_s")

@@ -281,8 +281,9 @@ class State:
             if scalars:
                 if train:
                     rs.scalars = scalars
-                else:
-                    rs.eval_scalars = scalars
+                else:  # a gradient check's verdict stays until the next check replaces it
+                    kept = {k: v for k, v in rs.eval_scalars.items() if k.startswith("gradcheck/")}
+                    rs.eval_scalars = {**kept, **scalars} if kept and "gradcheck/passed" not in scalars else scalars
             if by_kind and train:
                 rs.tensors = by_kind  # a reference: layer health and histograms are derived at scrape time
         rs.last_seen = time.monotonic()

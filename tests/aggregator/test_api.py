@@ -184,6 +184,7 @@ def test_layers_of_a_run(api):
     # Build.report's activations go negative and reach 3: neither ReLU-like nor tanh-like; no updates sent
     assert layers["fc2"]["update_ratio"] is None and layers["fc2"]["dead_fraction"] is None
     assert layers["fc2"]["histograms"] == {}
+    assert layers["fc2"]["activation_mean"] == 0.0 and layers["fc2"]["activation_var"] == pytest.approx(9 / 256)
     assert get_json(f"{base}/api/v1/runs/nope/layers")[0] == 404
 
 
