@@ -76,6 +76,30 @@ class NonFinite(Rule):
                      self.settings.severity or CRITICAL, summary, iso(view.time))
 
 
+class _Window:
+    """The last `size` norms of one (rank, layer) and their running minimum (a monotonic queue: each
+    value enters and leaves it once), so the ratio test below costs O(1) per norm."""
+
+    __slots__ = ("values", "mins")
+
+    def __init__(self, size: int):
+        self.values: deque[float] = deque(maxlen=size)
+        self.mins: deque[float] = deque()  # non-decreasing: the window's minimum first
+
+    @property
+    def low(self) -> float:
+        return self.mins[0] if self.mins else math.inf
+
+    def append(self, value: float) -> None:
+        values, mins = self.values, self.mins
+        if len(values) == values.maxlen and mins[0] == values[0]:
+            mins.popleft()  # the oldest value, leaving the window, was the minimum
+        values.append(value)
+        while mins and mins[-1] > value:
+            mins.pop()
+        mins.append(value)
+
+
 class ExplodingGradient(Rule):
     """Gradient norm of a layer (or of the whole model) above exploding_abs_limit, or above
     exploding_ratio times the rolling median of that layer's last exploding_window norms on the same
@@ -94,7 +118,7 @@ class ExplodingGradient(Rule):
         self.window = int(self.p["window"])
         self.min_history = int(self.p["min_history"])
         # run -> (rank, layer) -> recent norms; bounded by the state's layer budget times the window.
-        self.history: dict[str, dict[tuple[int, str], deque[float]]] = {}
+        self.history: dict[str, dict[tuple[int, str], _Window]] = {}
 
     def evaluate(self, view: ReportView) -> list[Alert]:
         if view.global_grad_norm is None:
@@ -106,17 +130,17 @@ class ExplodingGradient(Rule):
         for layer, value in items:
             if math.isnan(value) or not (layer == GLOBAL_LAYER or self.layers(layer)):
                 continue
-            h = history.get((view.rank, layer))
-            if h is None:
-                h = history[(view.rank, layer)] = deque(maxlen=self.window)
+            w = history.get((view.rank, layer))
+            if w is None:
+                w = history[(view.rank, layer)] = _Window(self.window)
             threshold, median = self.abs_limit, None
+            n = len(w.values)
             # value > ratio * median needs value > ratio * min: skip the sort for almost every norm.
-            if len(h) >= self.min_history and value > self.ratio * min(h):
-                median = statistics.median(h)
+            if n >= self.min_history and value > self.ratio * w.low:
+                median = statistics.median(w.values)
                 if median > 0:
                     threshold = min(threshold, self.ratio * median)
-            n = len(h)
-            h.append(value)
+            w.append(value)
             if value > threshold:
                 # Any exceeding layer is named before the global norm (which is never below a layer's
                 # norm); among layers the largest excess, then the first in backward order.

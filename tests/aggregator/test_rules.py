@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 
 import pytest
 
@@ -182,3 +183,17 @@ def test_a_short_incident_keeps_firing_for_keep_firing_s(build):
     assert [(a.step, a.status) for a in alerts] == [(20, F)]
     late = engine.evaluate(state.apply("demo", build.report(40, t=1_700_000_000.0 + 2 + 300)))
     assert [(a.step, a.status) for a in late] == [(40, R)]
+
+
+@pytest.mark.parametrize("size", [1, 2, 5, 50])
+def test_exploding_window_minimum_matches_the_window(size):
+    """The running minimum that spares ExplodingGradient a median per norm, on ties and constants too."""
+    from gradwatch.aggregator.rules import _Window
+
+    rng = random.Random(size)
+    window, seen = _Window(size), []
+    for i in range(3000):
+        value = rng.choice([rng.random(), 1.0, 0.5, float(i % 7), math.inf])
+        window.append(value)
+        seen.append(value)
+        assert window.low == min(seen[-size:])
