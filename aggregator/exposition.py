@@ -54,6 +54,9 @@ class Snapshot:
 # their own series or none.
 MAX_SCALARS = 32
 SKIP_SCALARS = ("labels/", "lr/")
+# Hyperparameters exported per run (the first by name), and the length of a text value's label.
+MAX_HYPERPARAMETERS = 32
+MAX_HYPERPARAMETER_TEXT = 64
 
 
 class AggregatorCollector:
@@ -111,12 +114,20 @@ class AggregatorCollector:
         joined_ranks = GaugeMetricFamily("gradwatch_run_ranks_joined",
                                          "Ranks that reported the latest step the cross-rank join closed.",
                                          labels=["run"])
+        hyper = GaugeMetricFamily("gradwatch_run_hyperparameter",
+                                  "Numeric hyperparameter of the run's registration (booleans as 0 and 1).",
+                                  labels=["run", "name"])
+        hyper_info = GaugeMetricFamily("gradwatch_run_hyperparameter_info",
+                                       "1 for each text hyperparameter of the run's registration (value: its first "
+                                       f"{MAX_HYPERPARAMETER_TEXT} characters).", labels=["run", "name", "value"])
         hist_budget = snap.histogram_budget
         for run in snap.runs:
             if run.world_size:
                 world.add_metric([run.run], run.world_size)
             if run.joined is not None:
                 joined_ranks.add_metric([run.run], len(run.joined.parts))
+            if run.hyperparameters:
+                _hyperparameters(run, hyper, hyper_info)
             for family, values in ((scalar, run.scalars), (eval_scalar, run.eval_scalars)):
                 names = sorted(k for k in values if not k.startswith(SKIP_SCALARS))[:MAX_SCALARS]
                 for name in names:
@@ -147,7 +158,7 @@ class AggregatorCollector:
                     nonfinite.add_metric([run.run, layer, kind], count)
         yield from families.values()
         yield from (grad, param, nonfinite, update, dead, saturated, magnitude, scalar, eval_scalar, world,
-                    joined_ranks)
+                    joined_ranks, hyper, hyper_info)
 
         firing = GaugeMetricFamily("gradwatch_alert_firing", "1 while the rule's alert is firing for the run.",
                                    labels=["run", "rule", "layer"])
@@ -166,6 +177,16 @@ class AggregatorCollector:
         yield GaugeMetricFamily("gradwatch_aggregator_layer_series", "Layers held in the state, all runs.",
                                 value=snap.layer_series)
 
+
+def _hyperparameters(run: RunSnapshot, numeric: GaugeMetricFamily, text: GaugeMetricFamily) -> None:
+    """The first MAX_HYPERPARAMETERS of the run's hyperparameters by name: numbers (and booleans) as
+    gauges, text as info series; unset ones are left out."""
+    for name in sorted(run.hyperparameters)[:MAX_HYPERPARAMETERS]:
+        value = run.hyperparameters[name]
+        if isinstance(value, bool | int | float):
+            numeric.add_metric([run.run, name], float(value))
+        elif isinstance(value, str):
+            text.add_metric([run.run, name, value[:MAX_HYPERPARAMETER_TEXT]], 1)
 
 
 def _le(bound: float) -> str:

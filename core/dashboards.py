@@ -1,7 +1,7 @@
 """Grafana dashboards as code, built with grafana-foundation-sdk: run overview, layers, activation
-health and ingest health. Every query uses metrics the aggregator and collector export (README,
-Metrics) or the recording rules in deploy/prometheus/rules; grafana.py writes them to
-deploy/grafana/dashboards and pushes them to a Grafana.
+health, histograms, runs compared and ingest health. Every query uses metrics the aggregator and
+collector export (README, Metrics) or the recording rules in deploy/prometheus/rules; grafana.py writes
+them to deploy/grafana/dashboards and pushes them to a Grafana.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from grafana_foundation_sdk.builders import common as cb
 from grafana_foundation_sdk.builders import dashboard as db
-from grafana_foundation_sdk.builders import heatmap, prometheus, stat, statetimeline, timeseries
+from grafana_foundation_sdk.builders import heatmap, prometheus, stat, statetimeline, table, timeseries
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import common as cm
 from grafana_foundation_sdk.models import dashboard as dm
@@ -82,12 +82,17 @@ LAYERS_WITH_ACTIVATIONS = ('label_values({__name__=~"gradwatch_layer_(dead|satur
 LAYERS_WITH_HISTOGRAMS = 'label_values(gradwatch_layer_magnitude_bucket{run=~"$run"}, layer)'
 
 
-def variables(dash: db.Dashboard, layers: str | None = None) -> db.Dashboard:
-    """datasource and run, and a multi-value layer variable (default: all) from the `layers` query."""
+def variables(dash: db.Dashboard, layers: str | None = None, all_runs: bool = False) -> db.Dashboard:
+    """datasource and run (all_runs: with an All option, the default), and a multi-value layer variable
+    (default: all) from the `layers` query."""
     dash.with_variable(db.DatasourceVariable("datasource").label("Prometheus").type("prometheus"))
-    dash.with_variable(db.QueryVariable("run").label("run").datasource(DATASOURCE)
-                       .query("label_values(gradwatch_run_step, run)").refresh(dm.VariableRefresh.ON_TIME_RANGE_CHANGED)
-                       .sort(dm.VariableSort.ALPHABETICAL_ASC).multi(True))
+    run = (db.QueryVariable("run").label("run").datasource(DATASOURCE)
+           .query("label_values(gradwatch_run_step, run)").refresh(dm.VariableRefresh.ON_TIME_RANGE_CHANGED)
+           .sort(dm.VariableSort.ALPHABETICAL_ASC).multi(True))
+    if all_runs:
+        run.include_all(True).all_value(".*").current(dm.VariableOption(selected=True, text=["All"],
+                                                                        value=["$__all"]))
+    dash.with_variable(run)
     if layers:
         dash.with_variable(db.QueryVariable("layer").label("layer").datasource(DATASOURCE).query(layers)
                            .refresh(dm.VariableRefresh.ON_TIME_RANGE_CHANGED).sort(dm.VariableSort.ALPHABETICAL_ASC)
@@ -96,12 +101,13 @@ def variables(dash: db.Dashboard, layers: str | None = None) -> db.Dashboard:
     return dash
 
 
-def base(uid: str, title: str, description: str, layers: str | None = None) -> db.Dashboard:
+def base(uid: str, title: str, description: str, layers: str | None = None,
+         all_runs: bool = False) -> db.Dashboard:
     dash = (db.Dashboard(title).uid(uid).description(description).tags(TAGS).time("now-1h", "now").refresh("10s")
             .timezone("browser").tooltip(dm.DashboardCursorSync.CROSSHAIR).editable())
     dash.annotation(db.AnnotationQuery().name(ALERT_ANNOTATION).datasource(DATASOURCE).enable(True)
                     .icon_color("red").expr(f"gradwatch_alert_firing{{{RUN}}} > 0"))
-    return variables(dash, layers)
+    return variables(dash, layers, all_runs)
 
 
 def run_overview() -> db.Dashboard:
@@ -209,6 +215,76 @@ def histograms() -> db.Dashboard:
     return dash
 
 
+def column(expr: str, title: str) -> str:
+    """The query with its column title in the `name` label (what the compare table names columns by)."""
+    return f'label_replace({expr}, "name", "{title}", "", "")'
+
+
+# (column title, query): one row per run once merged on `run`. Hyperparameters come first, each in
+# a column named after its `name` label.
+COMPARED = (
+    ("Step", f"gradwatch_run_step{{{RUN}}}"),
+    ("Loss", f"gradwatch_run_loss{{{RUN}}}"),
+    ("Validation loss", f"gradwatch_run_eval_loss{{{RUN}}}"),
+    ("Accuracy", f'gradwatch_run_scalar{{{RUN}, name="accuracy"}}'),
+    ("Validation accuracy", f'gradwatch_run_eval_scalar{{{RUN}, name="accuracy"}}'),
+    ("Gradient norm", f"gradwatch_run_grad_norm{{{RUN}}}"),
+    ("Firing alerts", f"count by (run) (gradwatch_alert_firing{{{RUN}}} > 0) "
+                      f"or on (run) 0 * gradwatch_run_step{{{RUN}}}"),
+)
+
+
+def transform(id_: str, **options) -> dm.DataTransformerConfig:
+    return dm.DataTransformerConfig(id_val=id_, options=options)
+
+
+def instant_table(title: str, description: str, exprs: list[str], fmt: pm.PromQueryFormat,
+                  *transformations: dm.DataTransformerConfig, height: int = 8) -> table.Panel:
+    panel = (table.Panel().title(title).description(description).span(24).height(height).show_header(True)
+             .datasource(DATASOURCE).transformations(list(transformations)))
+    for i, expr in enumerate(exprs):
+        panel.with_target(prometheus.Dataquery().expr(expr).ref_id(chr(ord("A") + i)).instant().format(fmt)
+                          .datasource(DATASOURCE))
+    return panel
+
+
+def compare_table() -> table.Panel:
+    """Instant queries, one series per run each; labelsToFields names every value column after the
+    series' `name` label and keeps `run` as a column, merge joins the frames on (Time, run)."""
+    exprs = [f"gradwatch_run_hyperparameter{{{RUN}}}"] + [column(expr, title) for title, expr in COMPARED]
+    alerts = [dm.DynamicConfigValue(id_val="custom.cellOptions", value={"type": "color-text"}),
+              dm.DynamicConfigValue(id_val="thresholds", value={"mode": "absolute", "steps": [
+                  {"color": "green", "value": None}, {"color": "red", "value": 1}]})]
+    return (instant_table(
+        "Runs", "One row per run: its numeric hyperparameters (gradwatch_run_hyperparameter), then the latest "
+        "step, losses, accuracy, global gradient norm and firing alerts.", exprs, pm.PromQueryFormat.TIME_SERIES,
+        transform("labelsToFields", mode="columns", valueLabel="name"), transform("merge"),
+        transform("organize", excludeByName={"Time": True}, indexByName={"run": 0}, renameByName={},
+                  fieldOrder="manual"))
+            .override_by_name("Firing alerts", alerts))
+
+
+def text_hyperparameters() -> table.Panel:
+    return instant_table(
+        "Text hyperparameters", "Hyperparameters with text values (gradwatch_run_hyperparameter_info): one row "
+        "per run, one column per name.", [f"gradwatch_run_hyperparameter_info{{{RUN}}}"], pm.PromQueryFormat.TABLE,
+        transform("groupingToMatrix", columnField="name", rowField="run", valueField="value"), height=5)
+
+
+def runs_compared() -> db.Dashboard:
+    return (base("gradwatch-runs-compared", "gradwatch / Runs compared",
+                 "Runs side by side (a hyperparameter search): hyperparameters and latest values in a table, "
+                 "curves overlaid.", all_runs=True)
+            .with_panel(compare_table())
+            .with_panel(text_hyperparameters())
+            .with_panel(series("Loss", (f"gradwatch_run_loss{{{RUN}}}", "{{run}}")))
+            .with_panel(series("Validation loss", (f"gradwatch_run_eval_loss{{{RUN}}}", "{{run}}")))
+            .with_panel(series("Global gradient norm", (f"gradwatch_run_grad_norm{{{RUN}}}", "{{run}}"), log=True))
+            .with_panel(series("Accuracy", (f'gradwatch_run_scalar{{{RUN}, name="accuracy"}}', "train {{run}}"),
+                               (f'gradwatch_run_eval_scalar{{{RUN}, name="accuracy"}}', "validation {{run}}"),
+                               unit="percentunit")))
+
+
 def ingest() -> db.Dashboard:
     rate = "$__rate_interval"
     return (base("gradwatch-ingest", "gradwatch / Ingest health",
@@ -248,6 +324,7 @@ DASHBOARDS: dict[str, Callable[[], db.Dashboard]] = {
     "gradwatch-layers": layers,
     "gradwatch-activations": activations,
     "gradwatch-histograms": histograms,
+    "gradwatch-runs-compared": runs_compared,
     "gradwatch-ingest": ingest,
 }
 

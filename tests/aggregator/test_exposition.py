@@ -6,7 +6,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from gradwatch.aggregator.alert import Alert
-from gradwatch.aggregator.exposition import AggregatorCollector, Snapshot
+from gradwatch.aggregator.exposition import MAX_HYPERPARAMETER_TEXT, MAX_HYPERPARAMETERS, AggregatorCollector, Snapshot
 from gradwatch.aggregator.state import RunSnapshot
 
 RUN = RunSnapshot("demo", 12, 0.5, None, 1e-3, 2.0, 3.5, 1_700_000_000.0,
@@ -49,3 +49,30 @@ def test_registering_twice_is_refused():
     registry.register(collector)
     with pytest.raises(ValueError, match="Duplicated timeseries"):
         registry.register(AggregatorCollector(Snapshot))
+
+
+def test_hyperparameters_of_a_registration(build, publish, make_aggregator, run_all):
+    """Numbers and booleans as gauges, text as bounded info series, at most MAX_HYPERPARAMETERS per run."""
+    reg = build.registration(run="sweep-1")
+    reg.hyperparameters["lr"].number = 0.1
+    reg.hyperparameters["batch_size"].integer = 64
+    reg.hyperparameters["amp"].flag = True
+    reg.hyperparameters["optimizer"].text = "adamw-" + "x" * 100
+    reg.hyperparameters["unset"].SetInParent()
+    for i in range(MAX_HYPERPARAMETERS + 8):
+        reg.hyperparameters[f"z{i:02d}"].integer = i
+    publish.registration(reg)
+    publish.report(build.report(0, run="sweep-1"))
+    agg = make_aggregator()
+    run_all(agg)
+    get = agg.registry.get_sample_value
+    assert get("gradwatch_run_hyperparameter", {"run": "sweep-1", "name": "lr"}) == 0.1
+    assert get("gradwatch_run_hyperparameter", {"run": "sweep-1", "name": "batch_size"}) == 64
+    assert get("gradwatch_run_hyperparameter", {"run": "sweep-1", "name": "amp"}) == 1
+    assert get("gradwatch_run_hyperparameter", {"run": "sweep-1", "name": "optimizer"}) is None
+    assert get("gradwatch_run_hyperparameter_info", {"run": "sweep-1", "name": "optimizer",
+                                                     "value": ("adamw-" + "x" * 100)[:MAX_HYPERPARAMETER_TEXT]}) == 1
+    families = {f.name: f for f in agg.registry.collect()}
+    samples = families["gradwatch_run_hyperparameter"].samples + families["gradwatch_run_hyperparameter_info"].samples
+    assert len(samples) == MAX_HYPERPARAMETERS - 1  # "unset" counts towards the cap but has no series
+    assert {s.labels["name"] for s in samples} >= {"lr", "batch_size", "amp", "optimizer", "z00"}

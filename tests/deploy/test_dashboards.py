@@ -46,7 +46,7 @@ def test_committed_json_matches_the_generator(tmp_path):
     written = grafana.generate(tmp_path)
     assert {p.name for p in written} == {f"{uid}.json" for uid in ("gradwatch-run-overview", "gradwatch-layers",
                                                                   "gradwatch-activations", "gradwatch-histograms",
-                                                                  "gradwatch-ingest")}
+                                                                  "gradwatch-runs-compared", "gradwatch-ingest")}
     assert grafana.drift(tmp_path) == []
     stale = grafana.drift()
     assert stale == [], f"deploy/grafana/dashboards is out of date ({stale}): run `gradwatch grafana generate`"

@@ -23,6 +23,8 @@ pytestmark = pytest.mark.e2e
 
 RUN = "e2e-prom"          # the demo's MLP with a learning-rate blow-up at step 200
 SICK_RUN = "e2e-sick"     # dead ReLUs, saturated tanh, a badly initialised layer, updates and evaluations
+# Registered with both runs: numbers, a flag and a text value for the "Runs compared" tables.
+HYPERPARAMETERS = {"lr": 1e-3, "batch_size": 32, "nesterov": False, "optimizer": "sgd"}
 
 
 def prometheus_config(kit, tmp_path, targets: dict[str, str], alertmanager: str) -> str:
@@ -54,7 +56,8 @@ def train_sick(collector: str) -> None:
     """A few slow steps (longer than two scrapes, so Prometheus sees the step advance) of a model with a
     dead ReLU layer (bias -1000) and a saturated tanh (weights x100), with activations, updates and
     evaluation losses sent, so the aggregator's DeadReLU, SaturatedActivation and
-    PoorWeightInitialization rules fire and every activation, update and validation panel has data."""
+    PoorWeightInitialization rules fire and every activation, update and validation panel has data;
+    accuracies of both phases for the compared runs' accuracy columns."""
     import torch
     from torch import nn
 
@@ -67,17 +70,17 @@ def train_sick(collector: str) -> None:
         model.fc1.weight.mul_(100)
         model.fc2.bias.fill_(-1000)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-    with gradwatch.watch(model, optimizer, run=SICK_RUN, collector=collector,
-                         select="preset:business,updates:1") as watcher:
+    with gradwatch.watch(model, optimizer, run=SICK_RUN, collector=collector, select="preset:business,updates:1",
+                         hyperparameters=HYPERPARAMETERS) as watcher:
         for step in range(14):
             loss = model(torch.randn(32, 16)).pow(2).mean()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            watcher.step(loss=loss)
+            watcher.step(loss=loss, accuracy=0.25 + step / 100)
             if step % 4 == 3:
                 with torch.no_grad():
-                    watcher.step(phase="eval", loss=model(torch.randn(32, 16)).pow(2).mean())
+                    watcher.step(phase="eval", loss=model(torch.randn(32, 16)).pow(2).mean(), accuracy=0.25)
             time.sleep(0.25)
 
 
@@ -115,8 +118,9 @@ def test_dashboards_and_alerts_through_prometheus_and_alertmanager(kit, tmp_path
                 import gradwatch
                 from gradwatch.demo import train
 
-                train(lambda m, o: gradwatch.watch(m, o, run=RUN, collector=cfg.collector_listen), 215, 200, 1e6,
-                      out=io.StringIO())
+                train(lambda m, o: gradwatch.watch(m, o, run=RUN, collector=cfg.collector_listen,
+                                                   hyperparameters={**HYPERPARAMETERS, "lr": 0.05}),
+                      215, 200, 1e6, out=io.StringIO())
                 train_sick(cfg.collector_listen)
 
                 check_dashboard_queries(kit, prom_url)

@@ -14,7 +14,7 @@ from gradwatch import grafana
 from gradwatch.cli import main
 
 UIDS = ["gradwatch-run-overview", "gradwatch-layers", "gradwatch-activations", "gradwatch-histograms",
-        "gradwatch-ingest"]
+        "gradwatch-runs-compared", "gradwatch-ingest"]
 
 
 class FakeGrafana:
