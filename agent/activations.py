@@ -10,6 +10,9 @@ forward hook puts on the output on due steps; it summarizes the gradient when ba
 the device, and returns nothing, so the gradient flows on unchanged. A tensor hook rather than a full
 backward hook: those wrap the output in a custom autograd function, which breaks in-place ops after the
 module (ReLU(inplace=True)) and is one more node in every backward pass, due or not.
+
+Watched ReLU and ReLU6 modules also count, per unit, the training forward passes it fired in, on every
+step (agent/units.py): their `<module>:units` tensors give the aggregator the dead-unit fraction.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 
 from gradwatch.agent.encode import TensorSlot
 from gradwatch.agent.summarize import Summarizer
+from gradwatch.agent.units import UNITS_SUFFIX, UnitActivity, is_rectifier
 from gradwatch.v1 import run_pb2
 
 # Under torch.compile the hooks run eagerly at a graph break of their own: tracing them would compile the
@@ -40,9 +44,10 @@ def _first_tensor(output) -> torch.Tensor | None:
 
 class ActivationHooks:
     def __init__(self, model: torch.nn.Module, start_id: int, capture: list[tuple[str, torch.nn.Module]],
-                 outputs: bool = True, gradients: bool = False):
+                 outputs: bool = True, gradients: bool = False, max_units: int = 0):
         """Order hooks on every leaf module; statistics of the `capture` modules' outputs (`outputs`) and of
-        the gradients with respect to them (`gradients`). Slots: every output, then every gradient."""
+        the gradients with respect to them (`gradients`); with `outputs` and `max_units` > 0, unit activity
+        of the rectifiers among them. Slots: every output, then every gradient, then every rectifier's units."""
         kinds = [(run_pb2.TENSOR_KIND_ACTIVATION, ":output")] if outputs else []
         if gradients:
             kinds.append((run_pb2.TENSOR_KIND_ACTIVATION_GRADIENT, ":output.grad"))
@@ -55,6 +60,16 @@ class ActivationHooks:
         self._output_at = [i if outputs else None for i in range(len(capture))]
         self._grad_at = [len(capture) * outputs + i if gradients else None for i in range(len(capture))]
         self._grad_hooks = [self._grad_hook(i) for i in range(len(capture))]
+        # Rectifiers' unit counters, and the positions of their slots in self.slots.
+        self._units: list[tuple[UnitActivity, int] | None] = [None] * len(capture)
+        if outputs and max_units > 0:
+            for i, (path, module) in enumerate(capture):
+                if is_rectifier(module):
+                    self._units[i] = (UnitActivity(max_units), len(self.slots))
+                    self.slots.append(TensorSlot(
+                        id=start_id + len(self.slots), name=path + UNITS_SUFFIX, kind=run_pb2.TENSOR_KIND_ACTIVATION,
+                        module_path=path, order=i, shape=(), dtype="float32", numel=0,
+                        partition=run_pb2.PARTITION_PER_RANK))
         slot_of = {path: i for i, (path, _) in enumerate(capture)}
         leaves = [(path, m) for path, m in model.named_modules() if path and next(m.children(), None) is None]
         self.exec_order: dict[str, int] = {}
@@ -77,10 +92,17 @@ class ActivationHooks:
             try:
                 if path not in self.exec_order:
                     self.exec_order[path] = len(self.exec_order)
-                if index is None or not torch.is_grad_enabled() or not self._due():
+                if index is None or not torch.is_grad_enabled():
+                    return
+                units, due = self._units[index], self._due()
+                if units is None and not due:
                     return
                 t = _first_tensor(output)
                 if t is None or not t.is_floating_point() or t.is_sparse or self._summarizer is None:
+                    return
+                if units is not None:  # every training forward pass, due or not: the window between reports
+                    units[0].observe(t)
+                if not due:
                     return
                 if self._output_at[index] is not None:
                     slot = self.slots[self._output_at[index]]
@@ -110,8 +132,15 @@ class ActivationHooks:
         return hook
 
     def take_present(self) -> list[TensorSlot]:
+        """This step's rows; and the unit counts of the window that ends here, summarized, then cleared."""
         slots = list(self.present.values())
         self.present.clear()
+        for entry in self._units:
+            if entry is not None and self._summarizer is not None:
+                slot = self.slots[entry[1]]
+                n = entry[0].take(self._summarizer.summarize, slot.id)
+                if n:
+                    slots.append(dataclasses.replace(slot, numel=n, shape=(n,)))
         return slots
 
     def stop_order_tracking(self) -> None:

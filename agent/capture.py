@@ -86,7 +86,7 @@ class Capture:
         param_slots, self._sources = build_slots(selected.parameters, sel.parameters, sel.gradients)
         self.activations = ActivationHooks(
             model, len(param_slots), selected.modules if sel.activations or sel.activation_gradients else [],
-            outputs=sel.activations, gradients=sel.activation_gradients)
+            outputs=sel.activations, gradients=sel.activation_gradients, max_units=config.units_max)
         self.slots = param_slots + self.activations.slots
         self.updates = self.states = None
         if optimizer is not None and sel.updates:

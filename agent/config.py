@@ -27,6 +27,7 @@ DEFAULT_TLS = False                # plaintext unless asked; the collector decid
 DEFAULT_UPDATES_MAX_BYTES = 256 << 20  # device memory for the parameter copy that updates need, on captured steps
 DEFAULT_INPUTS_MAX_CHANNELS = 64   # observe_inputs: per-channel statistics for tensors with at most this many
 DEFAULT_LABELS_MAX_CLASSES = 1000  # observe_inputs: classes counted one by one; higher labels count as overflow
+DEFAULT_UNITS_MAX = 65536          # units (channels, features) per watched ReLU whose activity is counted (0: off)
 
 
 @dataclass
@@ -57,6 +58,7 @@ class AgentConfig:
     updates_max_bytes: int = DEFAULT_UPDATES_MAX_BYTES
     inputs_max_channels: int = DEFAULT_INPUTS_MAX_CHANNELS
     labels_max_classes: int = DEFAULT_LABELS_MAX_CLASSES
+    units_max: int = DEFAULT_UNITS_MAX
 
     @classmethod
     def from_env(cls, **overrides) -> AgentConfig:
@@ -79,6 +81,7 @@ class AgentConfig:
             tls_key_file=env("GRADWATCH_TLS_KEY", None, str),
             updates_max_bytes=env("GRADWATCH_UPDATES_MAX_BYTES", DEFAULT_UPDATES_MAX_BYTES),
             labels_max_classes=env("GRADWATCH_LABELS_MAX_CLASSES", DEFAULT_LABELS_MAX_CLASSES),
+            units_max=env("GRADWATCH_UNITS_MAX", DEFAULT_UNITS_MAX),
         )
         for key, value in overrides.items():
             if value is not None:
@@ -107,7 +110,8 @@ class AgentConfig:
                      "chunk_elements", "labels_max_classes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        for name in ("updates_max_bytes", "inputs_max_channels"):  # 0: no updates / no per-channel statistics
+        # 0: no updates / no per-channel statistics / no dead-unit counts
+        for name in ("updates_max_bytes", "inputs_max_channels", "units_max"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         for name in ("export_interval_s", "export_timeout_s", "shutdown_timeout_s"):

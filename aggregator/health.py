@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass
 
 from gradwatch.aggregator.rules_activations import saturated_fraction
+from gradwatch.aggregator.state import UNITS
 from gradwatch.v1 import run_pb2
 
 PARAMETER = run_pb2.TENSOR_KIND_PARAMETER
@@ -26,7 +27,9 @@ BOUNDS = tuple(2.0 ** (GROUP * (g + 1) - 40) for g in range(HIST_BUCKETS // GROU
 @dataclass(frozen=True, slots=True)
 class LayerHealth:
     update_ratio: float | None        # ||update|| / ||weight||, from UPDATE and PARAMETER summaries
-    dead_fraction: float | None       # zero fraction of ReLU-like (min >= 0) activations
+    # units that never fired since the previous report / units, where the agent counts unit activity
+    # (ReLU/ReLU6 modules); else the zero fraction of ReLU-like (min >= 0) activations
+    dead_fraction: float | None
     saturated_fraction: float | None  # fraction with |y| >= 0.5 of activations bounded by [-1, 1]
     activation_mean: float | None = None  # over the layer's finite activation values
     activation_var: float | None = None
@@ -41,6 +44,7 @@ def layer_health(tensors: dict, layers) -> dict[str, LayerHealth]:
     for meta, s in tensors.get(UPDATE, ()):
         update[meta.layer] = update.get(meta.layer, 0.0) + s.sum_squares
     zeros: dict[str, list[int]] = {}
+    dead_units: dict[str, list[int]] = {}  # layer -> [units that never fired, units]
     sat: dict[str, list[float]] = {}
     moments: dict[str, list[float]] = {}  # layer -> [finite count, sum, sum of squares]
     for meta, s in tensors.get(ACTIVATION, ()):
@@ -59,13 +63,18 @@ def layer_health(tensors: dict, layers) -> dict[str, LayerHealth]:
             f = sat.setdefault(meta.layer, [0.0, 0])
             f[0] += saturated_fraction(s) * n
             f[1] += n
+    for meta, s in tensors.get(UNITS, ()):
+        if s.count:
+            units = dead_units.setdefault(meta.layer, [0, 0])
+            units[0] += s.zero_count
+            units[1] += s.count
     out = {}
-    for layer in set(update) | set(zeros) | set(sat) | set(moments):
+    for layer in set(update) | set(zeros) | set(sat) | set(moments) | set(dead_units):
         if layer not in layers:
             continue
         p, u = param.get(layer), update.get(layer)
         ratio = math.sqrt(u) / math.sqrt(p) if u is not None and p else None
-        z, f, m = zeros.get(layer), sat.get(layer), moments.get(layer)
+        z, f, m = dead_units.get(layer) or zeros.get(layer), sat.get(layer), moments.get(layer)
         mean = var = None
         if m and m[0] > 0:
             mean = m[1] / m[0]

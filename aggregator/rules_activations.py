@@ -1,12 +1,13 @@
 """Rules on module outputs (TENSOR_KIND_ACTIVATION summaries, sent when activations are selected):
-dead ReLU-like layers and saturated tanh-like layers. Pure: views in, alert transitions out."""
+dead ReLU-like layers (from per-unit activity counts where the agent sends them) and saturated tanh-like
+layers. Pure: views in, alert transitions out."""
 
 from __future__ import annotations
 
 import math
 
 from gradwatch.aggregator.rulebase import WARNING, TensorRule, pct
-from gradwatch.aggregator.state import ReportView, TensorMeta
+from gradwatch.aggregator.state import UNITS, ReportView, TensorMeta
 from gradwatch.v1 import run_pb2
 
 ACTIVATION = run_pb2.TENSOR_KIND_ACTIVATION
@@ -16,26 +17,42 @@ _HALF_BUCKET, _ONE_BUCKET = 39, 40
 
 
 class DeadReLU(TensorRule):
-    """A ReLU-like layer that has stopped passing signal: an activation whose min is >= 0 (ReLU,
-    ReLU6, softplus-free rectifiers; GELU and SiLU go negative and are never read) with a fraction
-    of exact zeros >= min_zero_fraction in `window` consecutive reports of a rank. SageMaker Debugger
-    counts a unit dead when it is inactive on all inputs and fires when half of a layer's units are
-    dead; reports summarise a layer over the batch, so the zero fraction of the whole output stands
-    for it: at 0.99 almost every unit is zero on almost every input. At initialisation a ReLU layer
-    has about half its outputs zero; deliberately sparse ReLU models (ReLU LLM MLPs) reach 90-97 %,
-    below the default. Defaults: min_zero_fraction 0.99, window 10."""
+    """A rectifier layer that has stopped passing signal, in `window` consecutive reports of a rank.
+
+    Per unit, where the agent counts unit activity (watched ReLU/ReLU6 modules: `<layer>:units`, see
+    agent/units.py): a unit is dead when it was exactly zero on every input of every training forward
+    pass since the previous report (every image position of a channel, every token of a feature), and
+    the rule fires when a fraction >= min_dead_fraction of the layer's units are dead. That is
+    SageMaker Debugger's test (a unit dead when inactive on all inputs; half of a layer's units dead),
+    with "inactive" meaning never positive rather than positive on < 1 % of the inputs: exact and
+    mergeable. A healthy sparse layer stays quiet at any zero fraction as long as each unit fires on
+    some inputs, and a layer whose units die one by one shows before its outputs are all zero. Half, not
+    more: a unit dead for a whole window rarely comes back (its gradient is zero too), so half the
+    width gone is already a layer to look at; below it, a few dead units are common and harmless.
+
+    Fallback, for layers without unit counts (other agents, `units_max` 0, modules that are not
+    nn.ReLU/ReLU6): an activation whose min is >= 0 (GELU and SiLU go negative and are never read)
+    with a fraction of exact zeros >= min_zero_fraction; at 0.99 almost every unit is zero on almost
+    every input. At initialisation a ReLU layer has about half its outputs zero; deliberately sparse
+    ReLU models (ReLU LLM MLPs) reach 90-97 %, below the default. Defaults: min_dead_fraction 0.5,
+    min_zero_fraction 0.99, window 10."""
 
     name = "DeadReLU"
-    DEFAULTS = {"min_zero_fraction": 0.99, "window": 10}
+    DEFAULTS = {"min_dead_fraction": 0.5, "min_zero_fraction": 0.99, "window": 10}
 
     def hits(self, view: ReportView) -> list[tuple[TensorMeta, float]] | None:
-        acts = view.of_kind(ACTIVATION)
-        if not acts:
+        units, acts = view.of_kind(UNITS), view.of_kind(ACTIVATION)
+        if not units and not acts:
             return None
-        frac, layers, out = self.p["min_zero_fraction"], self.layers, []
+        dead, frac, layers, out = self.p["min_dead_fraction"], self.p["min_zero_fraction"], self.layers, []
+        counted = set()
+        for meta, s in units:
+            counted.add(meta.layer)
+            if s.count and s.zero_count >= dead * s.count and layers(meta.layer):
+                out.append((meta, s.zero_count / s.count))
         for meta, s in acts:
             n = s.count
-            if n and s.zero_count >= frac * n and s.min >= 0 and layers(meta.layer):
+            if n and s.zero_count >= frac * n and s.min >= 0 and meta.layer not in counted and layers(meta.layer):
                 out.append((meta, s.zero_count / n))
         return out
 
@@ -43,13 +60,18 @@ class DeadReLU(TensorRule):
         return s.zero_count / s.count if s.count else math.nan
 
     def describe(self, meta, value, reports, view):
+        if meta.kind == UNITS:
+            return (f"Layer {meta.layer} has dead units: {pct(value)} of its units never fired in the forward passes "
+                    f"before each of {reports} consecutive reports up to step {view.step}",
+                    self.p["min_dead_fraction"], WARNING)
         return (f"Layer {meta.layer} looks dead: {pct(value)} of its ReLU-like outputs {meta.name} are zero in "
                 f"{reports} consecutive reports up to step {view.step}", self.p["min_zero_fraction"], WARNING)
 
     @classmethod
     def check(cls, p):
-        if not 0 < p["min_zero_fraction"] <= 1:
-            raise ValueError("min_zero_fraction: expected a fraction in (0, 1]")
+        for key in ("min_dead_fraction", "min_zero_fraction"):
+            if not 0 < p[key] <= 1:
+                raise ValueError(f"{key}: expected a fraction in (0, 1]")
 
 
 def saturated_fraction(s) -> float:

@@ -24,6 +24,13 @@ from gradwatch.v1 import report_pb2, run_pb2
 PARAMETER = run_pb2.TENSOR_KIND_PARAMETER
 GRADIENT = run_pb2.TENSOR_KIND_GRADIENT
 KIND_NAMES = {v: run_pb2.TensorKind.Name(v).removeprefix("TENSOR_KIND_").lower() for v in run_pb2.TensorKind.values()}
+# The agent's per-unit activity counts of a rectifier (agent/units.py) come as ACTIVATION tensors named
+# "<module>:units" (count: units, zero count: units that never fired). They are filed under this
+# aggregator-local kind (no proto kind is negative), so rules and health that read module outputs never
+# mistake counts for outputs; DeadReLU and the layer health read them as the dead-unit fraction.
+UNITS = -1
+UNITS_SUFFIX = ":units"
+KIND_NAMES[UNITS] = "activation_units"
 # Tensors without a dictionary entry sort after every known one in forward order.
 UNKNOWN_ORDER = 1 << 32
 RATE_WINDOW = 10
@@ -44,6 +51,8 @@ class TensorMeta:
     @classmethod
     def of(cls, name: str, kind: int, layer: str, order: int, shape: tuple[int, ...] = (),
            partition: int = run_pb2.PARTITION_UNSPECIFIED, dtype: str = "") -> TensorMeta:
+        if kind == run_pb2.TENSOR_KIND_ACTIVATION and name.endswith(UNITS_SUFFIX):
+            kind = UNITS
         return cls(name, kind, layer, order, KIND_NAMES.get(kind, "unspecified"), shape, partition, dtype)
 
 
@@ -246,6 +255,8 @@ class State:
             if group is None:
                 group = by_kind[meta.kind] = []
             group.append((meta, s))
+            if meta.kind == UNITS:
+                continue  # counts, never non-finite: no per-layer series of their own
             if meta.kind == GRADIENT:
                 grad_sq[meta.layer] = grad_sq.get(meta.layer, 0.0) + s.sum_squares
             elif meta.kind == PARAMETER:

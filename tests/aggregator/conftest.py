@@ -24,7 +24,9 @@ from gradwatch.v1 import report_pb2, run_pb2
 LAYERS = ("embed", "fc1", "fc2", "head")
 KINDS = {"parameter": run_pb2.TENSOR_KIND_PARAMETER, "gradient": run_pb2.TENSOR_KIND_GRADIENT,
          "activation": run_pb2.TENSOR_KIND_ACTIVATION}
-KIND_SLOT = {"parameter": 1, "gradient": 2, "activation": 3}
+KIND_SLOT = {"parameter": 1, "gradient": 2, "activation": 3, "units": 4}
+# "units": a ReLU layer's per-unit activity counts (agent/units.py), an ACTIVATION named "<layer>:units";
+# registered by Scenario, in its reports only where a table gives their fields.
 T0 = 1_700_000_000.0
 
 
@@ -39,15 +41,20 @@ class Build:
 
     @staticmethod
     def tensor_name(layer: str, kind: str) -> str:
-        return {"parameter": f"{layer}.weight", "gradient": f"{layer}.weight.grad", "activation": f"{layer}.out"}[kind]
+        return {"parameter": f"{layer}.weight", "gradient": f"{layer}.weight.grad", "activation": f"{layer}.out",
+                "units": f"{layer}:units"}[kind]
 
-    def registration(self, run: str = "demo", rank: int = 0, start_s: float = T0) -> run_pb2.RunRegistration:
+    def registration(self, run: str = "demo", rank: int = 0, start_s: float = T0,
+                     units: bool = False) -> run_pb2.RunRegistration:
         reg = run_pb2.RunRegistration(run_id=run, rank=rank, world_size=1, agent_version="test", host="test-host")
         reg.start_time.FromNanoseconds(int(start_s * 1e9))
         for order, layer in enumerate(LAYERS):
             for kind, value in KINDS.items():
                 reg.tensors.add(id=self.tensor_id(layer, kind), name=self.tensor_name(layer, kind), kind=value,
                                 shape=[16, 16], dtype="float32", module_path=layer, order=order)
+            if units:
+                reg.tensors.add(id=self.tensor_id(layer, "units"), name=self.tensor_name(layer, "units"),
+                                kind=run_pb2.TENSOR_KIND_ACTIVATION, dtype="float32", module_path=layer, order=order)
         return reg
 
     def report(self, step: int, *, run: str = "demo", rank: int = 0, seq: int | None = None,
@@ -153,6 +160,8 @@ def healthy(step: int, layer: str, kind: str) -> dict:
     if kind == "gradient":
         rms = 1e-2 * (1 + 0.2 * math.sin(0.7 * step + i))
         return dict(count=256, sum=0.0, sum_squares=256 * rms ** 2, min=-5 * rms, max=5 * rms)
+    if kind == "units":
+        return dict(count=None)
     return dict(count=256, zero_count=128, sum=128.0, sum_squares=256.0, min=0.0, max=3.0)
 
 
@@ -171,7 +180,7 @@ class Scenario:
         if value is not None:
             r.loss = value
         for layer in LAYERS:
-            for kind in KINDS:
+            for kind in (*KINDS, "units"):
                 fields = healthy(step, layer, kind)
                 fields.update((tensors(step, layer, kind) if tensors else None) or {})
                 if fields.get("count") is not None:  # count=None: the tensor is not in this report
@@ -184,7 +193,7 @@ class Scenario:
         config = config or AggregatorConfig(keep_firing_s=0)
         state = State(config, Counters())
         self.engine = engine or RuleEngine(config)
-        state.register("demo", self.build.registration())
+        state.register("demo", self.build.registration(units=True))
         self.alerts = []
         for step in range(start, start + steps):
             view = state.apply("demo", self.report(step, tensors, loss, lr))

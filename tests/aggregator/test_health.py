@@ -7,8 +7,10 @@ import math
 
 import pytest
 
-from gradwatch.aggregator.health import BOUNDS, layer_histograms
-from gradwatch.aggregator.state import TensorMeta
+from gradwatch.aggregator.config import AggregatorConfig
+from gradwatch.aggregator.counters import Counters
+from gradwatch.aggregator.health import BOUNDS, layer_health, layer_histograms, merge_histograms
+from gradwatch.aggregator.state import UNITS, State, TensorMeta
 from gradwatch.v1 import report_pb2, run_pb2
 
 RUN = "health"
@@ -91,3 +93,30 @@ def test_histogram_budget_on_metrics(make_aggregator, build, publish, run_all):
     run_all(agg)
     text = [m for m in agg.registry.collect() if m.name == "gradwatch_layer_magnitude"][0]
     assert {s.labels["layer"] for s in text.samples} == {"fc2"}  # the only histogram in the report
+
+
+def test_dead_fraction_prefers_the_unit_counts(build):
+    """fc1 sends unit counts (16 of 64 units never fired) and outputs 90 % zero: its dead fraction is
+    the units'; fc2 sends outputs only: the zero fraction. The counts are no module output: not in the
+    layer's activation moments, histograms or non-finite series."""
+    state = State(AggregatorConfig(), Counters())
+    reg = build.registration(run=RUN, units=True)
+    state.register(RUN, reg)
+    r = build.report(0, run=RUN)
+    for layer, zeros in (("fc1", 230), ("fc2", 250)):
+        act = next(t for t in r.tensors if t.tensor_id == build.tensor_id(layer, "activation"))
+        act.min, act.zero_count = 0.0, zeros
+    units = r.tensors.add(tensor_id=build.tensor_id("fc1", "units"), count=64, zero_count=16, sum=200.0,
+                          sum_squares=900.0, min=0.0, max=5.0)
+    units.histogram_offset = 40
+    units.histogram.extend([10, 20, 18])
+    view = state.apply(RUN, r)
+    (snap,) = state.snapshot()
+    assert [m.name for m, _ in view.of_kind(UNITS)] == ["fc1:units"]
+    assert all(not m.name.endswith(":units") for m, _ in view.of_kind(run_pb2.TENSOR_KIND_ACTIVATION))
+    health = layer_health(snap.tensors, set(build.layers))
+    assert health["fc1"].dead_fraction == pytest.approx(16 / 64)
+    assert health["fc2"].dead_fraction == pytest.approx(250 / 256)
+    assert health["fc1"].activation_mean == pytest.approx(0.0)  # the outputs' sum only, not the counts'
+    assert [kind for layer, kind, *_ in merge_histograms(snap.tensors, {"fc1"}, 100)] == []
+    assert {k for _, _, _, kinds in snap.layers for k, _ in kinds} == {"parameter", "gradient", "activation"}

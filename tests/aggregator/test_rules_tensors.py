@@ -181,6 +181,48 @@ DEAD = [
 ]
 
 
+def units(dead: float, n: int = 64) -> dict:
+    """Per-unit activity counts of a layer of n units over a window: a fraction `dead` never fired."""
+    return dict(count=n, zero_count=round(n * dead), sum=3.0 * n, sum_squares=9.0 * n, min=0.0, max=4.0)
+
+
+DEAD_UNITS = [
+    pytest.param(at(range(20, 100), "fc1", "units", **units(0.75)), [(29, F, "fc1")], id="3/4 of fc1's units die"),
+    pytest.param(at(range(20, 100), "fc1", "units", **units(0.5)), [(29, F, "fc1")], id="half dead: the threshold"),
+    pytest.param(at(range(20, 40), "fc1", "units", **units(1.0)), [(29, F, "fc1"), (44, R, "fc1")],
+                 id="all dead, then recovers"),
+    pytest.param(both(at(range(0, 100), "fc1", "units", **units(0.0)), at(range(0, 100), "fc1", "activation",
+                                                                          **relu(0.9))),
+                 [], id="healthy sparse ReLU: 90 % zeros, every unit fires on some inputs"),
+    pytest.param(both(at(range(0, 100), "fc1", "units", **units(0.1)), at(range(0, 100), "fc1", "activation",
+                                                                          **relu(0.998))),
+                 [], id="99.8 % zeros but 90 % of units alive: the unit counts win"),
+    pytest.param(at(range(0, 100), "fc1", "units", **units(0.4)), [], id="40 % dead: below the threshold"),
+    pytest.param(at(range(20, 28), "fc1", "units", **units(0.9)), [], id="eight reports only"),
+    pytest.param(both(at(range(20, 100), "fc1", "units", **units(0.25)), at(range(20, 100), "fc2", "activation",
+                                                                            **relu(0.996))),
+                 [(29, F, "fc2")], id="a layer without unit counts: the zero-fraction fallback"),
+    pytest.param(both(at(range(20, 100), "fc1", "units", **units(0.6)), at(range(20, 100), "fc2", "units",
+                                                                           **units(0.9))),
+                 [(29, F, "fc2")], id="the deadest layer is named"),
+]
+
+
+@pytest.mark.parametrize(("tensors", "expected"), DEAD_UNITS)
+def test_dead_relu_from_unit_counts(scenario, tensors, expected):
+    assert [(s, st, lay) for s, st, _, lay in scenario(60, tensors, rule="DeadReLU")] == expected
+
+
+@pytest.mark.parametrize("rule", ["SaturatedActivation", "TensorVariance", "AllZero", "NonFinite"])
+def test_unit_counts_are_not_module_outputs(scenario, rule):
+    """All units firing every pass (counts constant 1: no spread, all in [0.5, 1]) or all dead (all zero)
+    would look like a saturated, constant or all-zero output to the rules that read outputs."""
+    for fields in (dict(units(0.0), sum=64.0, sum_squares=64.0, min=1.0, max=1.0),
+                   dict(units(1.0), sum=0.0, sum_squares=0.0, max=0.0)):
+        got = scenario(60, at(range(0, 60), "fc1", "units", **fields), rule=rule)
+        assert got == []
+
+
 @pytest.mark.parametrize(("tensors", "expected"), DEAD)
 def test_dead_relu(scenario, tensors, expected):
     assert [(s, st, lay) for s, st, _, lay in scenario(60, tensors, rule="DeadReLU")] == expected
