@@ -71,7 +71,45 @@ def _finite_train_loss(view: ReportView) -> float | None:
     return loss if view.train and not view.final and loss is not None and math.isfinite(loss) else None
 
 
-class Overfit(Rule):
+class _ValidationRule(Rule):
+    """What Overfit and Overtraining share: evaluations assembled from eval reports, each judged with the
+    mean of the rank's last train_window training losses before it (`judge`, per subclass)."""
+
+    LAYERS = False
+    RESOLVE_AFTER = 2
+    SEES_FINAL = True  # the end-of-run marker completes the last evaluation
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.evaluations = Evaluations()
+        self.train: dict[tuple[str, int], deque[float]] = {}
+
+    def evaluate(self, view: ReportView) -> list[Alert]:
+        done = self.evaluations.feed(view)
+        out = self.judge(done) if done is not None else []
+        loss = _finite_train_loss(view)
+        if loss is not None:
+            h = self.train.get((view.run, view.rank))
+            if h is None:
+                h = self.train[(view.run, view.rank)] = deque(maxlen=self.p["train_window"])
+            h.append(loss)
+        return out
+
+    def judge(self, ev: Evaluation) -> list[Alert]:
+        raise NotImplementedError
+
+    def forget(self, run: str) -> None:
+        super().forget(run)
+        self.evaluations.forget(run)
+        for d in self._per_rank():
+            for key in [k for k in d if k[0] == run]:
+                del d[key]
+
+    def _per_rank(self) -> tuple[dict, ...]:
+        return (self.train,)
+
+
+class Overfit(_ValidationRule):
     """The validation loss pulling away from the training loss: (validation - training) / training
     above ratio_threshold in `patience` consecutive evaluations of a rank, where the validation loss is
     the mean of an evaluation's eval reports and the training loss the mean of the rank's last
@@ -84,26 +122,10 @@ class Overfit(Rule):
 
     name = "Overfit"
     DEFAULTS = {"ratio_threshold": 0.1, "patience": 3, "train_window": 20, "start_step": 0}
-    LAYERS = False
-    RESOLVE_AFTER = 2
-    SEES_FINAL = True  # the end-of-run marker completes the last evaluation
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.evaluations = Evaluations()
-        self.train: dict[tuple[str, int], deque[float]] = {}
         self.streak: dict[tuple[str, int], int] = {}
-
-    def evaluate(self, view: ReportView) -> list[Alert]:
-        done = self.evaluations.feed(view)
-        out = self.judge(done) if done is not None else []
-        loss = _finite_train_loss(view)
-        if loss is not None:
-            h = self.train.get((view.run, view.rank))
-            if h is None:
-                h = self.train[(view.run, view.rank)] = deque(maxlen=self.p["train_window"])
-            h.append(loss)
-        return out
 
     def judge(self, ev: Evaluation) -> list[Alert]:
         key = (ev.run, ev.rank)
@@ -135,12 +157,8 @@ class Overfit(Rule):
         if not (math.isfinite(p["ratio_threshold"]) and p["ratio_threshold"] > 0):
             raise ValueError("ratio_threshold: expected a ratio > 0")
 
-    def forget(self, run: str) -> None:
-        super().forget(run)
-        self.evaluations.forget(run)
-        for d in (self.train, self.streak):
-            for key in [k for k in d if k[0] == run]:
-                del d[key]
+    def _per_rank(self) -> tuple[dict, ...]:
+        return (self.train, self.streak)
 
 
 class _Best:
@@ -154,7 +172,7 @@ class _Best:
         self.train: float | None = None  # the mean training loss then
 
 
-class Overtraining(Rule):
+class Overtraining(_ValidationRule):
     """The validation loss has stopped improving while the training loss still falls: no evaluation of
     a rank has brought the validation loss more than min_relative_improvement x |best| below the best
     so far for `patience` evaluations (so at least patience + 1 evaluations are needed), and the mean
@@ -169,26 +187,10 @@ class Overtraining(Rule):
 
     name = "Overtraining"
     DEFAULTS = {"patience": 10, "min_relative_improvement": 0.001, "train_window": 20}
-    LAYERS = False
-    RESOLVE_AFTER = 2
-    SEES_FINAL = True
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.evaluations = Evaluations()
         self.best: dict[tuple[str, int], _Best] = {}
-        self.train: dict[tuple[str, int], deque[float]] = {}
-
-    def evaluate(self, view: ReportView) -> list[Alert]:
-        done = self.evaluations.feed(view)
-        out = self.judge(done) if done is not None else []
-        loss = _finite_train_loss(view)
-        if loss is not None:
-            h = self.train.get((view.run, view.rank))
-            if h is None:
-                h = self.train[(view.run, view.rank)] = deque(maxlen=self.p["train_window"])
-            h.append(loss)
-        return out
 
     def judge(self, ev: Evaluation) -> list[Alert]:
         key = (ev.run, ev.rank)
@@ -221,12 +223,8 @@ class Overtraining(Rule):
         if not 0 <= p["min_relative_improvement"] < 1:
             raise ValueError("min_relative_improvement: expected a fraction in [0, 1)")
 
-    def forget(self, run: str) -> None:
-        super().forget(run)
-        self.evaluations.forget(run)
-        for d in (self.best, self.train):
-            for key in [k for k in d if k[0] == run]:
-                del d[key]
+    def _per_rank(self) -> tuple[dict, ...]:
+        return (self.best, self.train)
 
 
 class WeightUpdateRatio(Rule):

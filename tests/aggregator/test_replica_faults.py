@@ -28,22 +28,12 @@ from gradwatch.collector.streams import (
     registrations_key,
     reports_key,
 )
-from gradwatch.processes import stop_process
+from gradwatch.processes import stop_process, wait_until
 from gradwatch.redis_server import RedisServer, free_port
 
 RUNS = [f"fault-agg-{i}" for i in range(4)]
 RANKS = 2
 TENSORS = 12  # Build.report: four layers x (parameter, gradient, activation)
-
-
-def wait_until(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 class Replica:
@@ -156,7 +146,7 @@ def test_replica_sigkill_and_redis_restart_lose_nothing_and_count_nothing_twice(
 
         try:
             wait_until(done, 60, "every report applied")
-        except AssertionError:
+        except TimeoutError:
             logs = "\n".join(f"--- {p.name}\n{p.read_text()[-4000:]}" for p in sorted(tmp_path.glob("*.log")))
             raise AssertionError(f"expected {expected} per run (writer alive: {writer.is_alive()}), applied "
                                  f"{[applied(client, r) for r in RUNS]}, pending {[pending(client, r) for r in RUNS]}, "

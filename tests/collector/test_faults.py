@@ -20,7 +20,7 @@ import pytest
 import redis
 
 from gradwatch.collector.streams import FIELD_REPORT, reports_key
-from gradwatch.processes import stop_process
+from gradwatch.processes import stop_process, wait_until
 from gradwatch.redis_server import RedisServer, free_port
 from gradwatch.v1.ingest_service_pb2 import ExportRequest, ExportResponse
 from gradwatch.v1.report_pb2 import StepReport
@@ -31,16 +31,6 @@ EXPORT_METHOD = "/gradwatch.v1.IngestService/Export"
 MAX_STEPS = 3000          # bound on every training loop; the tests stop them long before
 STEP_SLEEP_S = 0.01       # ~100 steps/s per agent: a busy but realistic cadence
 FLUSH_TIMEOUT_S = 15.0
-
-
-def wait_until(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 class CollectorProcess:

@@ -17,20 +17,11 @@ import redis
 
 from gradwatch.collector.streams import ALERTS_KEY, FIELD_ALERT
 from gradwatch.demo import train
+from gradwatch.processes import wait_until
 from gradwatch.redis_server import RedisServer, free_port
 from gradwatch.stack import Stack, StackConfig
 
 pytestmark = pytest.mark.e2e
-
-
-def wait_until(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def scrape(address: str) -> str:
