@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import torch
 
+from gradwatch.agent.dtensor import local_numel, partition_of
 from gradwatch.agent.encode import TensorSlot
 from gradwatch.v1 import run_pb2
 
@@ -25,7 +26,9 @@ def build_slots(parameters: list[tuple[str, torch.nn.Parameter, str]], with_para
 
     Returns the slots and, for each, a callable giving the tensor to summarize now (None when absent,
     e.g. a gradient before the first backward). `order` is the registration order until the watcher
-    learns the forward execution order.
+    learns the forward execution order. DTensor parameters (FSDP2, tensor parallel) register their
+    global shape, their local element count and the partition of their placements (agent/dtensor.py);
+    their gradients share the parameter's placements.
     """
     slots: list[TensorSlot] = []
     sources: list[Callable[[], torch.Tensor | None]] = []
@@ -36,7 +39,8 @@ def build_slots(parameters: list[tuple[str, torch.nn.Parameter, str]], with_para
         for kind, suffix, source in kinds:
             slots.append(TensorSlot(
                 id=len(slots), name=name + suffix, kind=kind, module_path=module_path or name, order=index,
-                shape=tuple(param.shape), dtype=str(param.dtype).removeprefix("torch."), numel=param.numel(),
+                shape=tuple(param.shape), dtype=str(param.dtype).removeprefix("torch."), numel=local_numel(param),
+                partition=partition_of(param),
             ))
             sources.append(source(param))
     return slots, sources

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from gradwatch.agent.dtensor import local
 from gradwatch.stats import HIST_BUCKETS, HIST_MIN_EXPONENT
 
 COL_NAN, COL_INF, COL_ZERO, COL_SUM, COL_SUMSQ, COL_MIN, COL_MAX, COL_HIST = range(8)
@@ -48,11 +49,18 @@ class Summarizer:
         self.buffer, self.n_rows = buffer, n_rows
 
     def summarize(self, row: int, tensor: torch.Tensor, accumulate: bool = False) -> None:
-        """Queue the statistics of `tensor` into buffer[row] (merged into what is there with `accumulate`)."""
-        flat = tensor.detach().reshape(-1)  # a view for contiguous tensors; parameters and grads are
+        """Queue the statistics of `tensor` into buffer[row] (merged into what is there with `accumulate`).
+        A DTensor's are its local shard's (no collective)."""
+        flat = local(tensor).detach().reshape(-1)  # a view for contiguous tensors; parameters and grads are
         if flat.is_complex():
             flat = torch.view_as_real(flat).reshape(-1)
         n = flat.numel()
+        if n == 0:  # an empty shard (more ranks than rows): nothing counted, min/max the empty fold
+            if not accumulate:
+                self.buffer[row].zero_()
+                self.buffer[row, COL_MIN] = _INF
+                self.buffer[row, COL_MAX] = -_INF
+            return
         if n <= self.chunk_elements:
             result = self._row(flat)
         else:

@@ -17,6 +17,7 @@ from collections import deque
 
 import torch
 
+from gradwatch.agent.dtensor import is_dtensor
 from gradwatch.v1 import run_pb2
 
 log = logging.getLogger("gradwatch.agent")
@@ -53,6 +54,8 @@ def fx_graph(model: torch.nn.Module) -> run_pb2.ModelGraph | None:
     flow, non-tensor inputs...) or is too large to trace at watch() time."""
     if sum(1 for _ in model.modules()) > FX_MAX_MODULES:
         return None
+    if any(is_dtensor(p) for p in model.parameters()):
+        return None  # FSDP2 / tensor parallel: tracing would run their hooks (collectives, FSDP's lazy init)
     try:
         import torch.fx
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from gradwatch.agent.dtensor import local, local_numel, partition_of
 from gradwatch.agent.encode import TensorSlot
 from gradwatch.agent.summarize import Summarizer
 from gradwatch.v1 import run_pb2
@@ -40,14 +41,14 @@ class Updates:
         self._params: list[torch.nn.Parameter] = []
         spent = 0
         for index, (name, param, module_path) in parameters:
-            nbytes = param.numel() * param.element_size()
+            nbytes = local_numel(param) * param.element_size()  # a DTensor's copy is of its local shard
             if spent + nbytes > max_bytes:
                 break
             spent += nbytes
             self.slots.append(TensorSlot(
                 id=start_id + len(self.slots), name=name, kind=run_pb2.TENSOR_KIND_UPDATE,
                 module_path=module_path or name, order=index, shape=tuple(param.shape), dtype=_dtype(param),
-                numel=param.numel()))
+                numel=local_numel(param), partition=partition_of(param)))
             self._params.append(param)
         self.over_budget = len(parameters) - len(self.slots)  # parameters whose updates are not watched
         self.copy_bytes = spent
@@ -57,7 +58,7 @@ class Updates:
         """Before the update: keep the watched parameters' values (captured steps only)."""
         if self._params:
             with torch.no_grad():
-                self._before = torch._foreach_mul([p.detach() for p in self._params], 1.0)
+                self._before = torch._foreach_mul([local(p).detach() for p in self._params], 1.0)
 
     def summarize(self, summarizer: Summarizer, present: list[TensorSlot]) -> None:
         """After the update: summarize new - old and let the copy go."""
@@ -65,7 +66,7 @@ class Updates:
         if before is None:
             return
         with torch.no_grad():
-            torch._foreach_sub_(before, [p.detach() for p in self._params])  # old - new, in place ...
+            torch._foreach_sub_(before, [local(p).detach() for p in self._params])  # old - new, in place ...
             torch._foreach_neg_(before)                                      # ... then new - old, exactly
         for slot, update in zip(self.slots, before, strict=True):
             summarizer.summarize(slot.id, update)
@@ -101,7 +102,8 @@ class OptimizerStates:
                 v = state[key]
                 found.append((TensorSlot(id=-1, name=f"{name}.{key}", kind=run_pb2.TENSOR_KIND_OPTIMIZER_STATE,
                                          module_path=module_path or name, order=index, shape=tuple(v.shape),
-                                         dtype=_dtype(v), numel=v.numel()), param, key))
+                                         dtype=_dtype(v), numel=local_numel(v), partition=partition_of(v)),
+                              param, key))
         self._waiting = waiting
         self._found = found
         return [slot for slot, _, _ in found]
