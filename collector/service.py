@@ -1,5 +1,9 @@
 """The Export RPC: authenticate, admit, split, validate, write to Redis in one round trip, then answer.
 
+The same round trip pops the snapshot requests the aggregator queued for the request's runs
+(streams.snapshot_requests_key), which the answer carries to the agent, and stores the snapshots the agent
+sent (latest per kind and tensor, streams.snapshots_key).
+
 Requests arrive as raw bytes (no request deserializer), so what lands in Redis is exactly what the agent
 encoded. The answer is sent only after Redis accepted the write: a failure is UNAVAILABLE, the agent
 retries, and delivery is at-least-once end to end.
@@ -19,13 +23,24 @@ from google.rpc import error_details_pb2
 from redis.exceptions import RedisClusterException, RedisError
 
 from gradwatch.collector.config import CollectorConfig
-from gradwatch.collector.streams import FIELD_REGISTRATION, FIELD_REPORT, RUNS_KEY, registrations_key, reports_key
+from gradwatch.collector.streams import (
+    FIELD_REGISTRATION,
+    FIELD_REPORT,
+    MAX_SNAPSHOT_REQUESTS,
+    RUNS_KEY,
+    SNAPSHOT_TTL_MS,
+    registrations_key,
+    reports_key,
+    snapshot_requests_key,
+    snapshots_key,
+)
 from gradwatch.collector.telemetry import CollectorMetrics
-from gradwatch.collector.validate import registration_problem, report_problem
-from gradwatch.collector.wire import WireError, split_export_request
+from gradwatch.collector.validate import registration_problem, report_problem, snapshot_problem
+from gradwatch.collector.wire import WireError, split_export
 from gradwatch.v1.ingest_service_pb2 import ExportPartialSuccess, ExportResponse
 from gradwatch.v1.report_pb2 import StepReport
 from gradwatch.v1.run_pb2 import RunRegistration
+from gradwatch.v1.snapshot_pb2 import Snapshot, SnapshotRequest
 
 SERVICE_NAME = "gradwatch.v1.IngestService"
 # Refusal reasons quoted in partial_success.error_message: enough to debug an agent, bounded in size.
@@ -36,6 +51,8 @@ _LOG_INTERVAL_S = 10.0
 RETRY_INFO_KEY = "google.rpc.retryinfo-bin"
 # After a failed Redis write: long enough for a restart or failover to make progress, short enough to catch up.
 REDIS_RETRY_AFTER_S = 1.0
+# Snapshots per Export call: an agent sends one per request it got, and requests are few (16 per run queued).
+MAX_SNAPSHOTS_PER_REQUEST = 64
 
 log = logging.getLogger("gradwatch.collector")
 
@@ -69,6 +86,7 @@ class ExportService:
         self._expected_token = config.token.encode() if config.token is not None else None
         self._last_redis_log = -_LOG_INTERVAL_S
         self._suppressed_redis_errors = 0
+        self._pop_error_logged = False
 
     def method_handlers(self) -> dict[str, grpc.RpcMethodHandler]:
         return {
@@ -140,40 +158,47 @@ class ExportService:
 
     async def _process(self, request: bytes) -> ExportResponse:
         try:
-            raw_registrations, raw_reports = split_export_request(request)
+            raw_registrations, raw_reports, raw_snapshots = split_export(request)
         except WireError as err:
             raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "malformed", f"malformed ExportRequest: {err}") from None
         limit = self._config.max_reports_per_request
-        for what, items in (("reports", raw_reports), ("registrations", raw_registrations)):
-            if len(items) > limit:
+        for what, items, most in (("reports", raw_reports, limit), ("registrations", raw_registrations, limit),
+                                  ("snapshots", raw_snapshots, MAX_SNAPSHOTS_PER_REQUEST)):
+            if len(items) > most:
                 raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "too_large",
-                               f"request carries {len(items)} {what}, more than the limit of {limit}; "
+                               f"request carries {len(items)} {what}, more than the limit of {most}; "
                                "send smaller batches")
 
         reasons: list[str] = []
         registrations = self._accepted(raw_registrations, RunRegistration, registration_problem, "registration",
                                        reasons)
         reports = self._accepted(raw_reports, StepReport, report_problem, "report", reasons)
+        snapshots = self._accepted(raw_snapshots, Snapshot, lambda snap, _, most: snapshot_problem(snap, most),
+                                   "snapshot", reasons)
         rejected_registrations = len(raw_registrations) - len(registrations)
         rejected_reports = len(raw_reports) - len(reports)
-        if rejected_registrations:
-            self._metrics.refused.labels(reason="invalid_registration").inc(rejected_registrations)
-        if rejected_reports:
-            self._metrics.refused.labels(reason="invalid_report").inc(rejected_reports)
+        rejected_snapshots = len(raw_snapshots) - len(snapshots)
+        for reason, count in (("invalid_registration", rejected_registrations), ("invalid_report", rejected_reports),
+                              ("invalid_snapshot", rejected_snapshots)):
+            if count:
+                self._metrics.refused.labels(reason=reason).inc(count)
 
-        if registrations or reports:
-            await self._write(registrations, reports)
+        response = ExportResponse()
+        if registrations or reports or snapshots:
+            response.snapshot_requests.extend(await self._write(registrations, reports, snapshots))
             self._metrics.registrations.inc(len(registrations))
             self._metrics.reports.inc(len(reports))
             self._metrics.summaries.inc(sum(len(report.tensors) for report, _ in reports))
 
         if not reasons:
-            return ExportResponse()
+            return response
         shown = "; ".join(reasons[:MAX_REASONS_IN_MESSAGE])
         if len(reasons) > MAX_REASONS_IN_MESSAGE:
             shown += f"; and {len(reasons) - MAX_REASONS_IN_MESSAGE} more"
-        return ExportResponse(partial_success=ExportPartialSuccess(
-            rejected_reports=rejected_reports, rejected_registrations=rejected_registrations, error_message=shown))
+        response.partial_success.CopyFrom(ExportPartialSuccess(
+            rejected_reports=rejected_reports, rejected_registrations=rejected_registrations,
+            rejected_snapshots=rejected_snapshots, error_message=shown))
+        return response
 
     def _accepted(self, raws: list[bytes], message_type, problem, what: str, reasons: list[str]) -> list:
         """(decoded, raw bytes) of the items that pass; the others' reasons are appended to `reasons`."""
@@ -192,7 +217,9 @@ class ExportService:
         return accepted
 
     async def _write(self, registrations: list[tuple[RunRegistration, bytes]],
-                     reports: list[tuple[StepReport, bytes]]) -> None:
+                     reports: list[tuple[StepReport, bytes]],
+                     snapshots: list[tuple[Snapshot, bytes]] = ()) -> list[SnapshotRequest]:
+        """Writes in one round trip; returns the snapshot requests popped for the written runs."""
         maxlen = self._config.stream_maxlen
         pipe = self._redis.pipeline(transaction=False)
         runs: set[str] = set()
@@ -204,12 +231,25 @@ class ExportService:
         for report, raw in reports:
             pipe.xadd(reports_key(report.run_id), {FIELD_REPORT: raw}, maxlen=maxlen, approximate=True)
             runs.add(report.run_id)
+        for snap, raw in snapshots:
+            key = snapshots_key(snap.run_id)
+            pipe.hset(key, f"{snap.kind}:{snap.tensor}", raw)  # the latest per (kind, tensor) replaces the last
+            pipe.pexpire(key, SNAPSHOT_TTL_MS)
         now = self._clock()
         for run_id in runs:
             pipe.zadd(RUNS_KEY, {run_id: now})
+        # Piggybacked: the pops cost no round trip. A request popped for an answer the agent never gets is
+        # lost, and the user asks again (snapshots are pictures, not data).
+        popped = sorted(runs | {snap.run_id for snap, _ in snapshots})
+        for run_id in popped:
+            pipe.lpop(snapshot_requests_key(run_id), MAX_SNAPSHOT_REQUESTS)
         try:
             async with asyncio.timeout(self._config.redis_timeout_s):
-                await pipe.execute()
+                results = await pipe.execute(raise_on_error=False)
+            writes = results[:len(results) - len(popped)]
+            failed = next((r for r in writes if isinstance(r, Exception)), None)
+            if failed is not None:
+                raise failed
         # RedisClusterException: a cluster client that reaches no node to learn the slot map from (not a RedisError).
         except (RedisError, RedisClusterException, OSError, TimeoutError) as err:
             self._metrics.redis_errors.inc()
@@ -219,6 +259,24 @@ class ExportService:
                            REDIS_RETRY_AFTER_S) from None
         finally:
             await pipe.reset()
+        return self._requests(results[len(results) - len(popped):])
+
+    def _requests(self, popped: list) -> list[SnapshotRequest]:
+        requests = []
+        for result in popped:
+            if isinstance(result, Exception):  # e.g. an ACL from before snapshots: reports still flow
+                self._metrics.redis_errors.inc()
+                if not self._pop_error_logged:
+                    self._pop_error_logged = True
+                    log.warning("cannot pop snapshot requests (%s); reports still flow. Does the collector's Redis "
+                                "user lack the snapshot keys of deploy/redis/users.acl?", result)
+                continue
+            for raw in result or ():
+                try:
+                    requests.append(SnapshotRequest.FromString(raw))
+                except Exception:  # noqa: BLE001 - a garbled request is skipped, never fatal
+                    self._metrics.redis_errors.inc()
+        return requests
 
     def _log_redis_error(self, err: BaseException) -> None:
         now = time.monotonic()

@@ -5,6 +5,9 @@ Key layout (every key of one run shares the hash tag {run_id}, so Redis Cluster 
   gradwatch:{<run>}:reports        STREAM  one entry per StepReport ({"r": encoded report}) or per
                                            RunRegistration ({"g": encoded registration}), MAXLEN ~ bounded
   gradwatch:{<run>}:registrations  HASH    rank -> latest encoded RunRegistration of that rank
+  gradwatch:{<run>}:snapshot-requests  LIST  encoded SnapshotRequests the aggregator queued (RPUSH, bounded,
+                                           expiring); the collector pops them (LPOP) into Export responses
+  gradwatch:{<run>}:snapshots      HASH    "<kind>:<tensor>" -> latest encoded Snapshot the agent sent, expiring
   gradwatch:runs                   ZSET    run id -> unix time the collector last wrote for it
   gradwatch:alerts                 STREAM  one entry per alert transition ({"alert": JSON}), MAXLEN ~ bounded
 
@@ -39,6 +42,20 @@ def reports_key(run_id: str) -> str:
 
 def registrations_key(run_id: str) -> str:
     return f"gradwatch:{{{run_id}}}:registrations"
+
+
+def snapshot_requests_key(run_id: str) -> str:
+    return f"gradwatch:{{{run_id}}}:snapshot-requests"
+
+
+def snapshots_key(run_id: str) -> str:
+    return f"gradwatch:{{{run_id}}}:snapshots"
+
+
+# Pending snapshot requests per run, and how long requests and snapshots live in Redis.
+MAX_SNAPSHOT_REQUESTS = 16
+SNAPSHOT_REQUEST_TTL_MS = 10 * 60 * 1000
+SNAPSHOT_TTL_MS = 60 * 60 * 1000
 
 
 def valid_run_id(run_id: str) -> bool:

@@ -14,6 +14,7 @@ REFUSAL_REASONS = (
     "malformed",           # the ExportRequest framing is broken
     "invalid_report",      # one report refused (partial success)
     "invalid_registration",  # one registration refused (partial success)
+    "invalid_snapshot",    # one snapshot refused (partial success)
     "redis_error",         # Redis did not accept the write: the agent retries
 )
 STATUS_CODES = tuple(code.name for code in (

@@ -1,4 +1,4 @@
-"""Checks of one decoded StepReport or RunRegistration: a reason string when it must be refused, else None.
+"""Checks of one decoded StepReport, RunRegistration or Snapshot: a reason string when it must be refused, else None.
 
 Only what would break Redis keys, the aggregator or dashboards is refused. NaN and Inf inside statistics
 are data, never a reason.
@@ -9,9 +9,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from gradwatch.collector.streams import valid_run_id
+from gradwatch.snapshot_limits import BOUNDS, KINDS, LABEL_BYTES, REQUEST_ID_RE
 from gradwatch.stats import HIST_BUCKETS
 from gradwatch.v1.report_pb2 import StepReport
 from gradwatch.v1.run_pb2 import RunRegistration
+from gradwatch.v1.snapshot_pb2 import Snapshot
 
 _RUN_ID_RULE = "1-128 characters of [A-Za-z0-9_.:-]"
 
@@ -80,3 +82,33 @@ def _too_long(strings: Iterable[str], limit: int) -> str | None:
 def _show(value: str, limit: int = 40) -> str:
     """A bounded repr for error messages: refused input must not blow up logs or statuses."""
     return repr(value) if len(value) <= limit else repr(value[:limit]) + f"... ({len(value)} characters)"
+
+
+def snapshot_problem(snap: Snapshot, max_string_bytes: int) -> str | None:
+    """Snapshots are bounded pictures (gradwatch.snapshot_limits): anything bigger is a broken agent."""
+    if not valid_run_id(snap.run_id):
+        return f"run_id {_show(snap.run_id)} is not {_RUN_ID_RULE}"
+    if not REQUEST_ID_RE.match(snap.request_id):
+        return f"request_id {_show(snap.request_id)} is not 1-64 characters of [A-Za-z0-9_-]"
+    bounds = BOUNDS.get(snap.kind)
+    if bounds is None:
+        return f"unknown snapshot kind {snap.kind}"
+    too_long = _too_long((snap.tensor, snap.error), max_string_bytes)
+    if too_long is not None:
+        return f"snapshot {too_long}"
+    if len(snap.shape) > 16:
+        return f"shape of {len(snap.shape)} dimensions"
+    if snap.error:
+        return None if not snap.values and not snap.labels else "a snapshot with an error carries no values"
+    maps, rows, cols = bounds
+    if not (1 <= snap.maps <= maps and 1 <= snap.rows <= rows and 1 <= snap.cols <= cols):
+        return (f"{snap.maps} x {snap.rows} x {snap.cols} (maps x rows x cols) is outside 1..{maps} x 1..{rows} "
+                f"x 1..{cols} for a {KINDS[snap.kind]} snapshot")
+    if len(snap.values) != snap.maps * snap.rows * snap.cols:
+        return f"{len(snap.values)} values for {snap.maps} x {snap.rows} x {snap.cols}"
+    if snap.labels and len(snap.labels) != snap.rows:
+        return f"{len(snap.labels)} labels for {snap.rows} rows"
+    too_long = _too_long(snap.labels, LABEL_BYTES)
+    if too_long is not None:
+        return f"label {too_long}"
+    return None

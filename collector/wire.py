@@ -1,8 +1,9 @@
-"""Split a serialized ExportRequest into the raw bytes of its registrations and reports, without re-encoding.
+"""Split a serialized ExportRequest into the raw bytes of its registrations, reports and snapshots, without
+re-encoding.
 
 The collector stores exactly the bytes the agent encoded, so it only needs the framing of the top level:
-field 1 (registrations) and field 2 (reports), both length-delimited. Everything else is skipped by its
-wire type, as a protobuf parser would skip unknown fields. Any framing error raises WireError (a
+field 1 (registrations), field 2 (reports) and field 3 (snapshots), all length-delimited. Everything else
+is skipped by its wire type, as a protobuf parser would skip unknown fields. Any framing error raises WireError (a
 ValueError) with a reason fit for a gRPC status; nothing here may raise anything else on any input.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 FIELD_REGISTRATIONS = 1
 FIELD_REPORTS = 2
+FIELD_SNAPSHOTS = 3
 
 WIRE_VARINT = 0
 WIRE_FIXED64 = 1
@@ -21,7 +23,7 @@ WIRE_FIXED32 = 5
 # Same nesting limit as protobuf's own parsers: deeper group nesting is an attack, not data.
 MAX_GROUP_DEPTH = 100
 _MAX_VARINT_BYTES = 10
-_NAMES = {FIELD_REGISTRATIONS: "registrations", FIELD_REPORTS: "reports"}
+_NAMES = {FIELD_REGISTRATIONS: "registrations", FIELD_REPORTS: "reports", FIELD_SNAPSHOTS: "snapshots"}
 
 
 class WireError(ValueError):
@@ -30,8 +32,13 @@ class WireError(ValueError):
 
 def split_export_request(data: bytes) -> tuple[list[bytes], list[bytes]]:
     """(registrations, reports): each the encoded bytes of one item, in wire order."""
-    registrations: list[bytes] = []
-    reports: list[bytes] = []
+    registrations, reports, _ = split_export(data)
+    return registrations, reports
+
+
+def split_export(data: bytes) -> tuple[list[bytes], list[bytes], list[bytes]]:
+    """(registrations, reports, snapshots): each the encoded bytes of one item, in wire order."""
+    items: dict[int, list[bytes]] = {FIELD_REGISTRATIONS: [], FIELD_REPORTS: [], FIELD_SNAPSHOTS: []}
     end = len(data)
     pos = 0
     while pos < end:
@@ -50,11 +57,11 @@ def split_export_request(data: bytes) -> tuple[list[bytes], list[bytes]]:
                     f"field {number} ({_NAMES[number]}) at byte {tag_pos} claims {length} bytes, "
                     f"only {end - pos} left"
                 )
-            (registrations if number == FIELD_REGISTRATIONS else reports).append(data[pos:pos + length])
+            items[number].append(data[pos:pos + length])
             pos += length
         else:
             pos = _skip_field(data, pos, end, number, wire_type, tag_pos)
-    return registrations, reports
+    return items[FIELD_REGISTRATIONS], items[FIELD_REPORTS], items[FIELD_SNAPSHOTS]
 
 
 def read_varint(data: bytes, pos: int, end: int) -> tuple[int, int]:

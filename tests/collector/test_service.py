@@ -217,7 +217,7 @@ def test_too_many_reports_is_invalid_argument(start_collector, redis_client):
     (b"\x10\x01", "wire type 0"),
     (b"\x0f", "invalid wire type 7"),
     (b"\x00\x00", "field number 0"),
-    (b"\x1b\x08\x01", "not closed"),
+    (b"\x3b\x08\x01", "not closed"),
 ])
 def test_malformed_bytes_are_invalid_argument_and_counted(collector, channel, redis_client, payload, why):
     with pytest.raises(grpc.RpcError) as info:

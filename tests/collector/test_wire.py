@@ -37,7 +37,7 @@ def test_empty_items_are_kept():
 
 
 @pytest.mark.parametrize("unknown", [
-    b"\x18\x96\x01",                      # field 3 varint
+    b"\x48\x96\x01",                      # field 9 varint
     b"\x21" + b"\x00" * 8,                # field 4 fixed64
     b"\x2a\x03abc",                       # field 5 length-delimited
     b"\x35" + b"\x00" * 4,                # field 6 fixed32
@@ -58,16 +58,16 @@ def test_unknown_fields_are_skipped(unknown):
     (b"\x13\x14", "field 2 (reports) at byte 0 has wire type 3"),
     (b"\x1e", "invalid wire type 6"),
     (b"\x00", "field number 0"),
-    (b"\x1c", "end of group 3 at byte 0 without a start"),
-    (b"\x1b\x24", "end of group 4 at byte 1 inside group 3"),
-    (b"\x1b", "not closed"),
+    (b"\x3c", "end of group 7 at byte 0 without a start"),
+    (b"\x3b\x44", "end of group 8 at byte 1 inside group 7"),
+    (b"\x3b", "not closed"),
     (b"\x21\x00\x00", "truncated fixed64"),
     (b"\x25\x00", "truncated fixed32"),
     (b"\x2a\x05ab", "field 5 at byte 0 claims 5 bytes"),
-    (b"\x18" + b"\xff" * 10 + b"\x01", "longer than 10 bytes"),
-    (b"\x18" + b"\xff" * 9 + b"\x7f", "overflows 64 bits"),
+    (b"\x38" + b"\xff" * 10 + b"\x01", "longer than 10 bytes"),
+    (b"\x38" + b"\xff" * 9 + b"\x7f", "overflows 64 bits"),
     (b"\x80\x80\x80\x80\x80\x01", "tag at byte 0 overflows 32 bits"),
-    (b"\x1b" * (MAX_GROUP_DEPTH + 1), f"nested deeper than {MAX_GROUP_DEPTH}"),
+    (b"\x3b" * (MAX_GROUP_DEPTH + 1), f"nested deeper than {MAX_GROUP_DEPTH}"),
 ])
 def test_malformed_input_raises_a_clear_wire_error(data, why):
     with pytest.raises(WireError, match=why.replace("(", r"\(").replace(")", r"\)")):
@@ -80,7 +80,7 @@ def test_wire_error_is_a_value_error():
 
 def test_deeply_nested_groups_within_the_limit_are_skipped():
     depth = MAX_GROUP_DEPTH
-    assert split_export_request(b"\x1b" * depth + b"\x1c" * depth) == ([], [])
+    assert split_export_request(b"\x3b" * depth + b"\x3c" * depth) == ([], [])
 
 
 def test_read_varint_largest_value():

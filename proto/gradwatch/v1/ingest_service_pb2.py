@@ -24,21 +24,22 @@ _sym_db = _symbol_database.Default()
 
 from gradwatch.v1 import report_pb2 as gradwatch_dot_v1_dot_report__pb2
 from gradwatch.v1 import run_pb2 as gradwatch_dot_v1_dot_run__pb2
+from gradwatch.v1 import snapshot_pb2 as gradwatch_dot_v1_dot_snapshot__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!gradwatch/v1/ingest_service.proto\x12\x0cgradwatch.v1\x1a\x19gradwatch/v1/report.proto\x1a\x16gradwatch/v1/run.proto\"p\n\rExportRequest\x12\x34\n\rregistrations\x18\x01 \x03(\x0b\x32\x1d.gradwatch.v1.RunRegistration\x12)\n\x07reports\x18\x02 \x03(\x0b\x32\x18.gradwatch.v1.StepReport\"M\n\x0e\x45xportResponse\x12;\n\x0fpartial_success\x18\x01 \x01(\x0b\x32\".gradwatch.v1.ExportPartialSuccess\"g\n\x14\x45xportPartialSuccess\x12\x18\n\x10rejected_reports\x18\x01 \x01(\x03\x12\x1e\n\x16rejected_registrations\x18\x02 \x01(\x03\x12\x15\n\rerror_message\x18\x03 \x01(\t2T\n\rIngestService\x12\x43\n\x06\x45xport\x12\x1b.gradwatch.v1.ExportRequest\x1a\x1c.gradwatch.v1.ExportResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!gradwatch/v1/ingest_service.proto\x12\x0cgradwatch.v1\x1a\x19gradwatch/v1/report.proto\x1a\x16gradwatch/v1/run.proto\x1a\x1bgradwatch/v1/snapshot.proto\"\x9b\x01\n\rExportRequest\x12\x34\n\rregistrations\x18\x01 \x03(\x0b\x32\x1d.gradwatch.v1.RunRegistration\x12)\n\x07reports\x18\x02 \x03(\x0b\x32\x18.gradwatch.v1.StepReport\x12)\n\tsnapshots\x18\x03 \x03(\x0b\x32\x16.gradwatch.v1.Snapshot\"\x87\x01\n\x0e\x45xportResponse\x12;\n\x0fpartial_success\x18\x01 \x01(\x0b\x32\".gradwatch.v1.ExportPartialSuccess\x12\x38\n\x11snapshot_requests\x18\x02 \x03(\x0b\x32\x1d.gradwatch.v1.SnapshotRequest\"\x83\x01\n\x14\x45xportPartialSuccess\x12\x18\n\x10rejected_reports\x18\x01 \x01(\x03\x12\x1e\n\x16rejected_registrations\x18\x02 \x01(\x03\x12\x15\n\rerror_message\x18\x03 \x01(\t\x12\x1a\n\x12rejected_snapshots\x18\x04 \x01(\x03\x32T\n\rIngestService\x12\x43\n\x06\x45xport\x12\x1b.gradwatch.v1.ExportRequest\x1a\x1c.gradwatch.v1.ExportResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'gradwatch.v1.ingest_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_EXPORTREQUEST']._serialized_start=102
-  _globals['_EXPORTREQUEST']._serialized_end=214
-  _globals['_EXPORTRESPONSE']._serialized_start=216
-  _globals['_EXPORTRESPONSE']._serialized_end=293
-  _globals['_EXPORTPARTIALSUCCESS']._serialized_start=295
-  _globals['_EXPORTPARTIALSUCCESS']._serialized_end=398
-  _globals['_INGESTSERVICE']._serialized_start=400
-  _globals['_INGESTSERVICE']._serialized_end=484
+  _globals['_EXPORTREQUEST']._serialized_start=132
+  _globals['_EXPORTREQUEST']._serialized_end=287
+  _globals['_EXPORTRESPONSE']._serialized_start=290
+  _globals['_EXPORTRESPONSE']._serialized_end=425
+  _globals['_EXPORTPARTIALSUCCESS']._serialized_start=428
+  _globals['_EXPORTPARTIALSUCCESS']._serialized_end=559
+  _globals['_INGESTSERVICE']._serialized_start=561
+  _globals['_INGESTSERVICE']._serialized_end=645
 # @@protoc_insertion_point(module_scope)
