@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from gradwatch.agent.dtensor import local
+
 RECTIFIERS = (torch.nn.ReLU, torch.nn.ReLU6)  # subclasses too
 UNITS_SUFFIX = ":units"
 # Autograd nodes that put units on dim 1 (convolutions, channel norms, pooling), or last (matmuls, token
@@ -77,7 +79,9 @@ class UnitActivity:
         self.skipped = 0   # calls whose output had another number of units
 
     def observe(self, t: torch.Tensor) -> None:
-        """Count, per unit, whether it fired anywhere in `t` (a training forward output). Device work only."""
+        """Count, per unit, whether it fired anywhere in `t` (a training forward output). Device work only;
+        a DTensor output (tensor parallel) counts its local shard's units, with no collective."""
+        t = local(t)
         if t.dim() == 0 or t.numel() == 0:
             return
         if self.counts is None:
