@@ -97,7 +97,8 @@ class AggregatorCollector:
                                    "||update|| / ||weight|| of the layer in the latest step (the agent sends updates).",
                                    labels=["run", "layer"])
         dead = GaugeMetricFamily("gradwatch_layer_dead_fraction",
-                                 "Fraction of exact zeros in the layer's ReLU-like (min >= 0) activations.",
+                                 "Units never active since the last report (ReLU/ReLU6 unit counts), else the "
+                                 "fraction of exact zeros in the layer's ReLU-like (min >= 0) activations.",
                                  labels=["run", "layer"])
         saturated = GaugeMetricFamily("gradwatch_layer_saturated_fraction",
                                       "Fraction of the layer's [-1, 1]-bounded activations with |y| >= 0.5.",
