@@ -53,8 +53,9 @@ class ReportPipeline:
     def __init__(self, exporter: Exporter, encode: Callable[[object], report_pb2.StepReport],
                  registration: run_pb2.RunRegistration, counters: AgentCounters, *, queue_size: int,
                  batch_reports: int, batch_bytes: int, export_interval_s: float,
-                 queue_bytes: int = DEFAULT_QUEUE_BYTES):
+                 queue_bytes: int = DEFAULT_QUEUE_BYTES, snapshots=None):
         self._exporter = exporter
+        self._snapshots = snapshots  # agent/snapshots.py SnapshotTaker: requests in, captured snapshots out
         self._encode = encode
         self._registration = registration
         self._registered = False
@@ -187,17 +188,22 @@ class ReportPipeline:
                         self._inflight_bytes = 0  # delivered, dropped, or already back in the queue
                 if not sent:
                     break  # collector unreachable: wait for the next interval
+            if self._snapshots is not None and self._snapshots.waiting:
+                self._export_snapshots()  # captured between reports, or requests to take: do not wait for one
 
     def _export(self, batch: list[report_pb2.StepReport]) -> bool:
         # The drops since the last delivered report travel with this batch, so the collector side sees them.
         dropped = self.counters.dropped - self._dropped_reported
         batch[0].dropped_reports = dropped
         request = ingest_service_pb2.ExportRequest(reports=batch)
+        snapshots = self._snapshots.take() if self._snapshots is not None else []
+        request.snapshots.extend(snapshots)
         with self._lock:
             registration = None if self._registered else self._registration
         if registration is not None:
             request.registrations.append(registration)
         result = self._exporter.export(request)
+        self._after_snapshots(result, snapshots)
         if result.ok:
             self._dropped_reported += dropped
             if result.rejected_registrations:
@@ -225,6 +231,22 @@ class ReportPipeline:
         else:
             self.counters.dropped += _steps(batch)
         return False
+
+    def _export_snapshots(self) -> None:
+        snapshots = self._snapshots.take()
+        if snapshots:
+            self._after_snapshots(self._exporter.export(ingest_service_pb2.ExportRequest(snapshots=snapshots)),
+                                  snapshots)
+
+    def _after_snapshots(self, result, snapshots: list) -> None:
+        if self._snapshots is None:
+            return
+        if result.ok:
+            self._snapshots.request(result.snapshot_requests)
+            if result.rejected_snapshots:
+                self._log_once(f"collector refused {result.rejected_snapshots} snapshot(s): {result.error}")
+        elif result.retryable and snapshots:
+            self._snapshots.put_back(snapshots)
 
     def _log_once(self, message: str) -> None:
         # One line per distinct error: a dead collector must not flood the training job's log.

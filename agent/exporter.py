@@ -10,7 +10,7 @@ import logging
 import random
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from google.rpc import error_details_pb2
@@ -48,7 +48,9 @@ class ExportResult:
     retryable: bool = False
     rejected_reports: int = 0
     rejected_registrations: int = 0
+    rejected_snapshots: int = 0
     error: str = ""
+    snapshot_requests: list = field(default_factory=list)  # what the live view asked this run's agents for
 
 
 def channel_credentials(config: AgentConfig) -> grpc.ChannelCredentials | None:
@@ -133,7 +135,9 @@ class Exporter:
                 return ExportResult(ok=False, retryable=False, error=f"{type(err).__name__}: {err}")
             partial = response.partial_success
             return ExportResult(ok=True, rejected_reports=partial.rejected_reports,
-                                rejected_registrations=partial.rejected_registrations, error=partial.error_message)
+                                rejected_registrations=partial.rejected_registrations,
+                                rejected_snapshots=partial.rejected_snapshots, error=partial.error_message,
+                                snapshot_requests=list(response.snapshot_requests))
 
     def shutdown(self) -> None:
         self._shutdown.set()

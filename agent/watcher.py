@@ -32,6 +32,7 @@ from gradwatch.agent.exporter import Exporter
 from gradwatch.agent.inputs import label_scalars
 from gradwatch.agent.schedule import Burst, parse
 from gradwatch.agent.slots import distributed_info
+from gradwatch.agent.snapshots import SnapshotTaker
 from gradwatch.agent.topology import ModelTopology
 from gradwatch.v1 import report_pb2
 
@@ -95,10 +96,11 @@ class Watcher:
         self._held_scalars: dict[str, object] = {}  # scalars of watcher.step() calls between optimizer steps
         self._closed = False
         self._hyperparameters, self._labels = hyperparameters, labels
+        self._snapshots = SnapshotTaker(model, run, self.rank, lambda: self._step)  # on-demand, from the live view
         self._pipeline = ReportPipeline(
             Exporter.from_config(config), self._encode, self._registration(), self.counters,
             queue_size=config.queue_size, batch_reports=config.batch_reports, batch_bytes=config.batch_bytes,
-            export_interval_s=config.export_interval_s, queue_bytes=config.queue_bytes,
+            export_interval_s=config.export_interval_s, queue_bytes=config.queue_bytes, snapshots=self._snapshots,
         )
         # Flush at interpreter exit too (bounded by shutdown_timeout_s), without keeping the watcher alive.
         ref = weakref.ref(self)
@@ -223,6 +225,7 @@ class Watcher:
         self._pending = self._begin() if self._due() else None
 
     def _begin(self) -> CapturedStep | None:
+        self._snapshots.on_logged_step(self._step)  # requested snapshots: device work and async copies only
         captured = self._capture.begin(self._step)
         if captured is None:
             self._sequence += 1  # no host slot free: a report lost, and the sequence gap shows it
@@ -302,6 +305,7 @@ class Watcher:
             for h in self._hooks:
                 h.remove()
             self._capture.remove_hooks()
+            self._snapshots.close()
             self._topology.close()
             self._pipeline.shutdown(self.config.shutdown_timeout_s if timeout is None else timeout)
         except Exception:
