@@ -15,6 +15,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from gradwatch import __version__
 from gradwatch.agent.summarize import (
+    COL_CUBE,
     COL_HIST,
     COL_INF,
     COL_MAX,
@@ -97,6 +98,8 @@ def step_report(run_id: str, rank: int, step: int, sequence: int, capture_time: 
             zero_count=int(c[COL_ZERO]), sum=float(r[COL_SUM]), sum_squares=float(r[COL_SUMSQ]),
             min=_f32(r[COL_MIN]), max=_f32(r[COL_MAX]),
         )
+        if slot.kind == run_pb2.TENSOR_KIND_INPUT:  # the only rows summarized with cubes (agent/inputs.py)
+            summary.sum_cubes = float(r[COL_CUBE])
         if histogram:
             hist = r[COL_HIST:]
             nonzero = np.flatnonzero(hist)

@@ -5,8 +5,9 @@
 Inputs, on due steps only: every tensor of the batch (a tensor, or a dict / tuple / list of them,
 nested) is summarized into the shared device buffer as `inputs.<key>`; floating-point tensors also per
 channel, `inputs.<key>[c]` (dim 1: NCHW images, NCL signals, and the features of a 2-D batch), when
-there are at most `max_channels`. Module path `(inputs)`, kind INPUT. The batches of one step
-(micro-batches of gradient accumulation) merge into one summary.
+there are at most `max_channels`. Module path `(inputs)`, kind INPUT. Input summaries also carry the
+sum of cubes (skewness); the batches of one step (micro-batches of gradient accumulation) merge into one
+summary.
 
 Labels, on every call: integer class labels are counted into a fixed-size device histogram with
 `index_add_` (no host read: `bincount` would read the largest label back to size its output). Labels at
@@ -88,12 +89,12 @@ class InputObserver:
         whole, channels = entry
         accumulate = whole.id in self.present  # another batch of the same step: merge
         if channels and channels_of(t, self.max_channels) == len(channels):
-            self._summarizer.summarize_channels(whole.id, channels[0].id, t, accumulate)
+            self._summarizer.summarize_channels(whole.id, channels[0].id, t, accumulate, cubes=True)
             per_channel = t.numel() // len(channels)
             for slot in channels:
                 self._mark(slot, per_channel, t, accumulate)
         else:  # integers (token ids), masks, and floating-point tensors without channels
-            self._summarizer.summarize(whole.id, t, accumulate)
+            self._summarizer.summarize(whole.id, t, accumulate, cubes=True)
         self._mark(whole, t.numel(), t, accumulate)
 
     def _mark(self, slot: TensorSlot, numel: int, t: torch.Tensor, accumulate: bool) -> None:

@@ -2,10 +2,12 @@
 
 Each watched tensor owns a row of `buffer` (float64, on the model's device):
 
-  nan, inf, zero, sum, sum of squares, min, max, histogram[64]
+  nan, inf, zero, sum, sum of squares, min, max, sum of cubes, histogram[64]
 
-over its finite values (see gradwatch.stats). Everything here is device work queued on the training
-thread's stream; nothing reads a value back to the host. This is the plain-torch path (CPU, and CUDA
+over its finite values (see gradwatch.stats). The sum of cubes (skewness) is computed for input rows only
+(`cubes=True`); every other row holds 0 there, so parameters and gradients pay no extra pass.
+Everything here is device work queued on the training thread's stream; nothing reads a value back to the
+host. This is the plain-torch path (CPU, and CUDA
 until the fused multi-tensor kernel lands): a few ops per tensor, chunked so temporaries stay bounded.
 Rows merge (`accumulate`) the way the aggregator merges summaries: counts and sums add, min/max fold.
 """
@@ -17,7 +19,7 @@ import torch
 from gradwatch.agent.dtensor import local
 from gradwatch.stats import HIST_BUCKETS, HIST_MIN_EXPONENT
 
-COL_NAN, COL_INF, COL_ZERO, COL_SUM, COL_SUMSQ, COL_MIN, COL_MAX, COL_HIST = range(8)
+COL_NAN, COL_INF, COL_ZERO, COL_SUM, COL_SUMSQ, COL_MIN, COL_MAX, COL_CUBE, COL_HIST = range(9)
 NCOLS = COL_HIST + HIST_BUCKETS
 _INF = float("inf")
 # dtype -> (integer view, exponent shift, exponent mask, exponent bias) of IEEE formats read bit-wise.
@@ -39,6 +41,7 @@ class Summarizer:
         self.chunk_elements = chunk_elements
         self.buffer = torch.zeros(n_rows, NCOLS, dtype=torch.float64, device=device)
         self._maps: dict[torch.dtype, torch.Tensor] = {}
+        self._zero = torch.zeros((), dtype=torch.float64, device=device)  # COL_CUBE of rows without cubes
 
     def grow(self, n_rows: int) -> None:
         """Make room for more rows (new tensors seen after watch()), keeping the rows written so far."""
@@ -48,9 +51,9 @@ class Summarizer:
         buffer[: self.n_rows].copy_(self.buffer)
         self.buffer, self.n_rows = buffer, n_rows
 
-    def summarize(self, row: int, tensor: torch.Tensor, accumulate: bool = False) -> None:
-        """Queue the statistics of `tensor` into buffer[row] (merged into what is there with `accumulate`).
-        A DTensor's are its local shard's (no collective)."""
+    def summarize(self, row: int, tensor: torch.Tensor, accumulate: bool = False, cubes: bool = False) -> None:
+        """Queue the statistics of `tensor` into buffer[row] (merged into what is there with `accumulate`),
+        with the sum of cubes when `cubes`. A DTensor's are its local shard's (no collective)."""
         flat = local(tensor).detach().reshape(-1)  # a view for contiguous tensors; parameters and grads are
         if flat.is_complex():
             flat = torch.view_as_real(flat).reshape(-1)
@@ -62,17 +65,19 @@ class Summarizer:
                 self.buffer[row, COL_MAX] = -_INF
             return
         if n <= self.chunk_elements:
-            result = self._row(flat)
+            result = self._row(flat, cubes)
         else:
-            result = merge(torch.stack([self._row(c) for c in flat.split(self.chunk_elements)]))
+            result = merge(torch.stack([self._row(c, cubes) for c in flat.split(self.chunk_elements)]))
         if accumulate:
             self._store(slice(row, row + 1), result, accumulate)
         else:  # the per-step path for every watched tensor: as few Python-level ops as possible
             self.buffer[row].copy_(result, non_blocking=True)
 
-    def summarize_channels(self, whole: int, first: int, x: torch.Tensor, accumulate: bool = False) -> None:
+    def summarize_channels(self, whole: int, first: int, x: torch.Tensor, accumulate: bool = False,
+                           cubes: bool = False) -> None:
         """Queue the statistics of each channel (dim 1) of the floating-point `x` into
-        buffer[first : first + channels], and of all of `x` into buffer[whole], their merge.
+        buffer[first : first + channels], and of all of `x` into buffer[whole], their merge (with the sums
+        of cubes when `cubes`).
 
         One pass whatever the channel count: every statistic is a reduction over the other dims, and the
         exponent histogram counts (channel, exponent) pairs at once. Chunked along dim 0 (the batch).
@@ -80,8 +85,8 @@ class Summarizer:
         x = x.detach()
         per_item = max(x[0].numel(), 1) if x.shape[0] else 1
         chunks = x.split(max(1, self.chunk_elements // per_item))
-        rows = self._channel_rows(chunks[0]) if len(chunks) == 1 else merge(
-            torch.stack([self._channel_rows(c) for c in chunks]))
+        rows = self._channel_rows(chunks[0], cubes) if len(chunks) == 1 else merge(
+            torch.stack([self._channel_rows(c, cubes) for c in chunks]))
         self._store(slice(first, first + x.shape[1]), rows, accumulate)
         self._store(slice(whole, whole + 1), merge(rows), accumulate)
 
@@ -91,7 +96,7 @@ class Summarizer:
             result = merge(torch.stack([target, result.reshape(target.shape)]))
         target.copy_(result.reshape(target.shape), non_blocking=True)
 
-    def _row(self, x: torch.Tensor) -> torch.Tensor:
+    def _row(self, x: torch.Tensor, cubes: bool) -> torch.Tensor:
         spec = _EXPONENT_BITS.get(x.dtype)
         if spec is None:
             x = x.float()  # half (5-bit exponent: denormals matter), integers, fp8: a bounded temporary
@@ -111,6 +116,7 @@ class Summarizer:
             nan, nonfinite - nan, zero, cd.sum(), torch.dot(cd, cd),
             torch.nan_to_num(x, nan=_INF, posinf=_INF, neginf=_INF).amin(),
             torch.nan_to_num(x, nan=-_INF, posinf=-_INF, neginf=-_INF).amax(),
+            torch.dot(cd * cd, cd) if cubes else self._zero,
         ]).double()
         if not self.histogram:
             return torch.cat([head, head.new_zeros(HIST_BUCKETS)])
@@ -120,7 +126,7 @@ class Summarizer:
         hist[0] += counts[0] - zero
         return torch.cat([head, hist.double()])
 
-    def _channel_rows(self, x: torch.Tensor) -> torch.Tensor:
+    def _channel_rows(self, x: torch.Tensor, cubes: bool) -> torch.Tensor:
         """(channels, NCOLS) statistics of x (batch, channels, ...): the row-wise twin of `_row`."""
         spec = _EXPONENT_BITS.get(x.dtype)
         if spec is None:
@@ -139,10 +145,12 @@ class Summarizer:
         clean = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
         zero = n - nonfinite - torch.count_nonzero(clean, dim=dims)
         cd = clean.double()
+        squares = cd * cd
         head = torch.stack([
-            nan, nonfinite - nan, zero, cd.sum(dims), (cd * cd).sum(dims),
+            nan, nonfinite - nan, zero, cd.sum(dims), squares.sum(dims),
             torch.nan_to_num(x, nan=_INF, posinf=_INF, neginf=_INF).amin(dims),
             torch.nan_to_num(x, nan=-_INF, posinf=-_INF, neginf=-_INF).amax(dims),
+            squares.mul_(cd).sum(dims) if cubes else self._zero.expand(channels),
         ], dim=1).double()
         if not self.histogram:
             return torch.cat([head, head.new_zeros(channels, HIST_BUCKETS)], dim=1)

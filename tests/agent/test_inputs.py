@@ -1,5 +1,5 @@
-"""Input batches and labels: per-channel statistics against float64 references (NaN, Inf, denormals),
-names and keys, micro-batch merges, the schedule, and class counts between reports."""
+"""Input batches and labels: per-channel statistics and sums of cubes against float64 references (NaN,
+Inf, denormals), names and keys, micro-batch merges, the schedule, and class counts between reports."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from torch import nn
 
 import gradwatch
 from gradwatch.agent import AgentConfig
+from gradwatch.agent.encode import TensorSlot, step_report
 from gradwatch.agent.inputs import channels_of, flatten, label_scalars
-from gradwatch.agent.summarize import Summarizer
+from gradwatch.agent.summarize import COL_CUBE, Summarizer
 from gradwatch.stats import Stats
 from gradwatch.v1 import run_pb2
 
@@ -71,13 +72,58 @@ def test_channel_statistics_match_float64_reference(dtype, shape, chunk):
 def test_accumulate_merges_into_the_rows():
     a, b = nasty(60, seed=5).reshape(4, 3, 5), nasty(30, seed=6).reshape(2, 3, 5)
     s = Summarizer(4, torch.device("cpu"), True, 1 << 22)
-    s.summarize_channels(0, 1, a)
-    s.summarize_channels(0, 1, b, accumulate=True)
+    s.summarize_channels(0, 1, a, cubes=True)
+    s.summarize_channels(0, 1, b, accumulate=True, cubes=True)
     both = torch.cat([a, b])
     stats = to_stats(s.buffer.numpy(), [both] + [both.select(1, c) for c in range(3)])
     assert_matches(stats[0], both.double().numpy())
     for got, values in zip(stats[1:], channel_reference(both), strict=True):
         assert_matches(got, values)
+    assert sum_cubes(s.buffer.numpy(), [both] + [both.select(1, c) for c in range(3)]) == pytest.approx(
+        [cubes_reference(both.double().numpy())] + [cubes_reference(v) for v in channel_reference(both)], rel=1e-12)
+
+
+def cubes_reference(values: np.ndarray) -> float:
+    """Sum of cubes of the finite values, in float64."""
+    f = values[np.isfinite(values)].astype(np.float64)
+    return float((f * f * f).sum())
+
+
+def sum_cubes(rows: np.ndarray, tensors, kind: int = run_pb2.TENSOR_KIND_INPUT) -> list[float | None]:
+    """The encoded sum_cubes of each row (None where the report leaves it unset)."""
+    slots = [TensorSlot(i, f"t{i}", kind, "m", 0, tuple(t.shape), "float32", t.numel()) for i, t in enumerate(tensors)]
+    report = step_report("r", 0, 0, 1, 0.0, 1, rows, slots, True, {}, [])
+    return [s.sum_cubes if s.HasField("sum_cubes") else None for s in report.tensors]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [1 << 22, 50])
+def test_sums_of_cubes_match_float64_reference(dtype, chunk):
+    x = nasty(6 * 3 * 7, seed=8).reshape(6, 3, 7).to(dtype)  # NaN, +-Inf (never summed), cubes up to 1e115
+    flat = nasty(1001, seed=9).to(dtype)
+    tokens = torch.randint(-50, 50, (7, 11))
+    s = Summarizer(6, torch.device("cpu"), True, chunk)
+    s.summarize_channels(0, 1, x, cubes=True)
+    s.summarize(4, flat, cubes=True)
+    s.summarize(5, tokens, cubes=True)
+    tensors = [x] + [x.select(1, c) for c in range(3)] + [flat, tokens]
+    expected = [cubes_reference(x.double().numpy())] + [cubes_reference(v) for v in channel_reference(x)] + [
+        cubes_reference(flat.double().numpy()), cubes_reference(tokens.double().numpy())]
+    assert sum_cubes(s.buffer.numpy(), tensors) == pytest.approx(expected, rel=1e-12)
+    assert all(np.isfinite(expected))
+
+
+def test_rows_without_cubes_hold_zero_and_other_kinds_send_none():
+    x = nasty(4 * 3 * 5, seed=10).reshape(4, 3, 5)
+    s = Summarizer(5, torch.device("cpu"), True, 1 << 22)
+    s.summarize_channels(0, 1, x)
+    s.summarize(4, x)
+    assert not s.buffer[:, COL_CUBE].any()
+    s.summarize(4, x, cubes=True)
+    rows = s.buffer.numpy()
+    for kind in (run_pb2.TENSOR_KIND_PARAMETER, run_pb2.TENSOR_KIND_GRADIENT, run_pb2.TENSOR_KIND_ACTIVATION):
+        assert sum_cubes(rows, [x] * 5, kind) == [None] * 5
+    assert sum_cubes(rows, [x] * 5)[4] == pytest.approx(cubes_reference(x.numpy()), rel=1e-12)
 
 
 def inputs_of(report, names) -> dict[str, Stats]:
@@ -114,6 +160,16 @@ def test_inputs_of_a_dict_batch_with_images_tokens_and_wide_features(ingest):
         assert_matches(got[f"inputs.image[{c}]"], values)
     assert_matches(got["inputs.ids"], tokens.double().numpy())
     assert_matches(got["inputs.wide"], wide.double().numpy())
+    cubes = {names[t.tensor_id].name: t.sum_cubes if t.HasField("sum_cubes") else None
+             for t in ingest.reports[0].tensors}
+    assert cubes["inputs.image"] == pytest.approx(cubes_reference(images.double().numpy()), rel=1e-12)
+    for c, values in enumerate(channel_reference(images)):
+        assert cubes[f"inputs.image[{c}]"] == pytest.approx(cubes_reference(values), rel=1e-12)
+    assert cubes["inputs.ids"] == pytest.approx(cubes_reference(tokens.double().numpy()), rel=1e-12)
+    assert cubes["inputs.wide"] == pytest.approx(cubes_reference(wide.double().numpy()), rel=1e-12)
+    others = [t for t in ingest.reports[0].tensors if names[t.tensor_id].kind != run_pb2.TENSOR_KIND_INPUT]
+    assert {names[t.tensor_id].kind for t in others} >= {run_pb2.TENSOR_KIND_PARAMETER, run_pb2.TENSOR_KIND_GRADIENT}
+    assert not [t for t in others if t.HasField("sum_cubes")]  # parameters and gradients carry no third moment
     assert w.counters.internal_errors == 0
 
 
@@ -144,6 +200,9 @@ def test_inputs_on_due_steps_only_and_micro_batches_merge(ingest, monkeypatch):
         assert got["inputs.0"].count == 7 * 3 * 36 and got["inputs.0[1]"].count == 7 * 36
         assert_matches(got["inputs.0"], both.double().numpy())
         assert_matches(got["inputs.0[2]"], both[:, 2].double().numpy())
+        cubes = {names[t.tensor_id].name: t.sum_cubes for t in report.tensors}
+        assert cubes["inputs.0"] == pytest.approx(cubes_reference(both.double().numpy()), rel=1e-12)
+        assert cubes["inputs.0[2]"] == pytest.approx(cubes_reference(both[:, 2].double().numpy()), rel=1e-12)
 
 
 def test_labels_count_every_batch_since_the_last_report(ingest):

@@ -57,7 +57,7 @@ class StepReport(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., sequence: _Optional[int] = ..., capture_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., step_seconds: _Optional[float] = ..., phase: _Optional[_Union[Phase, str]] = ..., loss: _Optional[float] = ..., learning_rates: _Optional[_Iterable[float]] = ..., scalars: _Optional[_Mapping[str, float]] = ..., tensors: _Optional[_Iterable[_Union[TensorSummary, _Mapping]]] = ..., dropped_reports: _Optional[int] = ..., final: _Optional[bool] = ...) -> None: ...
 
 class TensorSummary(_message.Message):
-    __slots__ = ("tensor_id", "count", "nan_count", "inf_count", "zero_count", "sum", "sum_squares", "min", "max", "histogram", "histogram_offset")
+    __slots__ = ("tensor_id", "count", "nan_count", "inf_count", "zero_count", "sum", "sum_squares", "min", "max", "histogram", "histogram_offset", "sum_cubes")
     TENSOR_ID_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
     NAN_COUNT_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +69,7 @@ class TensorSummary(_message.Message):
     MAX_FIELD_NUMBER: _ClassVar[int]
     HISTOGRAM_FIELD_NUMBER: _ClassVar[int]
     HISTOGRAM_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    SUM_CUBES_FIELD_NUMBER: _ClassVar[int]
     tensor_id: int
     count: int
     nan_count: int
@@ -80,4 +81,5 @@ class TensorSummary(_message.Message):
     max: float
     histogram: _containers.RepeatedScalarFieldContainer[int]
     histogram_offset: int
-    def __init__(self, tensor_id: _Optional[int] = ..., count: _Optional[int] = ..., nan_count: _Optional[int] = ..., inf_count: _Optional[int] = ..., zero_count: _Optional[int] = ..., sum: _Optional[float] = ..., sum_squares: _Optional[float] = ..., min: _Optional[float] = ..., max: _Optional[float] = ..., histogram: _Optional[_Iterable[int]] = ..., histogram_offset: _Optional[int] = ...) -> None: ...
+    sum_cubes: float
+    def __init__(self, tensor_id: _Optional[int] = ..., count: _Optional[int] = ..., nan_count: _Optional[int] = ..., inf_count: _Optional[int] = ..., zero_count: _Optional[int] = ..., sum: _Optional[float] = ..., sum_squares: _Optional[float] = ..., min: _Optional[float] = ..., max: _Optional[float] = ..., histogram: _Optional[_Iterable[int]] = ..., histogram_offset: _Optional[int] = ..., sum_cubes: _Optional[float] = ...) -> None: ...
