@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 from gradwatch.aggregator.api import ListenError, serve
 from gradwatch.aggregator.config import DEFAULT_METRICS_LISTEN, DEFAULT_REDIS_URL, AggregatorConfig
 from gradwatch.aggregator.consumer import Aggregator
+from gradwatch.aggregator.snapshots import SnapshotStore
 from gradwatch.aggregator.views import alert_log
 from gradwatch.envconfig import ConfigError
 
@@ -95,7 +96,8 @@ def run(config: AggregatorConfig, stop: threading.Event | None = None,
     try:
         server, _ = serve(host, port, registry, aggregator.snapshot, history=aggregator.history,
                           topology=aggregator.topology, alert_log=lambda run: alert_log(aggregator.client, run),
-                          frames=aggregator.frames)
+                          frames=aggregator.frames, snapshots=SnapshotStore(aggregator.client),
+                          api_token=config.api_token)
     except ListenError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         aggregator.stop(0)

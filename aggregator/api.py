@@ -8,14 +8,19 @@ and written without it).
     GET /api/v1/runs/{run}       one run, plus world size, ranks, per-layer norms and non-finite counts
     GET /api/v1/runs/{run}/layers  latest per-layer statistics: norms, update ratio, dead and saturated
                                  fractions, log2-magnitude histograms
+    GET /api/v1/runs/{run}/inputs  latest per-input statistics (whole tensor and per channel): count, mean,
+                                 std, skew, min, max, NaN and Inf counts
     GET /api/v1/runs/{run}/steps[?from=&to=&limit=]  recent steps: loss, grad norm, per-layer grad norms
     GET /api/v1/runs/{run}/topology  the module graph (nodes with their tensors, data-flow edges)
     GET /api/v1/alerts[?run=]    firing alerts, as the gradwatch:alerts stream holds them
+    POST /api/v1/runs/{run}/snapshots, GET .../snapshots[/{id}]: on-demand snapshots
+                                 (aggregator/snapshots.py)
     GET /, /ui/, /api/v1/events, /api/v1/runs/{run}/{heatmap,histograms,nodegraph,alerts}: the live
                                  view and its data (aggregator/live_http.py)
 
 JSON answers use Prometheus' HTTP API envelope: {"status": "success", "data": ...} or
-{"status": "error", "errorType": ..., "error": ...}. Only GET and HEAD are allowed.
+{"status": "error", "errorType": ..., "error": ...}. Only GET and HEAD are allowed, and POST to
+/api/v1/runs/{run}/snapshots (bearer token when api_token is set).
 """
 
 from __future__ import annotations
@@ -40,7 +45,9 @@ from gradwatch.aggregator.health import layer_health, merge_histograms
 from gradwatch.aggregator.join import JoinedStep
 from gradwatch.aggregator.live import DEFAULT_TICK_S, FrameStore, LiveHub
 from gradwatch.aggregator.live_http import LIVE_RUN_PATHS, STATIC, LiveRoutes
+from gradwatch.aggregator.snapshots import SnapshotRoutes, SnapshotStore
 from gradwatch.aggregator.state import RunSnapshot
+from gradwatch.aggregator.views import input_stats
 
 log = logging.getLogger("gradwatch.aggregator.api")
 RUNS_PREFIX = "/api/v1/runs/"
@@ -103,8 +110,11 @@ class _Server(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], registry: CollectorRegistry, snapshot: Callable[[], Snapshot],
                  history: Callable[[str, int | None, int | None, int], list[dict] | None] | None = None,
                  topology: Callable[[str], dict | None] | None = None,
-                 alert_log: Callable[[str], list[dict]] | None = None, live: LiveHub | None = None):
+                 alert_log: Callable[[str], list[dict]] | None = None, live: LiveHub | None = None,
+                 snapshots: SnapshotStore | None = None, api_token: str | None = None):
         self.registry = registry
+        self.snapshots = snapshots
+        self.api_token = api_token
         self.snapshot = snapshot
         self.history = history
         self.topology = topology
@@ -124,7 +134,7 @@ class _Server(ThreadingHTTPServer):
                         exc_info=True)
 
 
-class _Handler(LiveRoutes, BaseHTTPRequestHandler):
+class _Handler(LiveRoutes, SnapshotRoutes, BaseHTTPRequestHandler):
     server: _Server
     server_version = "gradwatch-aggregator"
     timeout = REQUEST_TIMEOUT_S
@@ -139,7 +149,22 @@ class _Handler(LiveRoutes, BaseHTTPRequestHandler):
         self._error(405, "method_not_allowed", f"{self.command} is not allowed; use GET",
                     extra={"Allow": "GET, HEAD"})
 
-    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
+    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
+
+    def do_POST(self) -> None:
+        self._head = False
+        path = urlsplit(self.path).path.rstrip("/")
+        run, _, what = path[len(RUNS_PREFIX):].rpartition("/")
+        if not (path.startswith(RUNS_PREFIX) and what == "snapshots" and run and "/" not in run):
+            self._not_allowed()
+            return
+        try:
+            self._post_snapshot(unquote(run))
+        except OSError:
+            raise
+        except Exception:
+            self.server.errors.log(logging.ERROR, "api:post", "cannot answer POST %s", path, exc_info=True)
+            self._error(500, "internal", "internal error; see the aggregator's log")
 
     def log_message(self, format: str, *args) -> None:
         pass  # no access log: Prometheus scrapes every few seconds
@@ -167,12 +192,14 @@ class _Handler(LiveRoutes, BaseHTTPRequestHandler):
                 self._ok({"runs": [run_summary(r, firing.get(r.run, 0)) for r in snap.runs]})
             elif path.startswith(RUNS_PREFIX) and "/" not in path[len(RUNS_PREFIX):]:
                 self._run(unquote(path[len(RUNS_PREFIX):]))
-            elif path.startswith(RUNS_PREFIX) and path.endswith(("/layers", "/steps", "/topology")):
+            elif path.startswith(RUNS_PREFIX) and path.endswith(("/layers", "/inputs", "/steps", "/topology")):
                 run, _, what = path[len(RUNS_PREFIX):].rpartition("/")
                 if "/" in run:
                     self._error(404, "not_found", f"no such path: {url.path}")
                 elif what == "layers":
                     self._layers(unquote(run), query)
+                elif what == "inputs":
+                    self._inputs(unquote(run))
                 elif what == "topology":
                     graph = self.server.topology(unquote(run)) if self.server.topology else None
                     if graph is None:
@@ -181,6 +208,12 @@ class _Handler(LiveRoutes, BaseHTTPRequestHandler):
                         self._ok(graph)
                 else:
                     self._steps(unquote(run), query)
+            elif path.startswith(RUNS_PREFIX) and "/snapshots" in path and path.count("/") in (5, 6):
+                run, _, rest = path[len(RUNS_PREFIX):].partition("/snapshots")
+                if "/" in run or (rest and not rest.startswith("/")):
+                    self._error(404, "not_found", f"no such path: {url.path}")
+                else:
+                    self._snapshots(unquote(run), unquote(rest[1:]))
             elif path == "/api/v1/alerts":
                 runs = set(query.get("run", ()))
                 alerts = [a.to_dict() for a in self.server.snapshot().firing if not runs or a.run in runs]
@@ -221,6 +254,14 @@ class _Handler(LiveRoutes, BaseHTTPRequestHandler):
             return
         histograms = query.get("histograms", ["1"])[-1] not in ("0", "false")
         self._ok({"step": found.step, "layers": layer_detail(found, histograms)})
+
+    def _inputs(self, run: str) -> None:
+        snap = self.server.snapshot()
+        found = next((r for r in snap.runs if r.run == run), None)
+        if found is None:
+            self._unknown(run)
+            return
+        self._ok({"step": found.step, "inputs": input_stats(found)})
 
     def _steps(self, run: str, query: dict[str, list[str]]) -> None:
         try:
@@ -319,6 +360,7 @@ def serve(host: str, port: int, registry: CollectorRegistry, snapshot: Callable[
           topology: Callable[[str], dict | None] | None = None,
           alert_log: Callable[[str], list[dict]] | None = None,
           frames: FrameStore | None = None,
+          snapshots: SnapshotStore | None = None, api_token: str | None = None,
           live_tick_s: float | None = DEFAULT_TICK_S,
           poll_s: float = 0.5) -> tuple[ThreadingHTTPServer, threading.Thread]:
     """Starts /metrics, the query API and the live view on daemon threads; returns (server, thread).
@@ -329,7 +371,8 @@ def serve(host: str, port: int, registry: CollectorRegistry, snapshot: Callable[
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
         server_class = type("Server", (_Server,), {"address_family": family})
-        server = server_class((host, port), registry, snapshot, history, topology, alert_log, live)
+        server = server_class((host, port), registry, snapshot, history, topology, alert_log, live, snapshots,
+                              api_token)
     except OSError as e:
         if e.errno == errno.EADDRINUSE:
             why = "address in use (another aggregator running? choose one with --metrics-listen)"

@@ -95,6 +95,8 @@ class AggregatorConfig:
     webhook_timeout_s: float = DEFAULT_WEBHOOK_TIMEOUT_S
     webhook_retries: int = DEFAULT_WEBHOOK_RETRIES
     webhook_queue_size: int = DEFAULT_WEBHOOK_QUEUE_SIZE
+    # Bearer token the API's one write (POST .../snapshots) requires; None: no token (bind to localhost).
+    api_token: str | None = field(default=None, repr=False)
     # Link Alertmanager shows next to an alert; None: this aggregator's /metrics page.
     generator_url: str | None = None
     # TOML file of rule settings (aggregator/rules.example.toml); None: the catalogue's defaults.
@@ -141,6 +143,9 @@ class AggregatorConfig:
         if self.webhook_token is not None and (not self.webhook_token.isprintable() or " " in self.webhook_token):
             # The value stays out of the message: it is a secret.
             raise _bad("webhook_token", "<hidden>", "a token of printable characters without spaces")
+        if self.api_token is not None and (not self.api_token.strip() or not self.api_token.isprintable()
+                                           or " " in self.api_token):
+            raise _bad("api_token", "<hidden>", "a token of printable characters without spaces")
         if not self.consumer or any(c.isspace() for c in self.consumer):
             raise _bad("consumer", self.consumer, "a non-empty name without spaces")
         for name in ("read_count", "max_layer_series", "alert_stream_maxlen", "dead_letter_maxlen",
