@@ -1,17 +1,23 @@
-"""Shapes of a run for the live view and Grafana, built from a snapshot: per-layer statistics, the layer x
-step heatmap, the node graph in Grafana's field names, and the run's alert transitions from the alert
-stream."""
+"""Shapes of a run for the live view, Grafana and the query API, built from a snapshot: per-layer
+statistics, the layer x step heatmap, the node graph in Grafana's field names, per-input statistics, and
+the run's alert transitions from the alert stream."""
 
 from __future__ import annotations
 
 import json
+import math
+import re
 import time
 
 from gradwatch.aggregator.alert import json_number
 from gradwatch.aggregator.health import layer_health
 from gradwatch.aggregator.state import RunSnapshot
+from gradwatch.v1 import report_pb2, run_pb2
 
 ALERT_SCAN = 10_000  # alert-stream entries read for one run's transitions
+_CHANNEL = re.compile(r"^(.*)\[(\d+)\]$")  # the agent names channel c of inputs.<key> "inputs.<key>[c]"
+# Skewness from raw moments loses about (|mean| / std)^3 ulps: past this ratio it is noise, not sent.
+SKEW_MAX_MEAN_OVER_STD = 1e4
 
 
 def _num(x: float | None) -> float | str | None:
@@ -38,6 +44,35 @@ def heatmap(run: RunSnapshot, rows: list[dict], order: dict[str, int]) -> dict:
                    key=lambda n: (order.get(n, 1 << 32), n))
     return {"layers": names, "steps": [r["step"] for r in rows],
             "values": [[_num(r["layers"].get(n)) for n in names] for r in rows]}
+
+
+def input_stats(run: RunSnapshot) -> list[dict]:
+    """Every input tensor of the latest training report (whole, then per channel), in report order: count,
+    nan, inf, and over the finite values min, max, mean, std (population) and skew (None without a third
+    moment, or where std is 0 or too small beside the mean for the raw moments to tell)."""
+    out = []
+    for meta, s in run.tensors.get(run_pb2.TENSOR_KIND_INPUT, ()):
+        m = _CHANNEL.match(meta.name)
+        mean, std, skew = moments(s)
+        out.append({"name": m.group(1) if m else meta.name, "channel": int(m.group(2)) if m else None,
+                    "count": s.count, "mean": _num(mean), "std": _num(std), "skew": _num(skew),
+                    "min": _num(s.min), "max": _num(s.max), "nan": s.nan_count, "inf": s.inf_count})
+    return out
+
+
+def moments(s: report_pb2.TensorSummary) -> tuple[float | None, float | None, float | None]:
+    """(mean, std, skew) of a summary's finite values from its raw moments; None where undefined."""
+    n = s.count - s.nan_count - s.inf_count
+    if n <= 0:
+        return None, None, None
+    mean, squares = s.sum / n, s.sum_squares / n
+    var = squares - mean * mean
+    if var <= 8 * math.ulp(squares):  # E[x^2] - mean^2 within rounding of zero: a constant tensor
+        var = 0.0
+    std = math.sqrt(var)
+    if not s.HasField("sum_cubes") or std == 0 or not abs(mean) <= SKEW_MAX_MEAN_OVER_STD * std:
+        return mean, std, None
+    return mean, std, (s.sum_cubes / n - 3 * mean * var - mean ** 3) / (var * std)
 
 
 def nodegraph(graph: dict, run: RunSnapshot) -> dict:

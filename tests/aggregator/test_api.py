@@ -9,11 +9,13 @@ import socket
 import urllib.error
 import urllib.request
 
+import numpy as np
 import pytest
 from prometheus_client import generate_latest
 
 from gradwatch.aggregator.api import ListenError, serve
 from gradwatch.collector.streams import ALERTS_KEY, FIELD_ALERT
+from gradwatch.v1 import run_pb2
 
 
 @pytest.fixture
@@ -246,3 +248,50 @@ def test_run_carries_hyperparameters_labels_and_scalars(api, build, publish, run
     assert run["hyperparameters"] == {"lr": 0.3, "batch_size": 64, "optimizer": "adamw", "amp": True}
     assert run["labels"] == {"sweep": "lr-wd"}
     assert run["scalars"] == {"accuracy": 0.5} and run["eval_scalars"] == {}
+
+
+def test_inputs_of_a_run(api, build, publish, run_all):
+    base, agg, _ = api
+    rng = np.random.default_rng(0)
+    x = np.stack([rng.exponential(2.0, 1000), np.full(1000, 3.0)], axis=1)  # skewed, and constant
+    x[[5, 9], 0] = [np.nan, np.inf]
+    ids = rng.integers(0, 50, 64).astype(np.float64)
+    reg = build.registration(run="inp")
+    for i, name in enumerate(["inputs.x", "inputs.x[0]", "inputs.x[1]", "inputs.ids"]):
+        reg.tensors.add(id=100 + i, name=name, kind=run_pb2.TENSOR_KIND_INPUT, module_path="(inputs)",
+                        partition=run_pb2.PARTITION_PER_RANK)
+    publish.registration(reg)
+    r = build.report(0, run="inp")
+    for i, values in enumerate([x, x[:, 0], x[:, 1]]):
+        f = values[np.isfinite(values)]
+        r.tensors.add(tensor_id=100 + i, count=values.size, nan_count=int(np.isnan(values).sum()),
+                      inf_count=int(np.isinf(values).sum()), sum=f.sum(), sum_squares=(f * f).sum(),
+                      sum_cubes=(f * f * f).sum(), min=f.min(), max=f.max())
+    r.tensors.add(tensor_id=103, count=ids.size, sum=ids.sum(), sum_squares=(ids * ids).sum(), min=ids.min(),
+                  max=ids.max())  # no third moment: no skew
+    publish.report(r)
+    run_all(agg)
+    status, doc = get_json(f"{base}/api/v1/runs/inp/inputs")
+    assert status == 200 and doc["data"]["step"] == 0
+    got = doc["data"]["inputs"]
+    assert [(i["name"], i["channel"]) for i in got] == [("inputs.x", None), ("inputs.x", 0), ("inputs.x", 1),
+                                                        ("inputs.ids", None)]
+    for entry, values in zip(got, [x, x[:, 0], x[:, 1], ids], strict=True):
+        f = values[np.isfinite(values)]
+        assert (entry["count"], entry["nan"], entry["inf"]) == (
+            values.size, int(np.isnan(values).sum()), int(np.isinf(values).sum()))
+        assert entry["mean"] == pytest.approx(f.mean(), rel=1e-12)
+        assert entry["std"] == pytest.approx(f.std(), rel=1e-9, abs=1e-12)
+        assert (entry["min"], entry["max"]) == pytest.approx((f.min(), f.max()), rel=1e-6)
+    assert got[0]["skew"] == pytest.approx(central_skew(x), rel=1e-9)
+    assert got[1]["skew"] == pytest.approx(central_skew(x[:, 0]), rel=1e-9) and got[1]["skew"] > 1
+    assert got[2]["std"] == 0.0 and got[2]["skew"] is None  # constant: no skew
+    assert got[3]["skew"] is None  # no sum_cubes
+    assert get_json(f"{base}/api/v1/runs/demo/inputs")[1]["data"]["inputs"] == []  # a run without inputs
+    assert get_json(f"{base}/api/v1/runs/nope/inputs")[0] == 404
+
+
+def central_skew(values: np.ndarray) -> float:
+    """Population skewness of the finite values, from central moments (the API uses raw ones)."""
+    f = values[np.isfinite(values)]
+    return float(((f - f.mean()) ** 3).mean() / f.std() ** 3)
