@@ -4,6 +4,7 @@
 
 import { Curves, Heatmap, HistogramPlayer } from './charts.js';
 import { STATS, TopologyView } from './graph.js';
+import { SnapshotView } from './snapshot.js';
 import { api, esc, fmt, num, PALETTE, serialized } from './util.js';
 
 const $ = (id) => document.getElementById(id);
@@ -26,14 +27,16 @@ const graph = new TopologyView($('graph'), echarts, { onSelect: (layer) => selec
 const curves = new Curves($('curves'), echarts);
 const heatmap = new Heatmap($('heatmap'), echarts, { onSelect: (layer) => selectLayer(layer, true) });
 const histogram = new HistogramPlayer($('histogram'), echarts, { slider: $('frame'), play: $('play'), label: $('frame-label') });
+const snapshot = new SnapshotView($('snapshot-panel'), echarts);
 
 window.gradwatch = {
   view,
-  charts: { graph: graph.chart, curves: curves.chart, heatmap: heatmap.chart, histogram: histogram.chart },
+  charts: { graph: graph.chart, curves: curves.chart, heatmap: heatmap.chart, histogram: histogram.chart, snapshot: snapshot.chart },
   topology: graph,
   heatmap,
   histogram,
   curves,
+  snapshot,
   ready: false,       // the current run's first full load is done
   // First paint of the graph, in ms since navigation start (null until it painted).
   firstPaint: () => graph.painted,
@@ -276,6 +279,9 @@ $('stat').addEventListener('change', (e) => {
 });
 $('find').addEventListener('change', (e) => {
   if (view.topology?.nodes.some((n) => n.id === e.target.value)) selectLayer(e.target.value, true);
+});
+$('snapshot').addEventListener('click', () => {
+  if (view.run && view.layer) snapshot.take(view.run, $('snapshot-kind').value, view.layer);
 });
 $('reset-view').addEventListener('click', () => graph.resetView());
 $('tensor').addEventListener('change', (e) => {
