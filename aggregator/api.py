@@ -44,7 +44,7 @@ from gradwatch.aggregator.exposition import Snapshot
 from gradwatch.aggregator.health import layer_health, merge_histograms
 from gradwatch.aggregator.join import JoinedStep
 from gradwatch.aggregator.live import DEFAULT_TICK_S, FrameStore, LiveHub
-from gradwatch.aggregator.live_http import LIVE_RUN_PATHS, STATIC, LiveRoutes
+from gradwatch.aggregator.live_http import LIVE_RUN_PATHS, STATIC, LiveRoutes, int_arg
 from gradwatch.aggregator.snapshots import SnapshotRoutes, SnapshotStore
 from gradwatch.aggregator.state import RunSnapshot
 from gradwatch.aggregator.views import input_stats
@@ -265,9 +265,9 @@ class _Handler(LiveRoutes, SnapshotRoutes, BaseHTTPRequestHandler):
 
     def _steps(self, run: str, query: dict[str, list[str]]) -> None:
         try:
-            first = _int_arg(query, "from")
-            last = _int_arg(query, "to")
-            limit = _int_arg(query, "limit")
+            first = int_arg(query, "from")
+            last = int_arg(query, "to")
+            limit = int_arg(query, "limit")
         except ValueError as e:
             self._error(400, "bad_data", str(e))
             return
@@ -314,16 +314,6 @@ class _Handler(LiveRoutes, SnapshotRoutes, BaseHTTPRequestHandler):
         self.end_headers()
         if not getattr(self, "_head", False):
             self.wfile.write(body)
-
-
-def _int_arg(query: dict[str, list[str]], name: str) -> int | None:
-    values = query.get(name)
-    if not values:
-        return None
-    try:
-        return int(values[-1])
-    except ValueError:
-        raise ValueError(f"{name}: expected an integer step, not {values[-1]!r}") from None
 
 
 def layer_detail(run: RunSnapshot, histograms: bool = True) -> list[dict]:

@@ -108,7 +108,7 @@ class LiveRoutes:
                 self._error(400, "bad_data", "tensor: the name of a tensor of the run is required")
                 return
             try:
-                first = _int(query, "from")
+                first = int_arg(query, "from")
             except ValueError as e:
                 self._error(400, "bad_data", str(e))
                 return
@@ -123,7 +123,7 @@ class LiveRoutes:
 
     def _heatmap(self, run, query: dict[str, list[str]]) -> None:
         try:
-            limit, first = _int(query, "limit"), _int(query, "from")
+            limit, first = int_arg(query, "limit"), int_arg(query, "from")
         except ValueError as e:
             self._error(400, "bad_data", str(e))
             return
@@ -156,7 +156,8 @@ def _hung_up(sock: socket.socket) -> bool:
         return True
 
 
-def _int(query: dict[str, list[str]], name: str) -> int | None:
+def int_arg(query: dict[str, list[str]], name: str) -> int | None:
+    """The last value of a query parameter as an integer; None when absent, ValueError naming it when not one."""
     values = query.get(name)
     if not values:
         return None
