@@ -38,7 +38,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder, gzip_accepted
 
-from gradwatch.aggregator.alert import Alert, json_number
+from gradwatch.aggregator.alert import Alert
 from gradwatch.aggregator.counters import DedupLog
 from gradwatch.aggregator.exposition import Snapshot
 from gradwatch.aggregator.health import layer_health, merge_histograms
@@ -47,7 +47,7 @@ from gradwatch.aggregator.live import DEFAULT_TICK_S, FrameStore, LiveHub
 from gradwatch.aggregator.live_http import LIVE_RUN_PATHS, STATIC, LiveRoutes, int_arg
 from gradwatch.aggregator.snapshots import SnapshotRoutes, SnapshotStore
 from gradwatch.aggregator.state import RunSnapshot
-from gradwatch.aggregator.views import input_stats
+from gradwatch.aggregator.views import input_stats, num
 
 log = logging.getLogger("gradwatch.aggregator.api")
 RUNS_PREFIX = "/api/v1/runs/"
@@ -60,19 +60,15 @@ class ListenError(OSError):
     """The metrics port cannot be opened; the message is meant for the command line."""
 
 
-def _num(x: float | None) -> float | str | None:
-    return None if x is None else json_number(float(x))
-
-
 def run_summary(run: RunSnapshot, firing: int) -> dict:
     return {
         "run": run.run,
         "step": run.step if run.step >= 0 else None,
-        "loss": _num(run.loss),
-        "eval_loss": _num(run.eval_loss),
-        "learning_rate": _num(run.learning_rate),
-        "grad_norm": _num(run.grad_norm),
-        "steps_per_second": _num(run.steps_per_second),
+        "loss": num(run.loss),
+        "eval_loss": num(run.eval_loss),
+        "learning_rate": num(run.learning_rate),
+        "grad_norm": num(run.grad_norm),
+        "steps_per_second": num(run.steps_per_second),
         "last_report_time": run.last_report_time,  # capture time, unix seconds
         "firing_alerts": firing,
     }
@@ -83,12 +79,12 @@ def run_detail(run: RunSnapshot, alerts: list[Alert]) -> dict:
         **run_summary(run, len(alerts)),
         "world_size": run.world_size,
         "ranks": list(run.ranks),
-        "layers": [{"layer": name, "grad_norm": _num(grad), "param_norm": _num(param), "nonfinite": dict(kinds)}
+        "layers": [{"layer": name, "grad_norm": num(grad), "param_norm": num(param), "nonfinite": dict(kinds)}
                    for name, grad, param, kinds in run.layers],
-        "hyperparameters": {k: _num(v) if isinstance(v, float) else v for k, v in run.hyperparameters.items()},
+        "hyperparameters": {k: num(v) if isinstance(v, float) else v for k, v in run.hyperparameters.items()},
         "labels": run.labels,
-        "scalars": {k: _num(v) for k, v in sorted(run.scalars.items()) if not k.startswith("labels/")},
-        "eval_scalars": {k: _num(v) for k, v in sorted(run.eval_scalars.items()) if not k.startswith("labels/")},
+        "scalars": {k: num(v) for k, v in sorted(run.scalars.items()) if not k.startswith("labels/")},
+        "eval_scalars": {k: num(v) for k, v in sorted(run.eval_scalars.items()) if not k.startswith("labels/")},
         "joined": joined_step(run.joined),
         "alerts": [a.to_dict() for a in alerts],
     }
@@ -99,8 +95,8 @@ def joined_step(j: JoinedStep | None) -> dict | None:
     if j is None:
         return None
     return {"step": j.step, "reason": j.reason, "missing_ranks": list(j.missing),
-            "global_grad_norm": _num(j.global_grad_norm),
-            "ranks": [{"rank": r, "loss": _num(p.loss), "grad_norm": _num(p.grad_norm)}
+            "global_grad_norm": num(j.global_grad_norm),
+            "ranks": [{"rank": r, "loss": num(p.loss), "grad_norm": num(p.grad_norm)}
                       for r, p in sorted(j.parts.items())]}
 
 
@@ -278,13 +274,13 @@ class _Handler(LiveRoutes, SnapshotRoutes, BaseHTTPRequestHandler):
             return
         layers = query.get("layers", ["1"])[-1] not in ("0", "false")  # the live view's curves need none
         for row in rows:
-            row["loss"], row["grad_norm"] = _num(row["loss"]), _num(row["grad_norm"])
+            row["loss"], row["grad_norm"] = num(row["loss"]), num(row["grad_norm"])
             if layers:
-                row["layers"] = {k: _num(v) for k, v in row["layers"].items()}
+                row["layers"] = {k: num(v) for k, v in row["layers"].items()}
             else:
                 del row["layers"]
             if "scalars" in row:
-                row["scalars"] = {k: _num(v) for k, v in row["scalars"].items()}
+                row["scalars"] = {k: num(v) for k, v in row["scalars"].items()}
         self._ok({"steps": rows})
 
     def _unknown(self, run: str) -> None:
@@ -328,12 +324,12 @@ def layer_detail(run: RunSnapshot, histograms: bool = True) -> list[dict]:
     out = []
     for name, grad, param, kinds in run.layers:
         h = health.get(name)
-        out.append({"layer": name, "grad_norm": _num(grad), "param_norm": _num(param), "nonfinite": dict(kinds),
-                    "update_ratio": _num(h.update_ratio) if h else None,
-                    "dead_fraction": _num(h.dead_fraction) if h else None,
-                    "saturated_fraction": _num(h.saturated_fraction) if h else None,
-                    "activation_mean": _num(h.activation_mean) if h else None,
-                    "activation_var": _num(h.activation_var) if h else None,
+        out.append({"layer": name, "grad_norm": num(grad), "param_norm": num(param), "nonfinite": dict(kinds),
+                    "update_ratio": num(h.update_ratio) if h else None,
+                    "dead_fraction": num(h.dead_fraction) if h else None,
+                    "saturated_fraction": num(h.saturated_fraction) if h else None,
+                    "activation_mean": num(h.activation_mean) if h else None,
+                    "activation_var": num(h.activation_var) if h else None,
                     "histograms": hists.get(name, {})})
     return out
 

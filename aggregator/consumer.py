@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import redis
 from prometheus_client import CollectorRegistry
 
+from gradwatch.aggregator import views
 from gradwatch.aggregator.alert import Alert
 from gradwatch.aggregator.alerts import AlertSink
 from gradwatch.aggregator.claim import autoclaim
@@ -379,11 +380,11 @@ class Aggregator:
 
     def history(self, run: str, first: int | None, last: int | None, limit: int) -> list[dict] | None:
         with self._lock:
-            return self.state.history(run, first, last, limit)
+            return views.history_rows(self.state.runs.get(run), first, last, limit)
 
     def topology(self, run: str) -> dict | None:
         with self._lock:
-            return self.state.topology(run)
+            return views.topology(self.state.runs.get(run))
 
     def snapshot(self) -> Snapshot:
         """A consistent copy for one scrape: the lock is held only while copying."""

@@ -14,11 +14,11 @@ import threading
 from collections import deque
 from collections.abc import Callable
 
-from gradwatch.aggregator.alert import Alert, json_number
+from gradwatch.aggregator.alert import Alert
 from gradwatch.aggregator.counters import DedupLog
 from gradwatch.aggregator.exposition import Snapshot
 from gradwatch.aggregator.state import KIND_NAMES, RunSnapshot
-from gradwatch.aggregator.views import layer_stats
+from gradwatch.aggregator.views import layer_stats, num
 
 log = logging.getLogger("gradwatch.aggregator.live")
 
@@ -30,10 +30,6 @@ MAX_FRAMES = 256               # histogram frames per run
 MIN_FRAMES = 8
 FRAME_SUMMARY_BUDGET = 200_000  # summaries referenced by all frames of all runs together
 MAX_STEP_ROWS = 500            # new steps per update
-
-
-def _num(x: float | None) -> float | str | None:
-    return None if x is None else json_number(float(x))
 
 
 class EventStream:
@@ -227,7 +223,7 @@ class LiveHub:
         if overview != self._runs_sent:
             self._runs_sent = overview
             event = sse("runs", {"runs": [{"run": r.run, "step": r.step if r.step >= 0 else None,
-                                           "loss": _num(r.loss), "last_report_time": r.last_report_time,
+                                           "loss": num(r.loss), "last_report_time": r.last_report_time,
                                            "firing_alerts": len(firing.get(r.run, ()))}
                                           for r in snap.runs]})
             for s in streams:
@@ -256,11 +252,11 @@ class LiveHub:
             first = None if sent["step"] is None else sent["step"] + 1
             for row in self.history(run.run, first, None, MAX_STEP_ROWS) or ():
                 rows.append({"step": row["step"], "time": row["time"], "phase": row["phase"],
-                             "loss": _num(row["loss"]), "grad_norm": _num(row["grad_norm"]),
-                             "scalars": {k: _num(v) for k, v in row.get("scalars", {}).items()}})
-        update = {"run": run.run, "step": run.step if run.step >= 0 else None, "loss": _num(run.loss),
-                  "eval_loss": _num(run.eval_loss), "grad_norm": _num(run.grad_norm),
-                  "learning_rate": _num(run.learning_rate), "steps_per_second": _num(run.steps_per_second),
+                             "loss": num(row["loss"]), "grad_norm": num(row["grad_norm"]),
+                             "scalars": {k: num(v) for k, v in row.get("scalars", {}).items()}})
+        update = {"run": run.run, "step": run.step if run.step >= 0 else None, "loss": num(run.loss),
+                  "eval_loss": num(run.eval_loss), "grad_norm": num(run.grad_norm),
+                  "learning_rate": num(run.learning_rate), "steps_per_second": num(run.steps_per_second),
                   "layers": changed, "steps": rows}
         if alerts != sent["alerts"]:
             update["alerts"] = [a.to_dict() for a in firing]

@@ -354,43 +354,6 @@ class State:
                     rs.grad_norm = norm  # sharded gradients: the norm over every rank's shard
         self.closed.extend(steps)
 
-    def history(self, run: str, first: int | None = None, last: int | None = None,
-                limit: int = 1000) -> list[dict] | None:
-        """The run's recent reports with first <= step <= last (the latest `limit`); None for an unknown run."""
-        rs = self.runs.get(run)
-        if rs is None:
-            return None
-        lo = -1 << 62 if first is None else first
-        hi = 1 << 62 if last is None else last
-        rows = [r for r in rs.history if lo <= r[0] <= hi][-limit:] if limit > 0 else []
-        return [{"step": step, "time": t, "phase": "train" if train else "eval", "loss": loss, "grad_norm": norm,
-                 "layers": dict(layers), "scalars": dict(curve)}
-                for step, t, train, loss, norm, layers, curve in rows]
-
-    def topology(self, run: str) -> dict | None:
-        """The run's module graph: the agent's (nodes with their types, data-flow edges) when it sent one,
-        else the layers of the tensor dictionary chained in forward order (`inferred`). Each node lists
-        its tensors. None for an unknown run."""
-        rs = self.runs.get(run)
-        if rs is None:
-            return None
-        rank = rs.ranks[min(rs.ranks)] if rs.ranks else None
-        tensors: dict[str, list[dict]] = {}
-        order: dict[str, int] = {}
-        for meta in (rank.dictionary or {}).values() if rank else ():
-            tensors.setdefault(meta.layer, []).append({"name": meta.name, "kind": meta.kind_name,
-                                                       "shape": list(meta.shape), "dtype": meta.dtype})
-            order[meta.layer] = min(order.get(meta.layer, meta.order), meta.order)
-        if rs.topology is not None:
-            nodes = [{"id": n.module_path, "type": n.module_type, "order": order.get(n.module_path),
-                      "tensors": tensors.get(n.module_path, [])} for n in rs.topology.nodes]
-            edges = [{"source": e.source, "target": e.target} for e in rs.topology.edges]
-            return {"inferred": False, "nodes": nodes, "edges": edges}
-        chain = sorted(order, key=lambda layer: (order[layer], layer))
-        nodes = [{"id": layer, "type": "", "order": order[layer], "tensors": tensors[layer]} for layer in chain]
-        edges = [{"source": a, "target": b} for a, b in itertools.pairwise(chain)]
-        return {"inferred": True, "nodes": nodes, "edges": edges}
-
     def expire_joins(self, now: float | None = None) -> None:
         """Closes the steps that waited join_timeout_s for a rank; the consumer calls it periodically."""
         for rs in self.runs.values():

@@ -1,9 +1,11 @@
-"""Shapes of a run for the live view, Grafana and the query API, built from a snapshot: per-layer
-statistics, the layer x step heatmap, the node graph in Grafana's field names, per-input statistics, and
-the run's alert transitions from the alert stream."""
+"""Shapes of a run for the live view, Grafana and the query API, built from a snapshot or (under the
+aggregator's lock) a run's state: per-layer statistics, the layer x step heatmap, recent steps, the module
+graph and the node graph in Grafana's field names, per-input statistics, and the run's alert transitions
+from the alert stream."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -11,7 +13,7 @@ import time
 
 from gradwatch.aggregator.alert import json_number
 from gradwatch.aggregator.health import layer_health
-from gradwatch.aggregator.state import RunSnapshot
+from gradwatch.aggregator.state import RunSnapshot, RunState
 from gradwatch.v1 import report_pb2, run_pb2
 
 ALERT_SCAN = 10_000  # alert-stream entries read for one run's transitions
@@ -20,8 +22,47 @@ _CHANNEL = re.compile(r"^(.*)\[(\d+)\]$")  # the agent names channel c of inputs
 SKEW_MAX_MEAN_OVER_STD = 1e4
 
 
-def _num(x: float | None) -> float | str | None:
+def num(x: float | None) -> float | str | None:
+    """A number for JSON: None stays null, NaN and Inf are spelled as Prometheus does."""
     return None if x is None else json_number(float(x))
+
+
+
+def history_rows(rs: RunState | None, first: int | None = None, last: int | None = None,
+                 limit: int = 1000) -> list[dict] | None:
+    """The run's recent reports with first <= step <= last (the latest `limit`); None for an unknown run."""
+    if rs is None:
+        return None
+    lo = -1 << 62 if first is None else first
+    hi = 1 << 62 if last is None else last
+    rows = [r for r in rs.history if lo <= r[0] <= hi][-limit:] if limit > 0 else []
+    return [{"step": step, "time": t, "phase": "train" if train else "eval", "loss": loss, "grad_norm": norm,
+             "layers": dict(layers), "scalars": dict(curve)}
+            for step, t, train, loss, norm, layers, curve in rows]
+
+
+def topology(rs: RunState | None) -> dict | None:
+    """The run's module graph: the agent's (nodes with their types, data-flow edges) when it sent one,
+    else the layers of the tensor dictionary chained in forward order (`inferred`). Each node lists
+    its tensors. None for an unknown run."""
+    if rs is None:
+        return None
+    rank = rs.ranks[min(rs.ranks)] if rs.ranks else None
+    tensors: dict[str, list[dict]] = {}
+    order: dict[str, int] = {}
+    for meta in (rank.dictionary or {}).values() if rank else ():
+        tensors.setdefault(meta.layer, []).append({"name": meta.name, "kind": meta.kind_name,
+                                                   "shape": list(meta.shape), "dtype": meta.dtype})
+        order[meta.layer] = min(order.get(meta.layer, meta.order), meta.order)
+    if rs.topology is not None:
+        nodes = [{"id": n.module_path, "type": n.module_type, "order": order.get(n.module_path),
+                  "tensors": tensors.get(n.module_path, [])} for n in rs.topology.nodes]
+        edges = [{"source": e.source, "target": e.target} for e in rs.topology.edges]
+        return {"inferred": False, "nodes": nodes, "edges": edges}
+    chain = sorted(order, key=lambda layer: (order[layer], layer))
+    nodes = [{"id": layer, "type": "", "order": order[layer], "tensors": tensors[layer]} for layer in chain]
+    edges = [{"source": a, "target": b} for a, b in itertools.pairwise(chain)]
+    return {"inferred": True, "nodes": nodes, "edges": edges}
 
 
 def layer_stats(run: RunSnapshot) -> dict[str, dict]:
@@ -31,8 +72,8 @@ def layer_stats(run: RunSnapshot) -> dict[str, dict]:
     out = {}
     for name, grad, param, kinds in run.layers:
         h = health.get(name)
-        out[name] = {"grad_norm": _num(grad), "param_norm": _num(param),
-                     "update_ratio": _num(h.update_ratio) if h and h.update_ratio is not None else None,
+        out[name] = {"grad_norm": num(grad), "param_norm": num(param),
+                     "update_ratio": num(h.update_ratio) if h and h.update_ratio is not None else None,
                      "nonfinite": sum(n for _, n in kinds)}
     return out
 
@@ -43,7 +84,7 @@ def heatmap(run: RunSnapshot, rows: list[dict], order: dict[str, int]) -> dict:
     names = sorted({name for name, grad, *_ in run.layers if grad is not None},
                    key=lambda n: (order.get(n, 1 << 32), n))
     return {"layers": names, "steps": [r["step"] for r in rows],
-            "values": [[_num(r["layers"].get(n)) for n in names] for r in rows]}
+            "values": [[num(r["layers"].get(n)) for n in names] for r in rows]}
 
 
 def input_stats(run: RunSnapshot) -> list[dict]:
@@ -55,8 +96,8 @@ def input_stats(run: RunSnapshot) -> list[dict]:
         m = _CHANNEL.match(meta.name)
         mean, std, skew = moments(s)
         out.append({"name": m.group(1) if m else meta.name, "channel": int(m.group(2)) if m else None,
-                    "count": s.count, "mean": _num(mean), "std": _num(std), "skew": _num(skew),
-                    "min": _num(s.min), "max": _num(s.max), "nan": s.nan_count, "inf": s.inf_count})
+                    "count": s.count, "mean": num(mean), "std": num(std), "skew": num(skew),
+                    "min": num(s.min), "max": num(s.max), "nan": s.nan_count, "inf": s.inf_count})
     return out
 
 
