@@ -105,9 +105,10 @@ def test_queue_stays_within_its_byte_budget_and_the_newest_arrive_after_recovery
 
 
 def test_training_with_the_collector_down_is_not_much_slower(ingest):
-    """Steps finished in equal wall windows, collector up vs down (127.0.0.1:1), alternating; a generous
-    factor, because the point is that nothing blocks on the network, not a benchmark."""
-    counts = {"up": 0, "down": 0}
+    """The same number of steps, collector up vs down (127.0.0.1:1), alternating; their best times compared
+    with a generous factor, because the point is that nothing blocks on the network, not a benchmark. A
+    fixed step count (not a time window) keeps the comparison meaningful on a busy machine."""
+    best = {"up": float("inf"), "down": float("inf")}
     for _ in range(2):
         for mode, target in (("up", ingest.target), ("down", "127.0.0.1:1")):
             model = make_model()
@@ -116,15 +117,13 @@ def test_training_with_the_collector_down_is_not_much_slower(ingest):
                                 config=budget_config(target, shutdown_timeout_s=0.5))
             for _ in range(5):  # warm-up: first-step order learning, channel set-up
                 train_step(model, opt, w)
-            end = time.monotonic() + 0.5
-            while time.monotonic() < end:
+            start = time.monotonic()
+            for _ in range(40):
                 train_step(model, opt, w)
-                counts[mode] += 1
+            best[mode] = min(best[mode], time.monotonic() - start)
             w.close()
             assert w.counters.internal_errors == 0
-    if counts["up"] < 40:
-        pytest.skip(f"machine too busy to compare step rates ({counts})")
-    assert counts["down"] * 3 >= counts["up"], counts
+    assert best["down"] <= 3 * best["up"], best
 
 
 # ---- the pipeline alone, with an exporter the test controls ------------------------------------
