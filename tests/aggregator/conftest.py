@@ -4,9 +4,12 @@ Redis the way the collector does, and aggregators on a fresh metrics registry pe
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import threading
 import time
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import redis
@@ -204,3 +207,63 @@ class Scenario:
 @pytest.fixture
 def scenario(build) -> Scenario:
     return Scenario(build)
+
+
+class Receiver:
+    """A small real HTTP server on 127.0.0.1 standing in for Alertmanager or a webhook: records each POST
+    to `path` (any path when None) as (path, headers, JSON body) and answers with the queued statuses
+    (an int, or (status, headers)), then `ok`; other paths get 404. `release.clear()` makes it hang."""
+
+    def __init__(self, path: str | None = None, ok: int = 204, url_path: str = ""):
+        self.posts: list[tuple[str, dict, object]] = []
+        self.statuses: list = []
+        self.release = threading.Event()
+        self.release.set()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                raw = self.rfile.read(int(self.headers["Content-Length"]))
+                receiver.release.wait(5)
+                queued = receiver.statuses.pop(0) if receiver.statuses else ok
+                status, headers = queued if isinstance(queued, tuple) else (queued, {})
+                if path is not None and self.path != path:
+                    status, headers = 404, {}
+                if status < 300:
+                    receiver.posts.append((self.path, dict(self.headers), json.loads(raw)))
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), name="fake-receiver",
+                                       daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}{url_path}"
+
+    def bodies(self) -> list:
+        return [body for _, _, body in self.posts]
+
+    def close(self):
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def http_receiver() -> Iterator[Callable[..., Receiver]]:
+    """http_receiver(path=None, ok=204, url_path="") -> a started Receiver, closed after the test."""
+    made: list[Receiver] = []
+
+    def make(**kwargs) -> Receiver:
+        made.append(Receiver(**kwargs))
+        return made[-1]
+
+    yield make
+    for r in made:
+        r.close()

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -16,50 +13,14 @@ from gradwatch.aggregator.counters import Counters
 from gradwatch.redis_server import free_port
 
 
-class FakeAlertmanager:
-    """Records POST /api/v2/alerts bodies; answers with the queued status codes, then 200."""
-
-    def __init__(self):
-        self.posts: list[list[dict]] = []
-        self.statuses: list[int] = []
-        self.release = threading.Event()
-        self.release.set()
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                fake.release.wait(5)
-                status = fake.statuses.pop(0) if fake.statuses else 200
-                if status == 200 and self.path == "/api/v2/alerts":
-                    fake.posts.append(body)
-                self.send_response(status if self.path == "/api/v2/alerts" else 404)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), name="fake-alertmanager",
-                                       daemon=True)
-        self.thread.start()
-        self.url = f"http://127.0.0.1:{self.server.server_port}"
-
-    def alerts(self) -> list[dict]:
-        return [a for post in self.posts for a in post]
-
-    def close(self):
-        self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture
-def fake_am():
-    am = FakeAlertmanager()
-    yield am
-    am.close()
+def fake_am(http_receiver):
+    """Alertmanager's v2 API: records POST /api/v2/alerts bodies, queued statuses then 200."""
+    return http_receiver(path="/api/v2/alerts", ok=200)
+
+
+def alerts(fake) -> list[dict]:
+    return [a for body in fake.bodies() for a in body]
 
 
 @pytest.fixture(autouse=True)
@@ -91,7 +52,7 @@ def test_firing_then_resolved_reach_alertmanager(fake_am, pushers):
     pusher.enqueue(alert())
     pusher.enqueue(alert("resolved", ends_at="2024-01-01T00:01:00.000Z"))
     assert pusher.force_flush(5)
-    firing, resolved = fake_am.alerts()
+    firing, resolved = alerts(fake_am)
     assert firing == {
         "labels": {"alertname": "ExplodingGradient", "run": "demo", "severity": "warning", "layer": "fc2",
                    "rank": "0"},
@@ -109,7 +70,7 @@ def test_server_errors_are_retried_and_counted(fake_am, pushers):
     pusher = pushers(fake_am.url, retries=3)
     pusher.enqueue(alert())
     assert pusher.force_flush(5)
-    assert len(fake_am.alerts()) == 1
+    assert len(alerts(fake_am)) == 1
     assert pusher.counters.get("alertmanager_errors") == 2
     assert pusher.counters.get("alertmanager_sent") == 1
 
@@ -119,7 +80,7 @@ def test_client_errors_are_not_retried(fake_am, pushers):
     pusher = pushers(fake_am.url, retries=3)
     pusher.enqueue(alert())
     assert pusher.force_flush(5)
-    assert fake_am.alerts() == []
+    assert alerts(fake_am) == []
     assert pusher.counters.get("alertmanager_errors") == 1
     assert pusher.counters.get("alertmanager_dropped") == 1
 
@@ -144,20 +105,20 @@ def test_queue_is_bounded_and_drops_the_oldest(fake_am, pushers):
     assert pusher.counters.get("alertmanager_dropped") == 2
     fake_am.release.set()
     assert pusher.force_flush(5)
-    assert [a["labels"]["layer"] for a in fake_am.alerts()] == ["first", "l2", "l3", "l4"]
+    assert [a["labels"]["layer"] for a in alerts(fake_am)] == ["first", "l2", "l3", "l4"]
 
 
 def test_firing_alerts_are_resent_until_resolved(fake_am, pushers):
     pusher = pushers(fake_am.url, resend_s=0.1)
     pusher.enqueue(alert())
     deadline = time.monotonic() + 5
-    while len(fake_am.alerts()) < 3 and time.monotonic() < deadline:
+    while len(alerts(fake_am)) < 3 and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert len(fake_am.alerts()) >= 3  # the first push and re-sends, within Alertmanager's resolve_timeout
+    assert len(alerts(fake_am)) >= 3  # the first push and re-sends, within Alertmanager's resolve_timeout
     pusher.enqueue(alert("resolved", ends_at="2024-01-01T00:01:00.000Z"))
     assert pusher.force_flush(5)
     time.sleep(0.3)
-    assert "endsAt" in fake_am.alerts()[-1]
+    assert "endsAt" in alerts(fake_am)[-1]
 
 
 def test_shutdown_is_idempotent(fake_am, pushers):
@@ -166,7 +127,7 @@ def test_shutdown_is_idempotent(fake_am, pushers):
     pusher.shutdown(2)
     pusher.shutdown(2)
     assert not pusher._thread.is_alive()
-    assert len(fake_am.alerts()) == 1  # what was queued was still posted
+    assert len(alerts(fake_am)) == 1  # what was queued was still posted
 
 
 def test_aggregator_pushes_its_alerts(fake_am, make_aggregator, build, publish, run_all):
@@ -175,7 +136,7 @@ def test_aggregator_pushes_its_alerts(fake_am, make_aggregator, build, publish, 
     agg = make_aggregator(alertmanager_url=fake_am.url)
     run_all(agg)
     assert agg.sink.force_flush(5)
-    (pushed,) = fake_am.alerts()
+    (pushed,) = alerts(fake_am)
     assert pushed["labels"] == {"alertname": "NonFinite", "run": "demo", "severity": "critical", "layer": "fc1",
                                 "rank": "0"}
     assert pushed["annotations"]["tensor"] == "fc1.weight"

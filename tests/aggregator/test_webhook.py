@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -18,52 +16,10 @@ from gradwatch.collector.streams import ALERTS_KEY, FIELD_ALERT
 from gradwatch.redis_server import free_port
 
 
-class Receiver:
-    """Records POST bodies and headers; answers with the queued (status, headers), then 204."""
-
-    def __init__(self):
-        self.posts: list[tuple[str, dict, object]] = []
-        self.statuses: list[tuple[int, dict]] = []
-        self.release = threading.Event()
-        self.release.set()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                raw = self.rfile.read(int(self.headers["Content-Length"]))
-                receiver.release.wait(5)
-                status, headers = receiver.statuses.pop(0) if receiver.statuses else (204, {})
-                if status < 300:
-                    receiver.posts.append((self.path, dict(self.headers), json.loads(raw)))
-                self.send_response(status)
-                for name, value in headers.items():
-                    self.send_header(name, value)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), name="fake-webhook",
-                                       daemon=True)
-        self.thread.start()
-        self.url = f"http://127.0.0.1:{self.server.server_port}/hooks/s3cr3t-path"
-
-    def bodies(self) -> list:
-        return [body for _, _, body in self.posts]
-
-    def close(self):
-        self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture
-def receiver():
-    r = Receiver()
-    yield r
-    r.close()
+def receiver(http_receiver):
+    """A webhook: records every POST with its path and headers, queued (status, headers) then 204."""
+    return http_receiver(url_path="/hooks/s3cr3t-path")
 
 
 @pytest.fixture(autouse=True)
