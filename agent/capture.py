@@ -96,7 +96,8 @@ class Capture:
         if optimizer is not None and sel.optimizer_state:
             self.states = OptimizerStates(optimizer, selected.parameters)
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        self.summarizer = Summarizer(len(self.slots), device, sel.histogram, config.chunk_elements)
+        self.summarizer = Summarizer(len(self.slots), device, sel.histogram, config.chunk_elements,
+                                     config.kernels)
         self.activations.bind(self.summarizer, due)
         self.inputs = InputObserver(self.summarizer, self.add_slots, config.inputs_max_channels,
                                     config.labels_max_classes)
@@ -117,13 +118,16 @@ class Capture:
         if host is None:
             self.counters.skipped_busy += 1
             return None
-        # Parameters and gradients: the slots before the activation slots, one per source.
+        # Parameters and gradients: the slots before the activation slots, one per source; one kernel call.
+        rows, tensors = [], []
         for slot, source in zip(self.slots[: len(self._sources)], self._sources, strict=True):
             tensor = source()
             if tensor is None or tensor.is_sparse:
                 continue  # unused parameters have no gradient this step
-            self.summarizer.summarize(slot.id, tensor)
+            rows.append(slot.id)
+            tensors.append(tensor)
             present.append(slot)
+        self.summarizer.summarize_many(rows, tensors)
         if not self._order_known:
             self._learn_order()
         if self.updates is not None:

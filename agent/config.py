@@ -27,6 +27,7 @@ DEFAULT_TLS = False                # plaintext unless asked; the collector decid
 DEFAULT_UPDATES_MAX_BYTES = 256 << 20  # device memory for the parameter copy that updates need, on captured steps
 DEFAULT_INPUTS_MAX_CHANNELS = 64   # observe_inputs: per-channel statistics for tensors with at most this many
 DEFAULT_LABELS_MAX_CLASSES = 1000  # observe_inputs: classes counted one by one; higher labels count as overflow
+DEFAULT_KERNELS = "auto"           # fused statistics kernels (agent/kernels.py): auto | sync | torch
 DEFAULT_UNITS_MAX = 65536          # units (channels, features) per watched ReLU whose activity is counted (0: off)
 
 
@@ -59,6 +60,7 @@ class AgentConfig:
     inputs_max_channels: int = DEFAULT_INPUTS_MAX_CHANNELS
     labels_max_classes: int = DEFAULT_LABELS_MAX_CLASSES
     units_max: int = DEFAULT_UNITS_MAX
+    kernels: str = DEFAULT_KERNELS
 
     @classmethod
     def from_env(cls, **overrides) -> AgentConfig:
@@ -82,6 +84,7 @@ class AgentConfig:
             updates_max_bytes=env("GRADWATCH_UPDATES_MAX_BYTES", DEFAULT_UPDATES_MAX_BYTES),
             labels_max_classes=env("GRADWATCH_LABELS_MAX_CLASSES", DEFAULT_LABELS_MAX_CLASSES),
             units_max=env("GRADWATCH_UNITS_MAX", DEFAULT_UNITS_MAX),
+            kernels=env("GRADWATCH_KERNELS", DEFAULT_KERNELS),
         )
         for key, value in overrides.items():
             if value is not None:
@@ -117,6 +120,10 @@ class AgentConfig:
         for name in ("export_interval_s", "export_timeout_s", "shutdown_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        from gradwatch.agent.kernels import MODES
+
+        if self.kernels not in MODES:
+            raise ConfigError(f"kernels must be one of {', '.join(MODES)}, got {self.kernels!r}")
         from gradwatch.agent.schedule import parse
 
         try:

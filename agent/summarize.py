@@ -7,8 +7,9 @@ Each watched tensor owns a row of `buffer` (float64, on the model's device):
 over its finite values (see gradwatch.stats). The sum of cubes (skewness) is computed for input rows only
 (`cubes=True`); every other row holds 0 there, so parameters and gradients pay no extra pass.
 Everything here is device work queued on the training thread's stream; nothing reads a value back to the
-host. This is the plain-torch path (CPU, and CUDA
-until the fused multi-tensor kernel lands): a few ops per tensor, chunked so temporaries stay bounded.
+host. The fused kernels (agent/kernels.py) do the work where they are ready: on the CPU one compiled pass
+per tensor, on CUDA one Triton launch per dtype for a whole `summarize_many`. The plain-torch path below
+is the fallback and the reference: a dozen ops per tensor, chunked so temporaries stay bounded.
 Rows merge (`accumulate`) the way the aggregator merges summaries: counts and sums add, min/max fold.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from gradwatch.agent import kernels
 from gradwatch.agent.dtensor import local
 from gradwatch.stats import HIST_BUCKETS, HIST_MIN_EXPONENT
 
@@ -34,7 +36,8 @@ _EXPONENT_BITS = {
 class Summarizer:
     """Owns the device buffer: one row per watched tensor."""
 
-    def __init__(self, n_rows: int, device: torch.device, histogram: bool, chunk_elements: int):
+    def __init__(self, n_rows: int, device: torch.device, histogram: bool, chunk_elements: int,
+                 kernels_mode: str = "auto"):
         self.n_rows = n_rows
         self.device = device
         self.histogram = histogram
@@ -42,6 +45,11 @@ class Summarizer:
         self.buffer = torch.zeros(n_rows, NCOLS, dtype=torch.float64, device=device)
         self._maps: dict[torch.dtype, torch.Tensor] = {}
         self._zero = torch.zeros((), dtype=torch.float64, device=device)  # COL_CUBE of rows without cubes
+        self.kernels_mode = kernels_mode
+        self._cpu = device.type == "cpu" and kernels_mode != "torch"
+        if self._cpu:
+            kernels.cpu.get(kernels_mode)  # starts the build (or waits for it, "sync"); torch ops meanwhile
+        self._fused = kernels.triton_kernel(device, histogram, kernels_mode) if device.type != "cpu" else None
 
     def grow(self, n_rows: int) -> None:
         """Make room for more rows (new tensors seen after watch()), keeping the rows written so far."""
@@ -51,12 +59,57 @@ class Summarizer:
         buffer[: self.n_rows].copy_(self.buffer)
         self.buffer, self.n_rows = buffer, n_rows
 
+    def summarize_many(self, rows: list[int], tensors: list[torch.Tensor]) -> None:
+        """Queue the statistics of tensors[i] into buffer[rows[i]]: the per-step path for parameters, gradients,
+        updates and optimizer state, one fused kernel call for all of them where a kernel is ready."""
+        if self._cpu:
+            module = kernels.cpu.get(self.kernels_mode)
+            if module is not None:
+                self._cpu_kernel(module, rows, tensors, False, False)
+                return
+        elif self._fused is not None:
+            flats = [_flat(t) for t in tensors]
+            fused = [(r, f) for r, f in zip(rows, flats, strict=True) if f.is_floating_point()]
+            if fused:
+                self._fused.summarize_many(self.buffer, [r for r, _ in fused], [f for _, f in fused])
+            for r, f in zip(rows, flats, strict=True):
+                if not f.is_floating_point():
+                    self.summarize(r, f)
+            return
+        for r, t in zip(rows, tensors, strict=True):
+            self.summarize(r, t)
+
+    def _cpu_kernel(self, module, rows: list[int], tensors: list[torch.Tensor], accumulate: bool,
+                    cubes: bool) -> None:
+        """The compiled one-pass kernel for the tensors it reads (floating point, host memory); others take
+        the torch path. `flats` holds every tensor the kernel reads until it returns."""
+        krows, flats, codes, rest = [], [], [], []
+        for r, t in zip(rows, tensors, strict=True):
+            flat = _flat(t)
+            code = kernels.CPU_DTYPES.get(flat.dtype)
+            if code is None or flat.device.type != "cpu":
+                rest.append((r, flat))
+                continue
+            krows.append(r)
+            flats.append(flat.contiguous())  # a copy only for non-contiguous tensors: rare
+            codes.append(code)
+        if krows:
+            module.summarize_many(self.buffer.data_ptr(), krows, [f.data_ptr() for f in flats],
+                                  [f.numel() for f in flats], codes, self.histogram, accumulate, cubes)
+        for r, flat in rest:
+            self._summarize_torch(r, flat, accumulate, cubes)
+
     def summarize(self, row: int, tensor: torch.Tensor, accumulate: bool = False, cubes: bool = False) -> None:
         """Queue the statistics of `tensor` into buffer[row] (merged into what is there with `accumulate`),
         with the sum of cubes when `cubes`. A DTensor's are its local shard's (no collective)."""
-        flat = local(tensor).detach().reshape(-1)  # a view for contiguous tensors; parameters and grads are
-        if flat.is_complex():
-            flat = torch.view_as_real(flat).reshape(-1)
+        if self._cpu:
+            module = kernels.cpu.get(self.kernels_mode)
+            if module is not None:
+                self._cpu_kernel(module, [row], [tensor], accumulate, cubes)
+                return
+        self._summarize_torch(row, _flat(tensor), accumulate, cubes)
+
+    def _summarize_torch(self, row: int, flat: torch.Tensor, accumulate: bool, cubes: bool) -> None:
         n = flat.numel()
         if n == 0:  # an empty shard (more ranks than rows): nothing counted, min/max the empty fold
             if not accumulate:
@@ -176,6 +229,13 @@ class Summarizer:
             buckets[0] = buckets[mask] = HIST_BUCKETS  # zeros/denormals, NaN/Inf: handled apart
             cached = self._maps[dtype] = buckets.to(self.device)
         return cached
+
+
+def _flat(tensor: torch.Tensor) -> torch.Tensor:
+    """The elements summarized: a DTensor's local shard, complex numbers as (re, im) pairs, flattened (a view
+    for the contiguous tensors parameters and gradients are)."""
+    flat = local(tensor).detach().reshape(-1)
+    return torch.view_as_real(flat).reshape(-1) if flat.is_complex() else flat
 
 
 def merge(parts: torch.Tensor) -> torch.Tensor:

@@ -68,9 +68,8 @@ class Updates:
         with torch.no_grad():
             torch._foreach_sub_(before, [local(p).detach() for p in self._params])  # old - new, in place ...
             torch._foreach_neg_(before)                                      # ... then new - old, exactly
-        for slot, update in zip(self.slots, before, strict=True):
-            summarizer.summarize(slot.id, update)
-            present.append(slot)
+        summarizer.summarize_many([slot.id for slot in self.slots], before)
+        present.extend(self.slots)
 
     def discard(self) -> None:
         """The step did not happen (or its capture was given up): drop the copy."""
@@ -114,8 +113,11 @@ class OptimizerStates:
         self._found = []
 
     def summarize(self, summarizer: Summarizer, present: list[TensorSlot]) -> None:
+        rows, values = [], []
         for slot, param, key in self._watched:
             value = self._optimizer.state.get(param, {}).get(key)
             if isinstance(value, torch.Tensor):
-                summarizer.summarize(slot.id, value)
+                rows.append(slot.id)
+                values.append(value)
                 present.append(slot)
+        summarizer.summarize_many(rows, values)

@@ -9,6 +9,8 @@ Variants:
   item_sync          hand-rolled per-tensor norm / absmax / isfinite with .item() (3 host syncs per tensor)
   gradwatch          gradwatch.watch(model, opt): full statistics + log2 histogram, every step, exported
                      over gRPC to an in-process collector stub on 127.0.0.1
+  gradwatch_torch    the same with the plain-torch statistics path instead of the fused CPU kernel
+                     (GRADWATCH_KERNELS=torch: what a machine without a C++ compiler gets)
   gradwatch_nohist   the same without histograms
   gradwatch_every10  the same, every 10th step
   tb_hist            TensorBoard add_histogram per tensor (only if tensorboard is installed)
@@ -128,8 +130,10 @@ def run_variant(name, cfg, dev, steps, warmup, target, tmpdir):
         wb = wandb.init(project="gradwatch-bench", dir=tmpdir, mode="offline")
         wandb.watch(model, log="all", log_freq=1)
     elif name.startswith("gradwatch"):
+        # "sync": the fused kernel is built (or loaded from the cache) before the first step, not during them.
         cfg_agent = AgentConfig(collector=target, every=10 if name.endswith("every10") else 1,
-                                                histogram=not name.endswith("nohist"))
+                                histogram=not name.endswith("nohist"),
+                                kernels="torch" if name.endswith("_torch") else "sync")
         watcher = gradwatch.watch(model, opt, run=f"bench-{name}", config=cfg_agent)
     amp = torch.autocast(dev, dtype=torch.bfloat16)
     times = []
@@ -168,7 +172,7 @@ def main() -> int:
     size.add_argument("--small", action="store_true", help="small model (default on a CPU)")
     size.add_argument("--full", action="store_true", help="GPT-2-small shape (default on a GPU)")
     ap.add_argument("--variants",
-                    default="base,item_sync,gradwatch,gradwatch_nohist,gradwatch_every10,tb_hist,wandb_all")
+                    default="base,item_sync,gradwatch,gradwatch_torch,gradwatch_nohist,gradwatch_every10,tb_hist,wandb_all")
     ap.add_argument("--steps", type=int, default=30, help="measured steps per variant and round")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds over all variants")
     ap.add_argument("--out")

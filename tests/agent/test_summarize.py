@@ -1,15 +1,19 @@
-"""The on-device statistics against a float64 numpy reference, and exact merges of shards."""
+"""The on-device statistics against a float64 numpy reference, and exact merges of shards: the plain-torch
+path and the fused CPU kernel (agent/cpu_stats.cpp, compiled here) alike."""
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 
 import numpy as np
 import pytest
 import torch
 
+from gradwatch.agent import kernels
 from gradwatch.agent.encode import TensorSlot, step_report
-from gradwatch.agent.summarize import NCOLS, Summarizer
+from gradwatch.agent.summarize import COL_CUBE, NCOLS, Summarizer
 from gradwatch.stats import HIST_BUCKETS, HIST_MIN_EXPONENT, Stats
 
 
@@ -32,8 +36,30 @@ def nasty(n: int, seed: int) -> torch.Tensor:
     return x[torch.randperm(n, generator=g)]
 
 
-def summarize(tensors, chunk=1 << 22, histogram=True):
-    s = Summarizer(len(tensors), torch.device("cpu"), histogram, chunk)
+@pytest.fixture(scope="module")
+def cpu_kernel():
+    """The compiled CPU kernel; a skip where it cannot be built (no C++ compiler or ninja), a failure under
+    GRADWATCH_REQUIRE_TOOLS=1 (.ci/run installs g++)."""
+    module = kernels.cpu.get("sync")
+    if module is None:
+        message = f"the fused CPU kernel did not build: {kernels.cpu.error}"
+        if os.environ.get("GRADWATCH_REQUIRE_TOOLS", "") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    return module
+
+
+@pytest.fixture(params=["torch", "fused"])
+def mode(request):
+    """Every statistics test runs on both paths: the plain-torch reference and the fused kernel."""
+    if request.param == "fused":
+        request.getfixturevalue("cpu_kernel")
+        return "sync"
+    return "torch"
+
+
+def summarize(tensors, chunk=1 << 22, histogram=True, mode="torch"):
+    s = Summarizer(len(tensors), torch.device("cpu"), histogram, chunk, mode)
     for i, t in enumerate(tensors):
         s.summarize(i, t)
     return s.buffer.numpy()
@@ -47,9 +73,9 @@ def to_stats(rows, tensors) -> list[Stats]:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("chunk", [1 << 22, 1000])
-def test_statistics_match_float64_reference(dtype, chunk):
+def test_statistics_match_float64_reference(dtype, chunk, mode):
     x = nasty(10_007, seed=1).to(dtype)
-    (stats,) = to_stats(summarize([x], chunk), [x])
+    (stats,) = to_stats(summarize([x], chunk, mode=mode), [x])
     ref = reference(x.double().numpy())
     assert (stats.nan, stats.inf, stats.zero) == (ref["nan"], ref["inf"], ref["zero"])
     assert stats.count == x.numel()
@@ -60,21 +86,21 @@ def test_statistics_match_float64_reference(dtype, chunk):
     np.testing.assert_array_equal(stats.hist, ref["hist"])
 
 
-def test_all_nonfinite_and_empty_rows_merge_as_identity():
+def test_all_nonfinite_and_empty_rows_merge_as_identity(mode):
     x = torch.tensor([float("nan"), float("inf")])
-    (stats,) = to_stats(summarize([x]), [x])
+    (stats,) = to_stats(summarize([x], mode=mode), [x])
     assert (stats.nan, stats.inf, stats.finite_count) == (1, 1, 0)
     assert stats.min == math.inf and stats.max == -math.inf
     assert math.isnan(stats.mean)
 
 
-def test_shards_merge_to_the_statistics_of_the_whole():
+def test_shards_merge_to_the_statistics_of_the_whole(mode):
     whole = nasty(9_000, seed=2)
     shards = list(whole.split(2_000))  # uneven: 2000, ..., 1000
     merged = Stats()
-    for s in to_stats(summarize(shards), shards):
+    for s in to_stats(summarize(shards, mode=mode), shards):
         merged = merged.merge(s)
-    (full,) = to_stats(summarize([whole]), [whole])
+    (full,) = to_stats(summarize([whole], mode=mode), [whole])
     assert (merged.count, merged.nan, merged.inf, merged.zero) == (full.count, full.nan, full.inf, full.zero)
     assert merged.sum == pytest.approx(full.sum, rel=1e-12)
     assert merged.sum_squares == pytest.approx(full.sum_squares, rel=1e-12)
@@ -82,9 +108,9 @@ def test_shards_merge_to_the_statistics_of_the_whole():
     np.testing.assert_array_equal(merged.hist, full.hist)
 
 
-def test_histogram_can_be_disabled():
+def test_histogram_can_be_disabled(mode):
     x = torch.randn(100)
-    rows = summarize([x], histogram=False)
+    rows = summarize([x], histogram=False, mode=mode)
     assert rows.shape == (1, NCOLS)  # one row per tensor; scalars live in the host slot only
     (stats,) = to_stats(rows, [x])
     assert stats.hist is None and stats.sum_squares > 0
@@ -102,3 +128,44 @@ def test_wire_size_per_summary_meets_the_design_target():
     per_plain = max(s.ByteSize() + 2 for s in plain.tensors)
     assert per_plain <= 48, per_plain
     assert per_hist <= 160, per_hist
+
+
+def test_fused_kernel_agrees_with_torch_on_every_path(cpu_kernel):
+    """summarize_many (rows out of order, some left alone), accumulate, cubes, non-contiguous, complex and
+    empty tensors, and dtypes the kernel does not read (integers), which take the torch path."""
+    g = torch.Generator().manual_seed(5)
+    tensors = [nasty(5_000, seed=3), torch.randn(64, 33, generator=g).t(),  # non-contiguous
+               torch.randn(300, dtype=torch.complex64, generator=g), torch.empty(0),
+               nasty(70_000, seed=4).to(torch.bfloat16), torch.randint(-5, 5, (1000,), generator=g),
+               nasty(2_000, seed=6).double()]
+    rows = [6, 0, 2, 4, 1, 8, 3]
+    results = {}
+    for mode in ("torch", "sync"):
+        s = Summarizer(10, torch.device("cpu"), True, 1 << 22, mode)
+        s.buffer[5].fill_(7.0)  # a row nobody writes stays as it was
+        s.summarize_many(rows, tensors)
+        s.summarize(9, tensors[0], cubes=True)
+        s.summarize(9, tensors[1], accumulate=True, cubes=True)
+        s.summarize(7, tensors[4])
+        s.summarize(7, tensors[6], accumulate=True)
+        results[mode] = s.buffer.clone()
+    torch.testing.assert_close(results["sync"], results["torch"], rtol=1e-12, atol=0)
+    assert torch.equal(results["sync"][5], torch.full((NCOLS,), 7.0, dtype=torch.float64))
+    assert results["sync"][9, COL_CUBE] != 0
+
+
+def test_a_kernel_that_cannot_build_leaves_the_torch_path_and_says_why(tmp_path, monkeypatch, caplog):
+    """A real failed build (a source with a syntax error): logged once, no exception, summaries still right."""
+    broken = tmp_path / "broken_stats.cpp"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(kernels, "_SOURCE", broken)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    kernel = kernels._CpuKernel()
+    monkeypatch.setattr(kernels, "cpu", kernel)
+    with caplog.at_level(logging.WARNING, logger="gradwatch.agent"):
+        s = Summarizer(1, torch.device("cpu"), True, 1 << 22, "sync")
+    assert kernel.module is None and kernel.error
+    assert [r for r in caplog.records if "fused CPU statistics kernel is unavailable" in r.getMessage()]
+    x = nasty(1_000, seed=7)
+    s.summarize_many([0], [x])
+    np.testing.assert_array_equal(s.buffer.numpy(), summarize([x]))

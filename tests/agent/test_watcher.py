@@ -123,7 +123,7 @@ def test_agent_errors_never_reach_the_training_loop(ingest, monkeypatch):
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     w = gradwatch.watch(model, opt, run="unit-8", collector=ingest.target)
-    monkeypatch.setattr(w._capture.summarizer, "summarize", lambda *a: 1 / 0)
+    monkeypatch.setattr(w._capture.summarizer, "summarize_many", lambda *a: 1 / 0)
     train(model, opt, w, steps=3)  # must not raise
     w.close()
     assert w.counters.internal_errors >= 3
