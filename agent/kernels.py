@@ -2,7 +2,7 @@
 
 - CPU: agent/cpu_stats.cpp, one read of each tensor for the whole summary row (about 6x faster than the
   dozen passes of the plain-torch path). torch.utils.cpp_extension builds it on first use with the
-  machine's C++ compiler and ninja, caches it (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions) and
+  machine's C++ compiler and ninja, caches it (build_directory(): per torch and Python version) and
   serialises concurrent builds of several ranks with a lock file; later runs load it in milliseconds. The
   first build takes ~10 s, in a background thread: until it is ready the plain-torch path does the work.
 - CUDA: agent/triton_stats.py, one Triton launch per dtype over all tensors, where triton imports.
@@ -14,8 +14,12 @@ benchmarks and tests that must not start on the slow path.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import sys
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -28,10 +32,23 @@ _SOURCE = Path(__file__).with_name("cpu_stats.cpp")
 CPU_DTYPES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 
 
+BUILD_WAIT_S = 300.0  # "sync" waits this long for a build (a first build takes ~10 s), then goes on without
+STALE_LOCK_S = 600.0  # a build lock older than this was left by a process killed mid-build: removed
+
+
+def build_directory(name: str) -> Path:
+    """Where the kernel is built and cached: per torch and Python version, under TORCH_EXTENSIONS_DIR when
+    set, else ~/.cache/torch_extensions (cpp_extension's own default root)."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
+    tag = f"py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__.replace('+', '-')}"
+    return Path(root) / f"{name}-{tag}"
+
+
 class _CpuKernel:
     """The compiled CPU kernel: built once per process, shared by every Summarizer."""
 
-    def __init__(self):
+    def __init__(self, source: Path = _SOURCE, name: str = "gradwatch_cpu_stats"):
+        self.source, self.name = source, name
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._done = threading.Event()
@@ -46,8 +63,9 @@ class _CpuKernel:
             if self._thread is None and not self._done.is_set():
                 self._thread = threading.Thread(target=self._build, name="gradwatch-kernel-build", daemon=True)
                 self._thread.start()
-        if mode == "sync":
-            self._done.wait()
+        if mode == "sync" and not self._done.wait(BUILD_WAIT_S):
+            log.warning("gradwatch: the fused CPU kernel's build is taking over %.0f s; going on with plain "
+                        "torch ops until it is ready", BUILD_WAIT_S)
         return self.module
 
     def _build(self) -> None:
@@ -57,23 +75,27 @@ class _CpuKernel:
             from gradwatch.agent.summarize import COL_HIST
             from gradwatch.stats import HIST_BUCKETS, HIST_MIN_EXPONENT
 
-            module = cpp_extension.load(name="gradwatch_cpu_stats", sources=[str(_SOURCE)],
-                                        extra_cflags=["-O3"], verbose=False)
+            directory = build_directory(self.name)
+            directory.mkdir(parents=True, exist_ok=True)
+            # cpp_extension serialises concurrent builds (several ranks) with this file and waits for it
+            # forever: one left by a killed process would stall every later run.
+            lock = directory / "lock"
+            with contextlib.suppress(FileNotFoundError):
+                if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+                    lock.unlink()
+            module = cpp_extension.load(name=self.name, sources=[str(self.source)], extra_cflags=["-O3"],
+                                        build_directory=str(directory), verbose=False)
             if tuple(module.layout()) != (COL_HIST, HIST_BUCKETS, HIST_MIN_EXPONENT):
                 raise RuntimeError(f"built kernel's row layout {module.layout()} does not match this gradwatch")
             self.module = module
         except Exception as err:  # no compiler, no ninja, a read-only cache: the plain path still works
-            self.error = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
+            lines = str(err).strip().splitlines()
+            self.error = f"{type(err).__name__}: {lines[-1] if lines else ''}"
             log.warning("gradwatch: the fused CPU statistics kernel is unavailable (%s); tensors are summarized "
                         "with plain torch ops, about 6x slower. Install a C++ compiler and ninja, or set "
                         "GRADWATCH_KERNELS=torch to silence this.", self.error)
         finally:
             self._done.set()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """Wait for a started build; True when the kernel is ready."""
-        self._done.wait(timeout)
-        return self.module is not None
 
 
 cpu = _CpuKernel()

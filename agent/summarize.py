@@ -67,14 +67,8 @@ class Summarizer:
             if module is not None:
                 self._cpu_kernel(module, rows, tensors, False, False)
                 return
-        elif self._fused is not None:
-            flats = [_flat(t) for t in tensors]
-            fused = [(r, f) for r, f in zip(rows, flats, strict=True) if f.is_floating_point()]
-            if fused:
-                self._fused.summarize_many(self.buffer, [r for r, _ in fused], [f for _, f in fused])
-            for r, f in zip(rows, flats, strict=True):
-                if not f.is_floating_point():
-                    self.summarize(r, f)
+        elif self._fused is not None:  # CUDA: one Triton launch per dtype, any tensor count
+            self._fused.summarize_many(self.buffer, rows, tensors)
             return
         for r, t in zip(rows, tensors, strict=True):
             self.summarize(r, t)

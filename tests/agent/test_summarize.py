@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 
 import numpy as np
 import pytest
@@ -158,9 +159,8 @@ def test_a_kernel_that_cannot_build_leaves_the_torch_path_and_says_why(tmp_path,
     """A real failed build (a source with a syntax error): logged once, no exception, summaries still right."""
     broken = tmp_path / "broken_stats.cpp"
     broken.write_text("this is not C++\n")
-    monkeypatch.setattr(kernels, "_SOURCE", broken)
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
-    kernel = kernels._CpuKernel()
+    kernel = kernels._CpuKernel(broken, "gradwatch_broken_stats")
     monkeypatch.setattr(kernels, "cpu", kernel)
     with caplog.at_level(logging.WARNING, logger="gradwatch.agent"):
         s = Summarizer(1, torch.device("cpu"), True, 1 << 22, "sync")
@@ -169,3 +169,19 @@ def test_a_kernel_that_cannot_build_leaves_the_torch_path_and_says_why(tmp_path,
     x = nasty(1_000, seed=7)
     s.summarize_many([0], [x])
     np.testing.assert_array_equal(s.buffer.numpy(), summarize([x]))
+
+
+def test_a_lock_left_by_a_killed_build_does_not_stall_the_next(tmp_path, monkeypatch):
+    """cpp_extension waits forever on an existing lock file; an old one (a rank killed mid-build) is removed."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    kernel = kernels._CpuKernel(kernels._SOURCE, "gradwatch_cpu_stats")
+    lock = kernels.build_directory(kernel.name) / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    old = time.time() - kernels.STALE_LOCK_S - 1
+    os.utime(lock, (old, old))
+    monkeypatch.setattr(kernels, "BUILD_WAIT_S", 120.0)
+    module = kernel.get("sync")
+    if module is None and os.environ.get("GRADWATCH_REQUIRE_TOOLS", "") != "1":
+        pytest.skip(f"the fused CPU kernel did not build: {kernel.error}")
+    assert module is not None and not lock.exists()
