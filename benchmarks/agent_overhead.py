@@ -16,7 +16,7 @@ Variants:
   tb_hist            TensorBoard add_histogram per tensor (only if tensorboard is installed)
   wandb_all          wandb.watch(model, log="all", log_freq=1), offline (only if wandb is installed)
 
-Run: python benchmarks/agent_overhead.py [--small|--full] [--steps 30] [--rounds 2] [--variants a,b] [--out f.json]
+Run: python benchmarks/agent_overhead.py [--small|--full] [--burst 4] [--rounds 30] [--variants a,b] [--out f.json]
 Prints medians and the ratio of each variant's overhead to gradwatch's.
 """
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -110,60 +111,67 @@ class TBHist:
         self.step += 1
 
 
-def run_variant(name, cfg, dev, steps, warmup, target, tmpdir):
-    torch.manual_seed(0)
-    model = GPT(**cfg["model"]).to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=(dev == "cuda"))
-    B, T, V = cfg["batch"], cfg["model"]["seq"], cfg["model"]["vocab"]
-    x = torch.randint(0, V, (B, T), device=dev)
-    y = torch.randint(0, V, (B, T), device=dev)
-    tele, watcher, wb = None, None, None
-    if name == "item_sync":
-        tele = ItemSync(model)
-    elif name == "tb_hist":
-        tele = TBHist(model, os.path.join(tmpdir, "tb"))
-    elif name == "wandb_all":
-        import wandb
+class Variant:
+    """One model, optimizer and telemetry; `run(n)` times n training steps. All variants live side by side
+    in the process, so the measurement can interleave them in short bursts."""
 
-        os.environ.setdefault("WANDB_MODE", "offline")
-        os.environ.setdefault("WANDB_SILENT", "true")
-        wb = wandb.init(project="gradwatch-bench", dir=tmpdir, mode="offline")
-        wandb.watch(model, log="all", log_freq=1)
-    elif name.startswith("gradwatch"):
-        # "sync": the fused kernel is built (or loaded from the cache) before the first step, not during them.
-        cfg_agent = AgentConfig(collector=target, every=10 if name.endswith("every10") else 1,
+    def __init__(self, name, cfg, dev, target, tmpdir):
+        self.name, self.dev, self.cfg = name, dev, cfg
+        torch.manual_seed(0)
+        self.model = GPT(**cfg["model"]).to(dev)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=3e-4, fused=(dev == "cuda"))
+        B, T, V = cfg["batch"], cfg["model"]["seq"], cfg["model"]["vocab"]
+        self.x = torch.randint(0, V, (B, T), device=dev)
+        self.y = torch.randint(0, V, (B, T), device=dev)
+        self.tele, self.watcher, self.wb = None, None, None
+        if name == "item_sync":
+            self.tele = ItemSync(self.model)
+        elif name == "tb_hist":
+            self.tele = TBHist(self.model, os.path.join(tmpdir, "tb"))
+        elif name == "wandb_all":
+            import wandb
+
+            os.environ.setdefault("WANDB_MODE", "offline")
+            os.environ.setdefault("WANDB_SILENT", "true")
+            self.wb = wandb.init(project="gradwatch-bench", dir=tmpdir, mode="offline")
+            wandb.watch(self.model, log="all", log_freq=1)
+        elif name.startswith("gradwatch"):
+            # "sync": the fused kernel is built (or loaded from the cache) before the first step, not during them.
+            agent = AgentConfig(collector=target, every=10 if name.endswith("every10") else 1,
                                 histogram=not name.endswith("nohist"),
                                 kernels="torch" if name.endswith("_torch") else "sync")
-        watcher = gradwatch.watch(model, opt, run=f"bench-{name}", config=cfg_agent)
-    amp = torch.autocast(dev, dtype=torch.bfloat16)
-    times = []
-    for i in range(warmup + steps):
-        if dev == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        with amp:
-            loss = F.cross_entropy(model(x).float().view(-1, V), y.view(-1))
-        loss.backward()
-        if tele is not None:
-            tele.after_backward()
-        opt.step()
-        opt.zero_grad(set_to_none=False)
-        if watcher is not None:
-            watcher.step(loss=loss)
-        if wb is not None:
-            wb.log({"loss": loss.detach()})  # commits the step's histograms, as a user's loop would
-        if dev == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
+            self.watcher = gradwatch.watch(self.model, self.opt, run=f"bench-{name}", config=agent)
+
+    def run(self, n):
+        V, times = self.cfg["model"]["vocab"], []
+        for _ in range(n):
+            if self.dev == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with torch.autocast(self.dev, dtype=torch.bfloat16):
+                loss = F.cross_entropy(self.model(self.x).float().view(-1, V), self.y.view(-1))
+            loss.backward()
+            if self.tele is not None:
+                self.tele.after_backward()
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=False)
+            if self.watcher is not None:
+                self.watcher.step(loss=loss)
+            if self.wb is not None:
+                self.wb.log({"loss": loss.detach()})  # commits the step's histograms, as a user's loop would
+            if self.dev == "cuda":
+                torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
-    extra = {}
-    if wb is not None:
-        wb.finish()
-    if watcher is not None:
-        watcher.close()
-        c = watcher.counters
-        extra = {"exported": c.exported, "dropped": c.dropped, "skipped_busy": c.skipped_busy}
-    return times, extra
+        return times
+
+    def close(self):
+        if self.wb is not None:
+            self.wb.finish()
+        if self.watcher is None:
+            return {}
+        self.watcher.close()
+        c = self.watcher.counters
+        return {"exported": c.exported, "dropped": c.dropped, "skipped_busy": c.skipped_busy}
 
 
 def main() -> int:
@@ -173,8 +181,8 @@ def main() -> int:
     size.add_argument("--full", action="store_true", help="GPT-2-small shape (default on a GPU)")
     ap.add_argument("--variants",
                     default="base,item_sync,gradwatch,gradwatch_torch,gradwatch_nohist,gradwatch_every10,tb_hist,wandb_all")
-    ap.add_argument("--steps", type=int, default=30, help="measured steps per variant and round")
-    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds over all variants")
+    ap.add_argument("--burst", type=int, default=4, help="steps per variant and round (a third for tb/wandb)")
+    ap.add_argument("--rounds", type=int, default=30, help="interleaved rounds over all variants")
     ap.add_argument("--out")
     a = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -195,25 +203,32 @@ def main() -> int:
     order = a.variants.split(",")
     samples: dict[str, list[float]] = {}
     extras: dict[str, dict] = {}
-    skipped: set[str] = set()
     with tempfile.TemporaryDirectory() as tmp:
-        # Rounds interleave the variants, so drift (thermal, other load) spreads over all of them.
+        variants = {}
+        for v in order:
+            try:
+                variants[v] = Variant(v, cfg, dev, target, tmp)
+            except ImportError as err:
+                print(f"{v:18s} skipped: {err}", flush=True)
+        for v in variants.values():
+            v.run(3)  # warm-up: allocator, autotuning, the first export
+        # Short bursts of every variant in a shuffled order, round after round: a slow phase of the machine
+        # (other tenants, frequency) lands on all variants alike instead of on whichever ran then.
+        rng = random.Random(0)
         for rnd in range(a.rounds):
-            for v in order:
-                if v in skipped:
-                    continue
-                steps = a.steps if v not in ("tb_hist", "wandb_all") else max(5, a.steps // 4)
-                try:
-                    times, extra = run_variant(v, cfg, dev, steps, 3, target, tmp)
-                except ImportError as err:
-                    print(f"{v:18s} skipped: {err}", flush=True)
-                    skipped.add(v)
-                    continue
-                samples.setdefault(v, []).extend(times)
-                extras[v] = extra
-                print(f"round {rnd + 1}: {v:18s} median {statistics.median(times) * 1e3:9.2f} ms  n={len(times)} "
-                      f"{extra or ''}", flush=True)
-    for v, times in samples.items():
+            names = list(variants)
+            rng.shuffle(names)
+            for v in names:
+                burst = a.burst if v not in ("tb_hist", "wandb_all") else max(1, a.burst // 3)
+                samples.setdefault(v, []).extend(variants[v].run(burst))
+                time.sleep(0.05)  # background work (exports, wandb's writer) drains here, not into the next burst
+            if (rnd + 1) % max(1, a.rounds // 5) == 0:
+                print(f"round {rnd + 1}/{a.rounds}: " + ", ".join(
+                    f"{v} {statistics.median(samples[v]) * 1e3:.1f}" for v in variants) + " ms (medians so far)",
+                    flush=True)
+        for v, variant in variants.items():
+            extras[v] = variant.close()
+    for v, times in sorted(samples.items(), key=lambda item: order.index(item[0])):
         res["variants"][v] = {"median_ms": statistics.median(times) * 1e3, "min_ms": min(times) * 1e3,
                               "n": len(times), **extras[v]}
     server.stop(0)
