@@ -2,8 +2,8 @@
 
 - CPU: agent/cpu_stats.cpp, one read of each tensor for the whole summary row (about 6x faster than the
   dozen passes of the plain-torch path). torch.utils.cpp_extension builds it on first use with the
-  machine's C++ compiler and ninja, caches it (build_directory(): per torch and Python version) and
-  serialises concurrent builds of several ranks with a lock file; later runs load it in milliseconds. The
+  machine's C++ compiler and ninja and caches it (build_directory()); concurrent ranks wait for one build
+  on a lock the OS releases if its holder dies; later runs import the cached library in milliseconds. The
   first build takes ~10 s, in a background thread: until it is ready the plain-torch path does the work.
 - CUDA: agent/triton_stats.py, one Triton launch per dtype over all tensors, where triton imports.
 
@@ -14,13 +14,18 @@ benchmarks and tests that must not start on the slow path.
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
+import importlib.util
 import logging
 import os
 import sys
 import threading
-import time
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: builds of several processes are not serialised there
+    fcntl = None
 
 import torch
 
@@ -33,15 +38,16 @@ CPU_DTYPES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float
 
 
 BUILD_WAIT_S = 300.0  # "sync" waits this long for a build (a first build takes ~10 s), then goes on without
-STALE_LOCK_S = 600.0  # a build lock older than this was left by a process killed mid-build: removed
+_CFLAGS = ["-O3"]
 
 
-def build_directory(name: str) -> Path:
-    """Where the kernel is built and cached: per torch and Python version, under TORCH_EXTENSIONS_DIR when
-    set, else ~/.cache/torch_extensions (cpp_extension's own default root)."""
+def build_directory(name: str, source: Path) -> Path:
+    """Where the kernel is built and cached: one directory per source, flags, torch and Python version,
+    under TORCH_EXTENSIONS_DIR when set, else ~/.cache/torch_extensions (cpp_extension's default root)."""
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
+    digest = hashlib.sha256(source.read_bytes() + repr(_CFLAGS).encode()).hexdigest()[:12]
     tag = f"py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__.replace('+', '-')}"
-    return Path(root) / f"{name}-{tag}"
+    return Path(root) / f"{name}-{digest}-{tag}"
 
 
 class _CpuKernel:
@@ -70,21 +76,10 @@ class _CpuKernel:
 
     def _build(self) -> None:
         try:
-            from torch.utils import cpp_extension
-
             from gradwatch.agent.summarize import COL_HIST
             from gradwatch.stats import HIST_BUCKETS, HIST_MIN_EXPONENT
 
-            directory = build_directory(self.name)
-            directory.mkdir(parents=True, exist_ok=True)
-            # cpp_extension serialises concurrent builds (several ranks) with this file and waits for it
-            # forever: one left by a killed process would stall every later run.
-            lock = directory / "lock"
-            with contextlib.suppress(FileNotFoundError):
-                if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
-                    lock.unlink()
-            module = cpp_extension.load(name=self.name, sources=[str(self.source)], extra_cflags=["-O3"],
-                                        build_directory=str(directory), verbose=False)
+            module = self._load()
             if tuple(module.layout()) != (COL_HIST, HIST_BUCKETS, HIST_MIN_EXPONENT):
                 raise RuntimeError(f"built kernel's row layout {module.layout()} does not match this gradwatch")
             self.module = module
@@ -96,6 +91,35 @@ class _CpuKernel:
                         "GRADWATCH_KERNELS=torch to silence this.", self.error)
         finally:
             self._done.set()
+
+    def _load(self):
+        """Import the cached library, building it first when there is none. Processes (ranks) serialise on
+        an flock, which the kernel releases when its holder dies; cpp_extension's own lock file, which a
+        process killed mid-build leaves behind and which cpp_extension would wait on forever, is stale
+        whenever the flock is ours, and removed."""
+        directory = build_directory(self.name, self.source)
+        directory.mkdir(parents=True, exist_ok=True)
+        library = directory / f"{self.name}{'.pyd' if os.name == 'nt' else '.so'}"
+        with open(directory / "gradwatch.lock", "w") as held:
+            if fcntl is not None:
+                fcntl.flock(held, fcntl.LOCK_EX)
+            (directory / "lock").unlink(missing_ok=True)
+            if library.exists():
+                try:
+                    return _import(self.name, library)
+                except ImportError:  # a library cut short by a killed build: build it again
+                    library.unlink()
+            from torch.utils import cpp_extension
+
+            return cpp_extension.load(name=self.name, sources=[str(self.source)], extra_cflags=_CFLAGS,
+                                      build_directory=str(directory), verbose=False)
+
+
+def _import(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 cpu = _CpuKernel()
