@@ -51,9 +51,13 @@ def train_with_blowup(cfg: StackConfig, run: str, steps: int = 215, blowup: int 
     import io
 
     import gradwatch
+    from gradwatch.agent import AgentConfig
 
-    return train(lambda m, o: gradwatch.watch(m, o, run=run, collector=cfg.collector_listen), steps, blowup, 1e6,
-                 out=io.StringIO())
+    # Host slots to spare: with the whole stack on 2 cores the exporter thread can fall 4 reports behind this
+    # tight loop, and the agent then skips a step rather than block (tests/agent covers that); here every
+    # step must arrive.
+    agent = AgentConfig(collector=cfg.collector_listen, host_slots=64)
+    return train(lambda m, o: gradwatch.watch(m, o, run=run, config=agent), steps, blowup, 1e6, out=io.StringIO())
 
 
 def test_training_loop_to_metrics_and_alert_stream(tmp_path):
