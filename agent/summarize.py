@@ -15,12 +15,15 @@ Rows merge (`accumulate`) the way the aggregator merges summaries: counts and su
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from gradwatch.agent import kernels
 from gradwatch.agent.dtensor import local
 from gradwatch.stats import HIST_BUCKETS, HIST_MIN_EXPONENT
 
+log = logging.getLogger("gradwatch.agent")
 COL_NAN, COL_INF, COL_ZERO, COL_SUM, COL_SUMSQ, COL_MIN, COL_MAX, COL_CUBE, COL_HIST = range(9)
 NCOLS = COL_HIST + HIST_BUCKETS
 _INF = float("inf")
@@ -68,8 +71,13 @@ class Summarizer:
                 self._cpu_kernel(module, rows, tensors, False, False)
                 return
         elif self._fused is not None:  # CUDA: one Triton launch per dtype, any tensor count
-            self._fused.summarize_many(self.buffer, rows, tensors)
-            return
+            try:
+                self._fused.summarize_many(self.buffer, rows, tensors)
+                return
+            except Exception as err:  # e.g. a GPU Triton cannot compile for: every row is rewritten below
+                log.warning("gradwatch: the Triton statistics kernel failed (%s: %s); plain torch ops from now on",
+                            type(err).__name__, err)
+                self._fused = None
         for r, t in zip(rows, tensors, strict=True):
             self.summarize(r, t)
 

@@ -195,3 +195,24 @@ def test_a_build_killed_midway_does_not_stall_the_next(tmp_path, monkeypatch):
         pytest.skip(f"the fused CPU kernel did not build: {kernel.error}")
     assert module is not None, kernel.error
     assert not (directory / "lock").exists()
+
+
+def test_a_failing_triton_kernel_falls_back_to_torch_ops_for_good(caplog):
+    """A GPU the Triton kernel cannot compile for: one warning, this step's rows from torch ops, no retry."""
+    class Broken:
+        calls = 0
+
+        def summarize_many(self, buffer, rows, tensors):
+            Broken.calls += 1
+            buffer[rows].fill_(float("nan"))  # half-written rows must not survive
+            raise RuntimeError("no kernel for this GPU")
+
+    tensors = [nasty(100, seed=8), nasty(50, seed=9)]
+    s = Summarizer(2, torch.device("cpu"), True, 1 << 22, "torch")
+    s._fused = Broken()  # the CUDA branch, on the CPU
+    with caplog.at_level(logging.WARNING, logger="gradwatch.agent"):
+        s.summarize_many([0, 1], tensors)
+        s.summarize_many([0, 1], tensors)
+    np.testing.assert_array_equal(s.buffer.numpy(), summarize(tensors))
+    assert Broken.calls == 1 and s._fused is None
+    assert len([r for r in caplog.records if "Triton statistics kernel failed" in r.getMessage()]) == 1
