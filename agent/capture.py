@@ -214,6 +214,12 @@ class Capture:
     def _take_host(self) -> torch.Tensor | None:
         with self._host_lock:
             host = self.free_hosts.pop() if self.free_hosts else None
+        if host is None:
+            # All slots in flight. With steps shorter than the GIL's switch interval (5 ms) the reader thread
+            # may simply not have been scheduled yet: yield the GIL once, then skip if it is still behind.
+            time.sleep(0)
+            with self._host_lock:
+                host = self.free_hosts.pop() if self.free_hosts else None
         if host is not None and host.shape[0] != self.host_rows():
             host = self.new_host()  # the dictionary grew: this slot is replaced, once
         return host
