@@ -1,18 +1,19 @@
 """The model's module graph for topology views (the registration's `topology`): nodes are leaf modules
 (module path and class name), edges the data flow between them.
 
-Where the model traces with torch.fx (symbolic_trace: no data, no device work) the graph is known at
-watch() time. Otherwise the first training forward pass is watched: a forward hook on each leaf module
-notes the autograd node of its output and those of its inputs, and walking the autograd graph back from
-each input to the nearest module output gives the edges, through whatever functional ops lie between
-(residual adds, F.relu, reshapes). The hooks read autograd metadata only, never tensor values (no host
-sync), and are removed once the graph is built. A graph that cannot be had is None: the aggregator then
-chains the layers in forward order.
+Where the model traces with torch.fx (no data, no device work; a tracer that leaves other threads'
+models alone) the graph is known at watch() time. Otherwise the first training forward pass is watched:
+a forward hook on each leaf module notes the autograd node of its output and those of its inputs, and
+walking the autograd graph back from each input to the nearest module output gives the edges, through
+whatever functional ops lie between (residual adds, F.relu, reshapes). The hooks read autograd metadata
+only, never tensor values (no host sync), and are removed once the graph is built. A graph that cannot be
+had is None: the aggregator then chains the layers in forward order.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections import deque
 
 import torch
@@ -32,6 +33,32 @@ WALK_LIMIT = 256        # autograd nodes visited back from one input before givi
 MAX_SOURCES = 3
 
 _eager = getattr(getattr(torch, "compiler", None), "disable", lambda fn: fn)
+# torch.fx patches torch.nn.Module.__call__ and __getattr__ process-wide while it traces, and restores them
+# after: two traces at once would restore each other's patches for good. One trace at a time.
+_TRACING = threading.Lock()
+
+
+def _tracer():
+    """An fx Tracer that leaves other threads alone: while it traces, a module another thread calls (a
+    model in training beside the one being watched) runs as if unpatched instead of failing in the trace."""
+    import torch.fx
+
+    class OwnThreadTracer(torch.fx.Tracer):
+        def __init__(self):
+            super().__init__()
+            self._thread = threading.get_ident()
+
+        def call_module(self, m, forward, args, kwargs):
+            if threading.get_ident() != self._thread:
+                return forward(*args, **kwargs)
+            return super().call_module(m, forward, args, kwargs)
+
+        def getattr(self, attr, attr_val, parameter_proxy_cache):
+            if threading.get_ident() != self._thread:
+                return attr_val
+            return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    return OwnThreadTracer
 
 
 def leaf_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
@@ -59,8 +86,8 @@ def fx_graph(model: torch.nn.Module) -> run_pb2.ModelGraph | None:
     try:
         import torch.fx
 
-        with torch.no_grad():
-            traced = torch.fx.symbolic_trace(model)
+        with _TRACING, torch.no_grad():
+            graph = _tracer()().trace(model)
     except Exception as e:  # anything: tracing runs the model's Python code on proxies
         log.debug("gradwatch: torch.fx cannot trace %s (%s); the graph comes from the first forward pass",
                   type(model).__name__, e)
@@ -71,7 +98,7 @@ def fx_graph(model: torch.nn.Module) -> run_pb2.ModelGraph | None:
     edges: dict[tuple[str, str], None] = {}  # an ordered set
     producers: dict[torch.fx.Node, frozenset[str]] = {}  # fx node -> the nearest modules whose outputs reach it
     rank: dict[str, int] = {}  # module -> position of its first call: "nearest" is the latest
-    for node in traced.graph.nodes:  # in topological order
+    for node in graph.nodes:  # in topological order
         came_from = frozenset().union(*(producers.get(a, frozenset()) for a in node.all_input_nodes))
         if len(came_from) > MAX_SOURCES:
             came_from = frozenset(sorted(came_from, key=lambda m: rank.get(m, -1))[-MAX_SOURCES:])

@@ -4,11 +4,14 @@ modules, and what reaches the collector."""
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import nn
 
 import gradwatch
 from gradwatch.agent.topology import MAX_SOURCES, FlowRecorder, ModelTopology, fx_graph
+from gradwatch.processes import wait_until
 
 
 class Block(nn.Module):
@@ -76,6 +79,34 @@ def test_fx_graph_of_a_residual_model():
     assert EXPECTED - {("embed", "pos")} <= got  # the parameter is added to embed's output, not fed by it
     assert ("embed", "blocks.1.norm") in got or ("pos", "blocks.1.norm") in got  # the residual stream
     assert all(source != target for source, target in got)
+
+
+def test_tracing_leaves_a_model_training_in_another_thread_alone():
+    """torch.fx patches nn.Module.__call__ process-wide while it traces; with the stock tracer a model another
+    thread runs meanwhile fails inside the trace (NameError), here it trains on untouched."""
+    other = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    stop, errors, steps = threading.Event(), [], [0]
+
+    def train():
+        try:
+            while not stop.is_set():
+                other(torch.randn(4, 8)).sum().backward()
+                steps[0] += 1
+        except Exception as err:  # noqa: BLE001 - what the test is about
+            errors.append(err)
+
+    thread = threading.Thread(target=train)
+    thread.start()
+    try:
+        wait_until(lambda: steps[0] > 0, 10, "the other thread training")
+        graphs = [fx_graph(Net()) for _ in range(20)]
+        seen = steps[0]
+        wait_until(lambda: steps[0] > seen or errors, 10, "the other thread still training")
+    finally:
+        stop.set()
+        thread.join(10)
+    assert errors == []
+    assert all(g is not None and EXPECTED - {("embed", "pos")} <= edges(g) for g in graphs)
 
 
 def test_the_residual_stream_keeps_only_the_nearest_producers():
