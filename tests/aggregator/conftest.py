@@ -154,6 +154,26 @@ def run_all() -> Callable[[Aggregator], int]:
     return drain
 
 
+def alerts_of(reports, rule: str, registration: run_pb2.RunRegistration | None = None,
+              config: AggregatorConfig | None = None) -> list:
+    """Applies the reports (numbered from 1) to a fresh State and RuleEngine, every rule on and
+    keep_firing_s=0 unless `config` says otherwise; the alerts of `rule`."""
+    config = config or AggregatorConfig(keep_firing_s=0)
+    state, engine = State(config, Counters()), RuleEngine(config)
+    if registration is not None:
+        state.register("demo", registration)
+    alerts = []
+    for seq, r in enumerate(reports, 1):
+        r.sequence = seq
+        alerts.extend(a for a in engine.evaluate(state.apply("demo", r)) if a.rule == rule)
+    return alerts
+
+
+@pytest.fixture
+def feed() -> Callable[..., list]:
+    return alerts_of
+
+
 def healthy(step: int, layer: str, kind: str) -> dict:
     """Summary fields of a healthily training layer: weights of std 0.25 (gain 1 at fan_in 16) that
     move every step, gradients of RMS 1e-2, ReLU outputs half zero."""

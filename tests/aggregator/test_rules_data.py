@@ -19,19 +19,6 @@ T0 = 1_700_000_000.0
 EVAL = report_pb2.PHASE_EVAL
 
 
-def feed(reports, rule: str, registration: run_pb2.RunRegistration | None = None, rules: str | None = None) -> list:
-    """Applies the reports to a fresh State and RuleEngine (every rule on); the rule's alerts."""
-    config = AggregatorConfig(keep_firing_s=0, rules=rules)
-    state, engine = State(config, Counters()), RuleEngine(config)
-    if registration is not None:
-        state.register("demo", registration)
-    alerts = []
-    for seq, r in enumerate(reports, 1):
-        r.sequence = seq
-        alerts.extend(a for a in engine.evaluate(state.apply("demo", r)) if a.rule == rule)
-    return alerts
-
-
 def report(step: int, phase: int = report_pb2.PHASE_TRAIN, **scalars: float) -> report_pb2.StepReport:
     r = report_pb2.StepReport(run_id="demo", rank=0, step=step, phase=phase, loss=1.0, learning_rates=[1e-3])
     r.capture_time.FromNanoseconds(int((T0 + step * 0.1) * 1e9))
@@ -85,27 +72,28 @@ CLASS_IMBALANCE = [
 
 
 @pytest.mark.parametrize(("weights", "steps", "kwargs", "expected"), CLASS_IMBALANCE)
-def test_class_imbalance(weights, steps, kwargs, expected):
+def test_class_imbalance(weights, steps, kwargs, expected, feed):
     assert [(a.step, a.status) for a in feed(labelled(steps, weights, **kwargs), "ClassImbalance")] == expected
 
 
-def test_reports_without_labels_are_no_evidence():
+def test_reports_without_labels_are_no_evidence(feed):
     reports = labelled(100, lambda s: {"0": 20.0, "1": 1.0})
     quiet = [report(100 + s, accuracy=0.9) for s in range(50)]
     assert [a.status for a in feed(reports + quiet, "ClassImbalance")] == [F]
 
 
-def test_class_imbalance_alert_fields():
+def test_class_imbalance_alert_fields(feed):
     a, *_ = feed(labelled(20, lambda s: {"cat": 20.0, "dog": 1.0}), "ClassImbalance")
     assert (a.layer, a.tensor, a.threshold, a.severity) == ("(data)", "labels/dog", 10.0, "warning")
     assert a.summary.startswith("Class imbalance: class cat has ")
     assert "x the labels of class dog" in a.summary and "(run demo, rank 0)" in a.summary
 
 
-def test_a_class_gone_from_a_short_window_is_missing(tmp_path):
+def test_a_class_gone_from_a_short_window_is_missing(tmp_path, feed):
     path = tmp_path / "rules.toml"
     path.write_text("[ClassImbalance]\nwindow = 5\n")
-    (a,) = feed(labelled(30, without(10, "7", 10), batch=640), "ClassImbalance", rules=str(path))
+    (a,) = feed(labelled(30, without(10, "7", 10), batch=640), "ClassImbalance",
+              config=AggregatorConfig(keep_firing_s=0, rules=str(path)))
     assert (a.step, a.tensor, a.value) == (14, "labels/7", math.inf)
     assert a.summary.startswith("Class 7 is missing from the last 3200 training labels (5 reports) although it was "
                                 "seen earlier in the run; class ")
@@ -225,12 +213,12 @@ DRIFT = [
 
 
 @pytest.mark.parametrize(("stats", "kwargs", "expected"), DRIFT)
-def test_input_data_drift(stats, kwargs, expected):
+def test_input_data_drift(stats, kwargs, expected, feed):
     alerts = feed(feeding(kwargs.pop("steps", 200), stats, **kwargs), "InputDataDrift", registration())
     assert [(a.step, a.status, a.tensor) for a in alerts] == expected
 
 
-def test_input_drift_alert_fields():
+def test_input_drift_alert_fields(feed):
     a, *_ = feed(feeding(200, from_step(100, twice)), "InputDataDrift", registration())
     assert (a.layer, a.tensor, a.threshold, a.severity) == ("(inputs)", "inputs.x", 2.0, "warning")
     assert a.value == pytest.approx(2.06, abs=0.03)
@@ -258,14 +246,14 @@ UNNORMALIZED = [
 
 
 @pytest.mark.parametrize(("stats", "kwargs", "expected"), UNNORMALIZED)
-def test_unnormalized_input(stats, kwargs, expected):
+def test_unnormalized_input(stats, kwargs, expected, feed):
     is_eval = kwargs.get("eval", lambda s: False)
     reports = feeding(60, stats, lambda s: EVAL if is_eval(s) else report_pb2.PHASE_TRAIN)
     alerts = feed(reports, "UnnormalizedInput", registration())
     assert [(a.step, a.status, a.tensor) for a in alerts] == expected
 
 
-def test_unnormalized_alert_fields():
+def test_unnormalized_alert_fields(feed):
     a, *_ = feed(feeding(5, raw), "UnnormalizedInput", registration())
     assert (a.layer, a.tensor, a.threshold, a.severity) == ("(inputs)", "inputs.x", 1.0, "warning")
     assert a.value == pytest.approx(115 + 3 * math.sin(2))

@@ -19,19 +19,6 @@ LAYERS = ("embed", "fc1", "fc2", "head")
 EVAL = report_pb2.PHASE_EVAL
 
 
-def feed(reports, rule: str, registration: run_pb2.RunRegistration | None = None, config=None) -> list:
-    """Applies the reports to a fresh State and RuleEngine (every rule on); the rule's alerts."""
-    config = config or AggregatorConfig(keep_firing_s=0)
-    state, engine = State(config, Counters()), RuleEngine(config)
-    if registration is not None:
-        state.register("demo", registration)
-    alerts = []
-    for seq, r in enumerate(reports, 1):
-        r.sequence = seq
-        alerts.extend(a for a in engine.evaluate(state.apply("demo", r)) if a.rule == rule)
-    return alerts
-
-
 def report(step: int, loss: float | None, phase: int = report_pb2.PHASE_TRAIN, lr: float | None = 1e-3,
            rank: int = 0) -> report_pb2.StepReport:
     r = report_pb2.StepReport(run_id="demo", rank=rank, step=step, phase=phase)
@@ -85,12 +72,12 @@ OVERFIT = [
 
 
 @pytest.mark.parametrize(("train", "val", "kwargs", "expected"), OVERFIT)
-def test_overfit(train, val, kwargs, expected):
+def test_overfit(train, val, kwargs, expected, feed):
     alerts = feed(training(2200, train, val, **kwargs), "Overfit")
     assert [(a.step, a.status) for a in alerts] == expected
 
 
-def test_the_end_of_run_marker_completes_the_last_evaluation():
+def test_the_end_of_run_marker_completes_the_last_evaluation(feed):
     """Evaluations at 1200, 1500 and, after the last training step, 1800: then the watcher closes."""
     reports = training(1801, falling, gap_from(1000), every=300)[:-1]
     assert feed(reports, "Overfit") == []
@@ -98,13 +85,13 @@ def test_the_end_of_run_marker_completes_the_last_evaluation():
     assert [(a.step, a.status) for a in feed(reports + [final], "Overfit")] == [(1800, F)]
 
 
-def test_overfit_is_not_judged_before_train_window_losses():
+def test_overfit_is_not_judged_before_train_window_losses(feed):
     """An evaluation before training (step 0) and one after 10 training reports are not judged."""
     reports = [report(0, 5.0, EVAL)] + [report(s, 1.0) for s in range(10)] + [report(10, 5.0, EVAL)] * 3
     assert feed(reports + [report(11, 1.0)], "Overfit") == []
 
 
-def test_overfit_alert_fields():
+def test_overfit_alert_fields(feed):
     (a, *_) = feed(training(2200, lambda s: 1.0, lambda s: 1.0 if s < 1000 else 1.5), "Overfit")
     assert (a.step, a.layer, a.tensor, a.threshold, a.severity) == (1200, "(loss)", "eval_loss", 0.1, "warning")
     assert a.value == pytest.approx(0.5, abs=0.02)
@@ -137,18 +124,18 @@ OVERTRAINING = [
 
 
 @pytest.mark.parametrize(("train", "val", "steps", "expected"), OVERTRAINING)
-def test_overtraining(train, val, steps, expected):
+def test_overtraining(train, val, steps, expected, feed):
     alerts = feed(training(steps, train, val, batches=1, noise=0.0), "Overtraining")
     assert [(a.step, a.status) for a in alerts] == expected
 
 
-def test_overtraining_restart_from_a_checkpoint_starts_over():
+def test_overtraining_restart_from_a_checkpoint_starts_over(feed):
     flat = training(2000, falling, lambda s: 1.5, batches=1)
     again = [r for r in training(2000, falling, lambda s: 1.5, batches=1) if r.step >= 1200]
     assert feed(flat[: len(flat) // 2] + again, "Overtraining") == []
 
 
-def test_overtraining_alert_fields():
+def test_overtraining_alert_fields(feed):
     (a,) = feed(training(2100, falling, plateau(1000), batches=1, noise=0.0), "Overtraining")
     assert (a.step, a.layer, a.tensor, a.value, a.threshold) == (2000, "(loss)", "eval_loss", 10, 10)
     assert a.summary.startswith("Overtraining: the validation loss has not improved by more than 0.1 % on its best, "
@@ -156,7 +143,7 @@ def test_overtraining_alert_fields():
                                 "loss fell from 0.94 to 0.63; stop, or keep the best checkpoint (run demo, rank 0)")
 
 
-def test_each_rank_evaluates_on_its_own():
+def test_each_rank_evaluates_on_its_own(feed):
     """Interleaved eval reports of two ranks at the same step are two evaluations, not one."""
     reports = []
     for s in range(0, 2200):
@@ -237,19 +224,19 @@ UPDATE_RATIO = [
 
 
 @pytest.mark.parametrize(("ratio", "kwargs", "expected"), UPDATE_RATIO)
-def test_weight_update_ratio(ratio, kwargs, expected):
+def test_weight_update_ratio(ratio, kwargs, expected, feed):
     alerts = feed(stepping(kwargs.pop("steps", 60), ratio, **kwargs), "WeightUpdateRatio", registration())
     assert [(a.step, a.status, a.layer) for a in alerts] == expected
 
 
-def test_zero_initialised_weights_have_no_ratio():
+def test_zero_initialised_weights_have_no_ratio(feed):
     reports = stepping(10, healthy)
     for r in reports[:3]:
         r.tensors[0].sum_squares = 0.0  # embed.weight all zero: the update is infinitely larger
     assert feed(reports, "WeightUpdateRatio", registration()) == []
 
 
-def test_weight_update_ratio_alert_fields():
+def test_weight_update_ratio_alert_fields(feed):
     (a,) = feed(stepping(10, only("fc1", range(0, 10), 25.0)), "WeightUpdateRatio", registration())
     assert (a.step, a.layer, a.tensor, a.value, a.threshold) == (2, "fc1", "", pytest.approx(25.0), 10.0)
     assert a.summary == ("Updates of layer fc1 are 25.0x its weights (||update|| / ||weight|| above 10) in 3 "
