@@ -18,7 +18,6 @@ import argparse
 import json
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -32,6 +31,7 @@ from torch import nn
 
 import gradwatch
 from gradwatch.collector.streams import ALERTS_KEY, FIELD_ALERT
+from gradwatch.processes import start_alertmanager, stop_process
 from gradwatch.redis_server import RedisServer, free_port
 from gradwatch.stack import Stack, StackConfig
 
@@ -102,24 +102,6 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, max(0, round(q / 100 * len(xs) + 0.5) - 1))]
 
 
-def start_alertmanager(tmp: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    (tmp / "am.yml").write_text("route:\n  receiver: devnull\n  group_wait: 1s\nreceivers:\n  - name: devnull\n")
-    proc = subprocess.Popen(["prometheus-alertmanager", f"--config.file={tmp / 'am.yml'}",
-                             f"--storage.path={tmp / 'am-data'}", f"--web.listen-address=127.0.0.1:{port}",
-                             "--cluster.listen-address="], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/-/ready", timeout=1):
-                return proc, url
-        except OSError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("Alertmanager did not become ready")
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trials", type=int, default=20)
@@ -141,8 +123,7 @@ def main() -> int:
                 results = [trial(cfg, client, f"latency-{i}") for i in range(a.trials)]
         finally:
             if am is not None:
-                am.terminate()
-                am.wait(10)
+                stop_process(am)
     for name, xs in (("Redis alert stream", [r[0] for r in results]),
                      ("Alertmanager", [r[1] for r in results if r[1] is not None])):
         if xs:

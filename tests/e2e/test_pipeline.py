@@ -17,7 +17,7 @@ import redis
 
 from gradwatch.collector.streams import ALERTS_KEY, FIELD_ALERT
 from gradwatch.demo import train
-from gradwatch.processes import wait_until
+from gradwatch.processes import http_ok, start_alertmanager, stop_process, wait_until
 from gradwatch.redis_server import RedisServer, free_port
 from gradwatch.stack import Stack, StackConfig
 
@@ -124,14 +124,8 @@ def test_collector_restart_loses_no_acknowledged_report(tmp_path):
 @pytest.mark.skipif(not shutil.which("prometheus-alertmanager") and not os.environ.get("CI"),
                     reason="Debian's prometheus-alertmanager is not installed (.ci/run installs it)")
 def test_alert_reaches_a_real_alertmanager(tmp_path):
-    am_port = free_port()
-    (tmp_path / "am.yml").write_text("route:\n  receiver: devnull\n  group_wait: 1s\nreceivers:\n  - name: devnull\n")
-    am = subprocess.Popen(["prometheus-alertmanager", f"--config.file={tmp_path / 'am.yml'}",
-                           f"--storage.path={tmp_path / 'am-data'}", f"--web.listen-address=127.0.0.1:{am_port}",
-                           "--cluster.listen-address="], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    am_url = f"http://127.0.0.1:{am_port}"
+    am, am_url = start_alertmanager(tmp_path)
     try:
-        wait_until(lambda: _http_ok(f"{am_url}/-/ready"), 20, "Alertmanager ready")
         with RedisServer(tmp_path / "redis") as server:
             cfg = stack_config(server.url, alertmanager_url=am_url)
             with Stack(cfg):
@@ -147,16 +141,7 @@ def test_alert_reaches_a_real_alertmanager(tmp_path):
         assert labels["severity"] in {"warning", "critical"}
         assert "Gradient norm" in alerts[0]["annotations"]["summary"]
     finally:
-        am.terminate()
-        am.wait(10)
-
-
-def _http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=1):
-            return True
-    except OSError:
-        return False
+        stop_process(am)
 
 
 def test_demo_command_runs_from_the_cli(tmp_path):
@@ -196,7 +181,7 @@ def test_up_serves_then_stops_cleanly_on_sigterm(tmp_path):
                              "--collector-metrics-listen", f"127.0.0.1:{free_port()}"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        wait_until(lambda: _http_ok(f"http://{metrics}/metrics") and _tcp_ok(collector), 60, "gradwatch up")
+        wait_until(lambda: http_ok(f"http://{metrics}/metrics") and _tcp_ok(collector), 60, "gradwatch up")
         model = torch.nn.Linear(3, 3)
         with gradwatch.watch(model, run="e2e-up", collector=collector) as w:
             for _ in range(3):
@@ -212,7 +197,7 @@ def test_up_serves_then_stops_cleanly_on_sigterm(tmp_path):
             proc.kill()
     assert proc.returncode == 0, out
     assert "gradwatch is up" in out and "stopping" in out
-    assert not _tcp_ok(collector) and not _http_ok(f"http://{metrics}/metrics")
+    assert not _tcp_ok(collector) and not http_ok(f"http://{metrics}/metrics")
     assert (tmp_path / "data" / "redis" / "appendonly.aof").exists()
 
 
