@@ -212,17 +212,19 @@ class Capture:
         return torch.empty((self.host_rows(), NCOLS), dtype=torch.float64, pin_memory=self.pin)
 
     def _take_host(self) -> torch.Tensor | None:
-        with self._host_lock:
-            host = self.free_hosts.pop() if self.free_hosts else None
+        host = self._pop_free_host()
         if host is None:
             # All slots in flight. With steps shorter than the GIL's switch interval (5 ms) the reader thread
             # may simply not have been scheduled yet: yield the GIL once, then skip if it is still behind.
             time.sleep(0)
-            with self._host_lock:
-                host = self.free_hosts.pop() if self.free_hosts else None
+            host = self._pop_free_host()
         if host is not None and host.shape[0] != self.host_rows():
             host = self.new_host()  # the dictionary grew: this slot is replaced, once
         return host
+
+    def _pop_free_host(self) -> torch.Tensor | None:
+        with self._host_lock:
+            return self.free_hosts.pop() if self.free_hosts else None
 
     def _release(self, host: torch.Tensor) -> None:
         with self._host_lock:

@@ -48,10 +48,9 @@ class Summarizer:
         self.buffer = torch.zeros(n_rows, NCOLS, dtype=torch.float64, device=device)
         self._maps: dict[torch.dtype, torch.Tensor] = {}
         self._zero = torch.zeros((), dtype=torch.float64, device=device)  # COL_CUBE of rows without cubes
-        self.kernels_mode = kernels_mode
         self._cpu = device.type == "cpu" and kernels_mode != "torch"
-        if self._cpu:
-            kernels.cpu.get(kernels_mode)  # starts the build (or waits for it, "sync"); torch ops meanwhile
+        if self._cpu:  # start the build (or wait for it once, "sync"); torch ops until kernels.cpu.module is set
+            kernels.cpu.get(kernels_mode)
         self._fused = kernels.triton_kernel(device, histogram, kernels_mode) if device.type != "cpu" else None
 
     def grow(self, n_rows: int) -> None:
@@ -66,7 +65,7 @@ class Summarizer:
         """Queue the statistics of tensors[i] into buffer[rows[i]]: the per-step path for parameters, gradients,
         updates and optimizer state, one fused kernel call for all of them where a kernel is ready."""
         if self._cpu:
-            module = kernels.cpu.get(self.kernels_mode)
+            module = kernels.cpu.module  # never waits: the hot path
             if module is not None:
                 self._cpu_kernel(module, rows, tensors, False, False)
                 return
@@ -105,7 +104,7 @@ class Summarizer:
         """Queue the statistics of `tensor` into buffer[row] (merged into what is there with `accumulate`),
         with the sum of cubes when `cubes`. A DTensor's are its local shard's (no collective)."""
         if self._cpu:
-            module = kernels.cpu.get(self.kernels_mode)
+            module = kernels.cpu.module  # never waits: the hot path
             if module is not None:
                 self._cpu_kernel(module, [row], [tensor], accumulate, cubes)
                 return
