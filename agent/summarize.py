@@ -86,7 +86,7 @@ class Summarizer:
         the torch path. `flats` holds every tensor the kernel reads until it returns."""
         krows, flats, codes, rest = [], [], [], []
         for r, t in zip(rows, tensors, strict=True):
-            flat = _flat(t)
+            flat = flat_elements(t)
             code = kernels.CPU_DTYPES.get(flat.dtype)
             if code is None or flat.device.type != "cpu":
                 rest.append((r, flat))
@@ -108,7 +108,7 @@ class Summarizer:
             if module is not None:
                 self._cpu_kernel(module, [row], [tensor], accumulate, cubes)
                 return
-        self._summarize_torch(row, _flat(tensor), accumulate, cubes)
+        self._summarize_torch(row, flat_elements(tensor), accumulate, cubes)
 
     def _summarize_torch(self, row: int, flat: torch.Tensor, accumulate: bool, cubes: bool) -> None:
         n = flat.numel()
@@ -232,7 +232,7 @@ class Summarizer:
         return cached
 
 
-def _flat(tensor: torch.Tensor) -> torch.Tensor:
+def flat_elements(tensor: torch.Tensor) -> torch.Tensor:
     """The elements summarized: a DTensor's local shard, complex numbers as (re, im) pairs, flattened (a view
     for the contiguous tensors parameters and gradients are)."""
     flat = local(tensor).detach().reshape(-1)

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 
 import torch
 
-from gradwatch.agent.dtensor import local
 from gradwatch.agent.summarize import (
     COL_CUBE,
     COL_HIST,
@@ -42,6 +41,7 @@ from gradwatch.agent.summarize import (
     COL_SUMSQ,
     COL_ZERO,
     NCOLS,
+    flat_elements,
 )
 from gradwatch.stats import HIST_BUCKETS, HIST_MIN_EXPONENT
 
@@ -263,11 +263,9 @@ class FusedStats:
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
-    """`t` as a contiguous 1-D tensor of a dtype the kernel reads (a view unless a copy is unavoidable)."""
-    t = local(t).detach()
-    if t.is_complex():
-        t = torch.view_as_real(t)
+    """`t`'s elements (flat_elements) as a contiguous tensor of a dtype the kernel reads: a view unless a copy
+    is unavoidable."""
+    t = flat_elements(t)
     if t.dtype not in _FORMATS:
         t = t.float()  # float16 (its denormals would be ours to find), integers, fp8: as _row does
-    return t.contiguous().view(-1)
-
+    return t.contiguous()
