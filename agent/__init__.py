@@ -8,7 +8,7 @@
     watcher.step(phase="eval", loss=val_loss, accuracy=val_acc)
     watcher.close()
 
-Lightning and Hugging Face Trainer callbacks: gradwatch.agent.lightning, gradwatch.agent.hf.
+Lightning and Hugging Face Trainer callbacks: gradwatch.agent.integrations.lightning, gradwatch.agent.integrations.hf.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import sys
 import time
 from collections.abc import Mapping
 
-from gradwatch.agent.batch import AgentCounters
 from gradwatch.agent.config import AgentConfig
+from gradwatch.agent.export.counters import AgentCounters
 from gradwatch.agent.watcher import Watcher
 
 __all__ = ["AgentConfig", "AgentCounters", "Watcher", "watch"]
@@ -36,8 +36,8 @@ def watch(model, optimizer=None, *, run: str | None = None, collector: str | Non
     run: run id shared by all ranks (default: $GRADWATCH_RUN, torchrun's $TORCHELASTIC_RUN_ID, or a
     generated one). collector: host:port (default $GRADWATCH_COLLECTOR or 127.0.0.1:4770).
     every: log every N-th optimizer step (default 1). schedule: a schedule spec instead, e.g.
-    "dense:100,every:10+burst:50" (agent/schedule.py). select: what to watch, e.g. "preset:business" or
-    "exclude:*.bias,types:Linear" (agent/select.py). After a local NaN/Inf the agent captures every step
+    "dense:100,every:10+burst:50" (agent/capture/schedule.py). select: what to watch, e.g. "preset:business" or
+    "exclude:*.bias,types:Linear" (agent/capture/select.py). After a local NaN/Inf the agent captures every step
     for `burst_steps` (default 50) steps.
     """
     cfg = config or AgentConfig.from_env(collector=collector, every=every, token=token, select=select,

@@ -5,15 +5,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from gradwatch.envconfig import ConfigError, env
+from gradwatch.settings import ConfigError, env
 
 DEFAULT_COLLECTOR = "127.0.0.1:4770"
 DEFAULT_EVERY = 1                  # log every N-th optimizer step
 DEFAULT_HISTOGRAM = True           # log2-magnitude histograms (64 fixed buckets) for every tensor
 DEFAULT_ACTIVATIONS = False        # statistics of every leaf module's output (forward hooks) on logged steps
-DEFAULT_SCHEDULE = ""              # a schedule spec (agent/schedule.py); "" means every:<every>
+DEFAULT_SCHEDULE = ""              # a schedule spec (agent/capture/schedule.py); "" means every:<every>
 DEFAULT_BURST_STEPS = 50           # after a local NaN/Inf, capture every step for this many steps (0: off)
-DEFAULT_SELECT = ""                # a selection spec (agent/select.py), e.g. "preset:business,exclude:*.bias"
+DEFAULT_SELECT = ""                # a selection spec (agent/capture/select.py), e.g. "preset:business,exclude:*.bias"
 DEFAULT_HOST_SLOTS = 8             # host buffers in flight (pinned on CUDA, 576 B a row); none free: step skipped
 DEFAULT_QUEUE_SIZE = 2048          # reports waiting for export; when full the oldest is dropped, counted
 DEFAULT_QUEUE_BYTES = 64 << 20     # encoded bytes of reports held (waiting + in flight); over it the oldest go
@@ -27,7 +27,7 @@ DEFAULT_TLS = False                # plaintext unless asked; the collector decid
 DEFAULT_UPDATES_MAX_BYTES = 256 << 20  # device memory for the parameter copy that updates need, on captured steps
 DEFAULT_INPUTS_MAX_CHANNELS = 64   # observe_inputs: per-channel statistics for tensors with at most this many
 DEFAULT_LABELS_MAX_CLASSES = 1000  # observe_inputs: classes counted one by one; higher labels count as overflow
-DEFAULT_KERNELS = "auto"           # fused statistics kernels (agent/kernels.py): auto | sync | torch
+DEFAULT_KERNELS = "auto"           # fused statistics kernels (agent/stats/kernels.py): auto | sync | torch
 DEFAULT_UNITS_MAX = 65536          # units (channels, features) per watched ReLU whose activity is counted (0: off)
 
 
@@ -99,7 +99,7 @@ class AgentConfig:
     def selection(self):
         """The effective Selection: `select` when given, else parameters and gradients with the
         `histogram` and `activations` switches."""
-        from gradwatch.agent.select import Selection
+        from gradwatch.agent.capture.select import Selection
 
         if self.select:
             return Selection.parse(self.select)
@@ -120,11 +120,11 @@ class AgentConfig:
         for name in ("export_interval_s", "export_timeout_s", "shutdown_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        from gradwatch.agent.kernels import MODES
+        from gradwatch.agent.stats.kernels import MODES
 
         if self.kernels not in MODES:
             raise ConfigError(f"kernels must be one of {', '.join(MODES)}, got {self.kernels!r}")
-        from gradwatch.agent.schedule import parse
+        from gradwatch.agent.capture.schedule import parse
 
         try:
             parse(self.schedule_spec())

@@ -24,16 +24,17 @@ from dataclasses import dataclass
 
 import torch
 
-from gradwatch.agent import encode
-from gradwatch.agent.batch import AgentCounters, ReportPipeline
-from gradwatch.agent.capture import Capture, CapturedStep
+from gradwatch.agent.capture.distributed import distributed_info
+from gradwatch.agent.capture.inputs import label_scalars
+from gradwatch.agent.capture.schedule import Burst, parse
+from gradwatch.agent.capture.snapshots import SnapshotTaker
+from gradwatch.agent.capture.step import Capture, CapturedStep
+from gradwatch.agent.capture.topology import ModelTopology
 from gradwatch.agent.config import AgentConfig
-from gradwatch.agent.exporter import Exporter
-from gradwatch.agent.inputs import label_scalars
-from gradwatch.agent.schedule import Burst, parse
-from gradwatch.agent.slots import distributed_info
-from gradwatch.agent.snapshots import SnapshotTaker
-from gradwatch.agent.topology import ModelTopology
+from gradwatch.agent.export import encode
+from gradwatch.agent.export.batch import ReportPipeline
+from gradwatch.agent.export.counters import AgentCounters
+from gradwatch.agent.export.exporter import Exporter
 from gradwatch.v1 import report_pb2
 
 log = logging.getLogger("gradwatch.agent")

@@ -5,6 +5,6 @@ serves Prometheus metrics and pushes alerts to Alertmanager. Run it with `python
 from __future__ import annotations
 
 from gradwatch.aggregator.config import AggregatorConfig
-from gradwatch.aggregator.consumer import Aggregator
+from gradwatch.aggregator.service import Aggregator
 
 __all__ = ["Aggregator", "AggregatorConfig"]

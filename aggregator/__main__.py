@@ -17,12 +17,12 @@ from urllib.parse import urlsplit, urlunsplit
 import redis
 from prometheus_client import CollectorRegistry, ProcessCollector
 
-from gradwatch.aggregator.api import ListenError, serve
 from gradwatch.aggregator.config import DEFAULT_METRICS_LISTEN, DEFAULT_REDIS_URL, AggregatorConfig
-from gradwatch.aggregator.consumer import Aggregator
-from gradwatch.aggregator.snapshots import SnapshotStore
-from gradwatch.aggregator.views import alert_log
-from gradwatch.envconfig import ConfigError
+from gradwatch.aggregator.http.api import ListenError, serve
+from gradwatch.aggregator.http.snapshots import SnapshotStore
+from gradwatch.aggregator.http.views import alert_log
+from gradwatch.aggregator.service import Aggregator
+from gradwatch.settings import ConfigError
 
 log = logging.getLogger("gradwatch.aggregator")
 PROG = "gradwatch aggregator"
@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--consumer", help="consumer name in the Redis group (env GRADWATCH_AGGREGATOR_CONSUMER; "
                                       "default HOSTNAME-PID)")
     p.add_argument("--rules", metavar="FILE",
-                   help="TOML file of rule settings, see aggregator/rules.example.toml (env "
+                   help="TOML file of rule settings, see aggregator/rules/example.toml (env "
                         "GRADWATCH_AGGREGATOR_RULES; default: the built-in defaults)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
@@ -94,7 +94,7 @@ def run(config: AggregatorConfig, stop: threading.Event | None = None,
         aggregator.stop(0)
         return 1
     try:
-        server, _ = serve(host, port, registry, aggregator.snapshot, history=aggregator.history,
+        server, _ = serve(host, port, registry, aggregator.view, history=aggregator.history,
                           topology=aggregator.topology, alert_log=lambda run: alert_log(aggregator.client, run),
                           frames=aggregator.frames, snapshots=SnapshotStore(aggregator.client),
                           api_token=config.api_token)

@@ -8,7 +8,7 @@ import socket
 from dataclasses import dataclass, field, fields
 from urllib.parse import urlsplit
 
-from gradwatch.envconfig import ConfigError, env
+from gradwatch.settings import ConfigError, env
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_METRICS_LISTEN = "127.0.0.1:4772"
@@ -99,7 +99,7 @@ class AggregatorConfig:
     api_token: str | None = field(default=None, repr=False)
     # Link Alertmanager shows next to an alert; None: this aggregator's /metrics page.
     generator_url: str | None = None
-    # TOML file of rule settings (aggregator/rules.example.toml); None: the catalogue's defaults.
+    # TOML file of rule settings (aggregator/rules/example.toml); None: the catalogue's defaults.
     rules: str | None = None
 
     @classmethod
@@ -178,7 +178,7 @@ class AggregatorConfig:
         if self.exploding_min_history > self.exploding_window:
             raise _bad("exploding_min_history", self.exploding_min_history,
                        f"at most exploding_window ({self.exploding_window})")
-        from gradwatch.aggregator.ruleset import load_rules  # the rules import this module
+        from gradwatch.aggregator.rules.catalogue import load_rules  # the rules import this module
 
         load_rules(self)
         return self

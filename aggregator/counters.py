@@ -55,7 +55,7 @@ class Counters:
         with self._lock:
             return self._values[name]
 
-    def snapshot(self) -> tuple[dict[str, int], dict[str, int]]:
+    def read(self) -> tuple[dict[str, int], dict[str, int]]:
         with self._lock:
             return dict(self._values), dict(self._alerts)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from gradwatch.aggregator.rules_activations import saturated_fraction
+from gradwatch.aggregator.rules.activations import saturated_fraction
 from gradwatch.aggregator.state import UNITS
 from gradwatch.v1 import run_pb2
 

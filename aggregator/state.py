@@ -17,14 +17,14 @@ from google.protobuf.message import DecodeError
 
 from gradwatch.aggregator.config import AggregatorConfig
 from gradwatch.aggregator.counters import Counters
+from gradwatch.aggregator.ingest.sequence import SequenceTracker
 from gradwatch.aggregator.join import JoinedStep, StepJoin
-from gradwatch.aggregator.sequence import SequenceTracker
 from gradwatch.v1 import report_pb2, run_pb2
 
 PARAMETER = run_pb2.TENSOR_KIND_PARAMETER
 GRADIENT = run_pb2.TENSOR_KIND_GRADIENT
 KIND_NAMES = {v: run_pb2.TensorKind.Name(v).removeprefix("TENSOR_KIND_").lower() for v in run_pb2.TensorKind.values()}
-# The agent's per-unit activity counts of a rectifier (agent/units.py) come as ACTIVATION tensors named
+# The agent's per-unit activity counts of a rectifier (agent/capture/units.py) come as ACTIVATION tensors named
 # "<module>:units" (count: units, zero count: units that never fired). They are filed under this
 # aggregator-local kind (no proto kind is negative), so rules and health that read module outputs never
 # mistake counts for outputs; DeadReLU and the layer health read them as the dead-unit fraction.
@@ -150,7 +150,7 @@ class RunState:
 
 
 @dataclass(frozen=True, slots=True)
-class RunSnapshot:
+class RunView:
     run: str
     step: int
     loss: float | None
@@ -396,13 +396,13 @@ class State:
         if rs is not None:
             self.layer_series -= len(rs.layers)
 
-    def snapshot(self) -> list[RunSnapshot]:
+    def views(self) -> list[RunView]:
         out = []
         for rs in self.runs.values():
             sps = next((v for _, r in sorted(rs.ranks.items()) if (v := r.steps_per_second()) is not None), None)
             layers = tuple((name, ls.grad_norm, ls.param_norm, tuple(ls.nonfinite.items()))
                            for name, ls in rs.layers.items())
-            out.append(RunSnapshot(rs.run, rs.step, rs.loss, rs.eval_loss, rs.learning_rate, rs.grad_norm, sps,
+            out.append(RunView(rs.run, rs.step, rs.loss, rs.eval_loss, rs.learning_rate, rs.grad_norm, sps,
                                    rs.last_report_time, layers, rs.world_size, tuple(sorted(rs.ranks)),
                                    rs.last_joined, rs.scalars, rs.eval_scalars, rs.tensors, rs.hyperparameters,
                                    rs.labels))

@@ -29,10 +29,10 @@ import redis
 from prometheus_client import CollectorRegistry
 
 from gradwatch.aggregator.config import AggregatorConfig
-from gradwatch.aggregator.consumer import Aggregator
-from gradwatch.aggregator.ruleset import RuleEngine
-from gradwatch.collector.streams import FIELD_REGISTRATION, FIELD_REPORT, RUNS_KEY, registrations_key, reports_key
-from gradwatch.redis_server import RedisServer
+from gradwatch.aggregator.rules.catalogue import RuleEngine
+from gradwatch.aggregator.service import Aggregator
+from gradwatch.cli.redis_server import RedisServer
+from gradwatch.streams import FIELD_REGISTRATION, FIELD_REPORT, RUNS_KEY, registrations_key, reports_key
 from gradwatch.v1 import report_pb2, run_pb2
 
 KINDS = (run_pb2.TENSOR_KIND_PARAMETER, run_pb2.TENSOR_KIND_GRADIENT, run_pb2.TENSOR_KIND_ACTIVATION)
@@ -100,7 +100,7 @@ def variant(url: str, client: redis.Redis, name: str, world: int, rules: bool, r
     while agg.counters.get("reports") * layers * len(KINDS) < summaries:
         agg.run_once()
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-    alerts = sum(agg.counters.snapshot()[1].values())
+    alerts = sum(agg.counters.read()[1].values())
     agg.stop()
     return {"variant": name, "ranks": world, "rules": len(agg.rules.rules), "summaries": summaries,
             "summaries_per_s": summaries / wall, "cpu_us_per_summary": 1e6 * cpu / summaries, "alerts": alerts}

@@ -30,10 +30,10 @@ import torch
 from torch import nn
 
 import gradwatch
-from gradwatch.collector.streams import ALERTS_KEY, FIELD_ALERT
-from gradwatch.processes import start_alertmanager, stop_process
-from gradwatch.redis_server import RedisServer, free_port
-from gradwatch.stack import Stack, StackConfig
+from gradwatch.cli.processes import start_alertmanager, stop_process
+from gradwatch.cli.redis_server import RedisServer, free_port
+from gradwatch.cli.stack import Stack, StackConfig
+from gradwatch.streams import ALERTS_KEY, FIELD_ALERT
 
 
 class AlertmanagerWatch(threading.Thread):

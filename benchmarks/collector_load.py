@@ -234,8 +234,8 @@ def main() -> int:
 
     import redis
 
-    from gradwatch.processes import stop_process
-    from gradwatch.redis_server import RedisServer, free_port
+    from gradwatch.cli.processes import stop_process
+    from gradwatch.cli.redis_server import RedisServer, free_port
 
     modes = [m for m in opts.modes.split(",") if m]
     results = []

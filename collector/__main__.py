@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from gradwatch.collector.config import CollectorConfig, redact_url
 from gradwatch.collector.server import CollectorServer, CollectorStartError
-from gradwatch.envconfig import ConfigError
+from gradwatch.settings import ConfigError
 
 # In-flight calls get this long to finish on shutdown; the agent retries whatever is cut off.
 SHUTDOWN_GRACE_S = 5.0

@@ -7,7 +7,8 @@ import re
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
-from gradwatch.envconfig import ConfigError, env
+from gradwatch.limits import MAX_STRING_BYTES
+from gradwatch.settings import ConfigError, env
 
 DEFAULT_LISTEN = "127.0.0.1:4770"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -19,7 +20,7 @@ DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 DEFAULT_MAX_REPORTS_PER_REQUEST = 10_000
 DEFAULT_MAX_TENSORS_PER_REPORT = 100_000
 # Names, module paths and label values end up in Redis, logs and dashboards: keep them bounded.
-DEFAULT_MAX_STRING_BYTES = 1024
+DEFAULT_MAX_STRING_BYTES = MAX_STRING_BYTES
 # Request bytes being processed at once; above it the collector refuses with a retryable status
 # (OTel memory_limiter) instead of growing until the OOM killer ends it.
 DEFAULT_MAX_INFLIGHT_BYTES = 64 * 1024 * 1024

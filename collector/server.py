@@ -19,8 +19,8 @@ from redis.exceptions import RedisClusterException, RedisError
 
 from gradwatch.collector.config import CollectorConfig, parse_host_port, redact_url
 from gradwatch.collector.service import SERVICE_NAME, ExportService
-from gradwatch.collector.streams import quiet_handshake
 from gradwatch.collector.telemetry import CollectorMetrics
+from gradwatch.streams import quiet_handshake
 
 log = logging.getLogger("gradwatch.collector")
 
@@ -140,7 +140,7 @@ class CollectorServer:
             # gRPC sets SO_REUSEPORT by default: a second collector would then share the port silently and
             # take half the traffic. Refuse instead.
             ("grpc.so_reuseport", 0),
-            # Agents ping every 30 s to notice a dead collector (agent/exporter.py); the default policy (at
+            # Agents ping every 30 s to notice a dead collector (agent/export/exporter.py); the default policy (at
             # most one ping per 5 min without calls) would answer those pings with GOAWAY too_many_pings.
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),

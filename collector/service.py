@@ -23,7 +23,11 @@ from google.rpc import error_details_pb2
 from redis.exceptions import RedisClusterException, RedisError
 
 from gradwatch.collector.config import CollectorConfig
-from gradwatch.collector.streams import (
+from gradwatch.collector.telemetry import CollectorMetrics
+from gradwatch.collector.validate import registration_problem, report_problem, snapshot_problem
+from gradwatch.collector.wire import WireError, split_export
+from gradwatch.rpc import RETRY_INFO_KEY
+from gradwatch.streams import (
     FIELD_REGISTRATION,
     FIELD_REPORT,
     MAX_SNAPSHOT_REQUESTS,
@@ -34,9 +38,6 @@ from gradwatch.collector.streams import (
     snapshot_requests_key,
     snapshots_key,
 )
-from gradwatch.collector.telemetry import CollectorMetrics
-from gradwatch.collector.validate import registration_problem, report_problem, snapshot_problem
-from gradwatch.collector.wire import WireError, split_export
 from gradwatch.v1.ingest_service_pb2 import ExportPartialSuccess, ExportResponse
 from gradwatch.v1.report_pb2 import StepReport
 from gradwatch.v1.run_pb2 import RunRegistration
@@ -47,8 +48,7 @@ SERVICE_NAME = "gradwatch.v1.IngestService"
 MAX_REASONS_IN_MESSAGE = 5
 # A Redis outage fails every request: log it once per interval, count the rest.
 _LOG_INTERVAL_S = 10.0
-# Retryable refusals carry a google.rpc.RetryInfo in this trailer, as OTLP servers do: agents wait at least that long.
-RETRY_INFO_KEY = "google.rpc.retryinfo-bin"
+# Retryable refusals carry a google.rpc.RetryInfo (trailer gradwatch.rpc.RETRY_INFO_KEY), as OTLP servers do.
 # After a failed Redis write: long enough for a restart or failover to make progress, short enough to catch up.
 REDIS_RETRY_AFTER_S = 1.0
 # Snapshots per Export call: an agent sends one per request it got, and requests are few (16 per run queued).

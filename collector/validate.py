@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from gradwatch.collector.streams import valid_run_id
-from gradwatch.snapshot_limits import BOUNDS, KINDS, LABEL_BYTES, REQUEST_ID_RE
+from gradwatch.limits import BOUNDS, KINDS, LABEL_BYTES, REQUEST_ID_RE
 from gradwatch.stats import HIST_BUCKETS
+from gradwatch.streams import valid_run_id
 from gradwatch.v1.report_pb2 import StepReport
 from gradwatch.v1.run_pb2 import RunRegistration
 from gradwatch.v1.snapshot_pb2 import Snapshot
@@ -85,7 +85,7 @@ def _show(value: str, limit: int = 40) -> str:
 
 
 def snapshot_problem(snap: Snapshot, max_string_bytes: int) -> str | None:
-    """Snapshots are bounded pictures (gradwatch.snapshot_limits): anything bigger is a broken agent."""
+    """Snapshots are bounded pictures (gradwatch.limits): anything bigger is a broken agent."""
     if not valid_run_id(snap.run_id):
         return f"run_id {_show(snap.run_id)} is not {_RUN_ID_RULE}"
     if not REQUEST_ID_RE.match(snap.request_id):

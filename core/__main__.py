@@ -2,6 +2,6 @@
 
 import sys
 
-from gradwatch.cli import main
+from gradwatch.cli.main import main
 
 sys.exit(main())

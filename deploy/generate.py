@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Regenerates the deployment files that are derived from others, or checks them (--check, exit 1 on drift):
 
-- deploy/grafana/dashboards/*.json      from gradwatch.dashboards (needs gradwatch[deploy])
+- deploy/grafana/dashboards/*.json      from gradwatch.cli.dashboards (needs gradwatch[deploy])
 - deploy/kubernetes/monitoring/prometheusrule.yaml   from deploy/prometheus/rules/*.yml
 
     .venv/bin/python deploy/generate.py [--check]
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if a file is out of date")
     args = parser.parse_args(argv)
-    from gradwatch import grafana
+    from gradwatch.cli import grafana
 
     stale = grafana.drift(grafana.DEFAULT_DIR)
     rule = prometheus_rule()

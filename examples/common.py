@@ -24,10 +24,10 @@ from pathlib import Path
 import redis
 
 import gradwatch
-from gradwatch.collector.streams import ALERTS_KEY, FIELD_ALERT
-from gradwatch.redis_server import free_port
-from gradwatch.runs import ApiError, get
-from gradwatch.stack import Stack, StackConfig
+from gradwatch.cli.redis_server import free_port
+from gradwatch.cli.runs import ApiError, get
+from gradwatch.cli.stack import Stack, StackConfig
+from gradwatch.streams import ALERTS_KEY, FIELD_ALERT
 
 RULES = Path(__file__).with_name("rules.toml")
 ALERT_WAIT_S = 20.0  # generous: a loaded 2-core CI machine must not make an example flaky

@@ -15,7 +15,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-import gradwatch.debug
+import gradwatch.agent.gradcheck
 
 
 class LinearFunction(torch.autograd.Function):
@@ -81,7 +81,7 @@ def main() -> int:
             run = f"gradcheck-{name}"
             print(f"\nrun {run}: gradcheck before training, then 30 steps", flush=True)
             with local.watch(model, optimizer, run=run) as watcher:
-                report = gradwatch.debug.gradcheck(model, loss_fn, (x, y), watcher=watcher)
+                report = gradwatch.agent.gradcheck.gradcheck(model, loss_fn, (x, y), watcher=watcher)
                 print(report.table(), flush=True)
                 for _ in range(30):
                     loss = loss_fn(model(x), y)

@@ -55,7 +55,7 @@ def trial(local, lr: float, wd: float) -> None:
 def main() -> int:
     from common import arguments, finish, local_stack
 
-    from gradwatch.runs import compare_table
+    from gradwatch.cli.runs import compare_table
 
     args = arguments(__doc__)
     grid = list(itertools.product(LEARNING_RATES, WEIGHT_DECAYS))

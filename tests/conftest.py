@@ -1,11 +1,14 @@
-"""Shared fixtures: a real redis-server per test session (flushed per test) and free ports."""
+"""Shared fixtures: a real redis-server per test session (flushed per test) and free ports; the fixtures of
+each component (tests/fixtures/) are plugins, so unit tests and scenario tests (tests/scenarios/) share them."""
 
 from __future__ import annotations
 
 import pytest
 import redis
 
-from gradwatch.redis_server import RedisServer, free_port
+from gradwatch.cli.redis_server import RedisServer, free_port
+
+pytest_plugins = ["tests.fixtures.agent", "tests.fixtures.aggregator", "tests.fixtures.collector"]
 
 
 @pytest.fixture(scope="session")

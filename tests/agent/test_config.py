@@ -6,8 +6,8 @@ import grpc
 import pytest
 
 from gradwatch.agent.config import AgentConfig
-from gradwatch.agent.exporter import channel_credentials
-from gradwatch.envconfig import ConfigError
+from gradwatch.agent.export.exporter import channel_credentials
+from gradwatch.settings import ConfigError
 
 
 @pytest.fixture

@@ -368,7 +368,7 @@ def test_schedule_with_a_burst_after_a_local_nan(ingest):
 
 
 def test_invalid_select_or_schedule_is_a_clear_error_at_watch():
-    from gradwatch.envconfig import ConfigError
+    from gradwatch.settings import ConfigError
 
     with pytest.raises(ConfigError, match="preset"):
         gradwatch.watch(make_model(), select="preset:luxury", collector="127.0.0.1:1")

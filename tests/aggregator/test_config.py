@@ -8,7 +8,7 @@ import pytest
 
 from gradwatch.aggregator import config as cfg
 from gradwatch.aggregator.config import AggregatorConfig
-from gradwatch.envconfig import ConfigError
+from gradwatch.settings import ConfigError
 
 
 def test_defaults_are_valid():

@@ -111,7 +111,7 @@ def test_dead_fraction_prefers_the_unit_counts(build):
     units.histogram_offset = 40
     units.histogram.extend([10, 20, 18])
     view = state.apply(RUN, r)
-    (snap,) = state.snapshot()
+    (snap,) = state.views()
     assert [m.name for m, _ in view.of_kind(UNITS)] == ["fc1:units"]
     assert all(not m.name.endswith(":units") for m, _ in view.of_kind(run_pb2.TENSOR_KIND_ACTIVATION))
     health = layer_health(snap.tensors, set(build.layers))

@@ -9,12 +9,12 @@ import time
 
 import pytest
 
-from gradwatch.aggregator.api import run_detail
 from gradwatch.aggregator.config import AggregatorConfig
 from gradwatch.aggregator.counters import Counters
-from gradwatch.aggregator.ruleset import RuleEngine
+from gradwatch.aggregator.http.api import run_detail
+from gradwatch.aggregator.rules.catalogue import RuleEngine
 from gradwatch.aggregator.state import State
-from gradwatch.collector.streams import ALERTS_KEY
+from gradwatch.streams import ALERTS_KEY
 from gradwatch.v1 import run_pb2
 
 RUN = "ddp"
@@ -75,7 +75,7 @@ def test_a_step_closes_when_every_rank_reported(build):
     assert sorted(joined.parts) == [0, 1, 2]
     # replicated gradients count once: four layers of norm 1 -> sqrt(4), not sqrt(12)
     assert joined.global_grad_norm == pytest.approx(2.0)
-    assert c.state.snapshot()[0].joined is joined
+    assert c.state.views()[0].joined is joined
     assert c.counters.get("steps_joined") == 1 and c.counters.get("steps_incomplete") == 0
 
 
@@ -208,7 +208,7 @@ def test_rank_divergence_through_the_consumer(make_aggregator, build, publish, r
     alerts = [a for _, f in redis_client.xrange(ALERTS_KEY) if b"RankDivergence" in (a := f[b"alert"])]
     assert len(alerts) == 1 and b'"layer":"embed"' in alerts[0] and b'"rank":1' in alerts[0]
     assert agg.counters.get("steps_joined") == 3
-    run = agg.snapshot().runs[0]
+    run = agg.view().runs[0]
     assert run.joined.step == 2 and run.world_size == 2
     detail = run_detail(run, [])["joined"]
     assert detail["step"] == 2 and detail["missing_ranks"] == [] and detail["reason"] == "complete"

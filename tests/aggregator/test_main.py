@@ -15,7 +15,7 @@ import pytest
 
 from gradwatch.aggregator.__main__ import redact, run
 from gradwatch.aggregator.config import AggregatorConfig
-from gradwatch.redis_server import free_port
+from gradwatch.cli.redis_server import free_port
 
 
 def aggregator(*args: str) -> subprocess.Popen:

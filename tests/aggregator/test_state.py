@@ -23,7 +23,7 @@ def test_layer_norms_sum_squares_of_the_layers_tensors(state, build):
     view = state.apply("demo", build.report(0, grad={"fc1": 3.0, "fc2": 4.0}, param=2.0))
     assert view.grad_norms["fc1"] == pytest.approx(3.0)
     assert view.global_grad_norm == pytest.approx(math.sqrt(9 + 16 + 1 + 1))
-    (run,) = state.snapshot()
+    (run,) = state.views()
     layers = {name: (g, p, dict(k)) for name, g, p, k in run.layers}
     assert layers["fc2"] == (pytest.approx(4.0), pytest.approx(2.0), {"parameter": 0, "gradient": 0, "activation": 0})
 
@@ -31,7 +31,7 @@ def test_layer_norms_sum_squares_of_the_layers_tensors(state, build):
 def test_a_late_report_does_not_move_gauges_backwards(state, build):
     state.apply("demo", build.report(10, loss=1.0, grad=5.0))
     state.apply("demo", build.report(9, loss=9.0, grad=50.0))
-    (run,) = state.snapshot()
+    (run,) = state.views()
     assert (run.step, run.loss) == (10, 1.0)
     assert dict((n, g) for n, g, _, _ in run.layers)["fc1"] == pytest.approx(5.0)
 
@@ -39,14 +39,14 @@ def test_a_late_report_does_not_move_gauges_backwards(state, build):
 def test_eval_loss_is_kept_apart(state, build):
     state.apply("demo", build.report(5, loss=1.0))
     state.apply("demo", build.report(5, seq=100, loss=2.5, phase=report_pb2.PHASE_EVAL))
-    (run,) = state.snapshot()
+    (run,) = state.views()
     assert (run.loss, run.eval_loss) == (1.0, 2.5)
 
 
 def test_steps_per_second_from_capture_times(state, build):
     for step in range(0, 50, 10):
         state.apply("demo", build.report(step, t=1000.0 + step / 4))
-    (run,) = state.snapshot()
+    (run,) = state.views()
     assert run.steps_per_second == pytest.approx(4.0)
 
 

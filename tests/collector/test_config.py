@@ -10,7 +10,7 @@ import pytest
 from gradwatch.collector import config as cfg
 from gradwatch.collector.__main__ import add_arguments, config_from_args
 from gradwatch.collector.config import CollectorConfig, parse_host_port, redact_url
-from gradwatch.envconfig import ConfigError
+from gradwatch.settings import ConfigError
 
 
 def test_defaults_are_valid():

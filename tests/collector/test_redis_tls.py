@@ -21,12 +21,12 @@ import pytest
 import redis
 
 from gradwatch.agent.config import AgentConfig
-from gradwatch.agent.exporter import Exporter
+from gradwatch.agent.export.exporter import Exporter
+from gradwatch.cli.processes import stop_process
+from gradwatch.cli.redis_server import find_redis_server, free_port
 from gradwatch.collector.server import CollectorStartError
-from gradwatch.collector.streams import quiet_handshake, reports_key
-from gradwatch.envconfig import ConfigError
-from gradwatch.processes import stop_process
-from gradwatch.redis_server import find_redis_server, free_port
+from gradwatch.settings import ConfigError
+from gradwatch.streams import quiet_handshake, reports_key
 from gradwatch.v1.ingest_service_pb2 import ExportRequest
 from gradwatch.v1.report_pb2 import StepReport
 

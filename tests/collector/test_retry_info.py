@@ -12,8 +12,9 @@ import pytest
 from google.rpc import error_details_pb2
 
 from gradwatch.collector.config import CollectorConfig
-from gradwatch.collector.service import REDIS_RETRY_AFTER_S, RETRY_INFO_KEY
-from gradwatch.envconfig import ConfigError
+from gradwatch.collector.service import REDIS_RETRY_AFTER_S
+from gradwatch.rpc import RETRY_INFO_KEY
+from gradwatch.settings import ConfigError
 from gradwatch.v1.ingest_service_pb2 import ExportRequest
 from gradwatch.v1.ingest_service_pb2_grpc import IngestServiceStub
 from gradwatch.v1.report_pb2 import StepReport, TensorSummary

@@ -14,11 +14,11 @@ import time
 import grpc
 import pytest
 
+from gradwatch.cli.redis_server import free_port
 from gradwatch.collector.__main__ import main
 from gradwatch.collector.config import CollectorConfig
 from gradwatch.collector.server import CollectorServer, CollectorStartError
-from gradwatch.collector.streams import reports_key
-from gradwatch.redis_server import free_port
+from gradwatch.streams import reports_key
 from gradwatch.v1.ingest_service_pb2 import ExportRequest, ExportResponse
 from gradwatch.v1.ingest_service_pb2_grpc import IngestServiceStub
 from gradwatch.v1.report_pb2 import StepReport

@@ -10,8 +10,8 @@ import urllib.request
 import grpc
 import pytest
 
-from gradwatch.collector.streams import FIELD_REGISTRATION, FIELD_REPORT, RUNS_KEY, registrations_key, reports_key
-from gradwatch.redis_server import RedisServer
+from gradwatch.cli.redis_server import RedisServer
+from gradwatch.streams import FIELD_REGISTRATION, FIELD_REPORT, RUNS_KEY, registrations_key, reports_key
 from gradwatch.v1.ingest_service_pb2 import ExportRequest, ExportResponse
 from gradwatch.v1.ingest_service_pb2_grpc import IngestServiceStub
 from gradwatch.v1.report_pb2 import StepReport, TensorSummary

@@ -6,7 +6,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from gradwatch.collector.streams import MAX_SNAPSHOT_REQUESTS, snapshot_requests_key, snapshots_key
+from gradwatch.streams import MAX_SNAPSHOT_REQUESTS, snapshot_requests_key, snapshots_key
 from gradwatch.v1.ingest_service_pb2 import ExportRequest
 from gradwatch.v1.ingest_service_pb2_grpc import IngestServiceStub
 from gradwatch.v1.snapshot_pb2 import Snapshot, SnapshotKind, SnapshotRequest

@@ -7,11 +7,11 @@ import argparse
 import pytest
 
 from gradwatch.agent.config import AgentConfig
-from gradwatch.agent.exporter import Exporter
+from gradwatch.agent.export.exporter import Exporter
 from gradwatch.collector.__main__ import add_arguments, config_from_args
 from gradwatch.collector.config import CollectorConfig
-from gradwatch.collector.streams import reports_key
-from gradwatch.envconfig import ConfigError
+from gradwatch.settings import ConfigError
+from gradwatch.streams import reports_key
 from gradwatch.v1.ingest_service_pb2 import ExportRequest
 from gradwatch.v1.report_pb2 import StepReport
 

@@ -1,4 +1,4 @@
-"""Dashboards as code: the committed JSON is what core/dashboards.py generates (drift check), every
+"""Dashboards as code: the committed JSON is what core/cli/dashboards.py generates (drift check), every
 query is valid PromQL that names only metrics gradwatch exports or its recording rules define, and
 every template variable it uses is defined."""
 
@@ -13,8 +13,8 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from gradwatch import grafana
-from gradwatch.aggregator.exposition import AggregatorCollector
+from gradwatch.aggregator.http.metrics import AggregatorCollector
+from gradwatch.cli import grafana
 from gradwatch.collector.telemetry import CollectorMetrics
 
 SAMPLE = {"datasource": "prometheus", "run": "demo", "layer": ".*"}

@@ -14,10 +14,10 @@ from collections import OrderedDict
 import pytest
 import yaml
 
-from gradwatch import grafana
-from gradwatch.processes import stop_process
-from gradwatch.redis_server import RedisServer, free_port
-from gradwatch.stack import Stack, StackConfig
+from gradwatch.cli import grafana
+from gradwatch.cli.processes import stop_process
+from gradwatch.cli.redis_server import RedisServer, free_port
+from gradwatch.cli.stack import Stack, StackConfig
 
 pytestmark = pytest.mark.e2e
 
@@ -116,7 +116,7 @@ def test_dashboards_and_alerts_through_prometheus_and_alertmanager(kit, tmp_path
                 kit.wait_until(lambda: len(kit.http_json(up)["data"]["result"]) == 2, 30,
                                "Prometheus to scrape the aggregator and the collector")
                 import gradwatch
-                from gradwatch.demo import train
+                from gradwatch.cli.demo import train
 
                 train(lambda m, o: gradwatch.watch(m, o, run=RUN, collector=cfg.collector_listen,
                                                    hyperparameters={**HYPERPARAMETERS, "lr": 0.05}),

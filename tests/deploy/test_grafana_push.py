@@ -10,8 +10,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from gradwatch import grafana
-from gradwatch.cli import main
+from gradwatch.cli import grafana
+from gradwatch.cli.main import main
 
 UIDS = ["gradwatch-run-overview", "gradwatch-layers", "gradwatch-activations", "gradwatch-histograms",
         "gradwatch-runs-compared", "gradwatch-ingest"]

@@ -1,0 +1,1 @@
+"""Callbacks for training frameworks (Lightning, Hugging Face Trainer); the agent itself never imports them."""

@@ -1,0 +1,1 @@
+"""Alerts once raised: the record and its hysteresis, and where transitions go (stream, Alertmanager, webhook)."""

@@ -1,0 +1,293 @@
+"""The live view's server side: the frames of each run's log2 histograms over time (the "update
+animation" of a tensor), and a hub that samples the aggregator's view once a tick and pushes compact
+updates to a bounded number of server-sent-event streams.
+
+Frames are references to applied reports' summaries (never copied, never mutated), within a fixed
+budget of summaries over all runs; a long run keeps frames spread over all of it, ever more thinly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+
+from gradwatch.aggregator.alerts.record import Alert
+from gradwatch.aggregator.counters import DedupLog
+from gradwatch.aggregator.http.metrics import AggregatorView
+from gradwatch.aggregator.http.views import layer_stats, num
+from gradwatch.aggregator.state import KIND_NAMES, RunView
+
+log = logging.getLogger("gradwatch.aggregator.http.live")
+
+DEFAULT_TICK_S = 1.0
+DEFAULT_MAX_STREAMS = 16       # concurrent event streams; each holds one HTTP thread
+HEARTBEAT_S = 15.0             # an SSE comment keeps idle proxies from closing the stream
+STREAM_QUEUE = 8               # events waiting for a slow client; beyond it the oldest go, a resync is asked
+MAX_FRAMES = 256               # histogram frames per run
+MIN_FRAMES = 8
+FRAME_SUMMARY_BUDGET = 200_000  # summaries referenced by all frames of all runs together
+MAX_STEP_ROWS = 500            # new steps per update
+
+
+class EventStream:
+    """One client's queue of encoded events. A client slower than the hub loses the oldest events and
+    is told to fetch everything again."""
+
+    def __init__(self, run: str | None):
+        self.run = run
+        self._events: deque[bytes] = deque()
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self.closed = False
+
+    def put(self, event: bytes) -> None:
+        with self._lock:
+            if len(self._events) >= STREAM_QUEUE:
+                self._events.clear()
+                self._events.append(sse("resync", {}))
+            self._events.append(event)
+        self._wake.set()
+
+    def take(self, timeout: float) -> list[bytes] | None:
+        """The waiting events (maybe none after `timeout`); None once the hub has closed the stream."""
+        self._wake.wait(timeout)
+        with self._lock:
+            self._wake.clear()
+            events, self._events = list(self._events), deque()
+        return None if self.closed and not events else events
+
+    def close(self) -> None:
+        self.closed = True
+        self._wake.set()
+
+
+def sse(event: str, data: dict) -> bytes:
+    body = json.dumps(data, allow_nan=False, separators=(",", ":"))
+    return f"event: {event}\ndata: {body}\n\n".encode()
+
+
+class _RunFrames:
+    __slots__ = ("frames", "latest", "stride", "size")
+
+    def __init__(self) -> None:
+        self.frames: list[tuple[int, dict]] = []  # (step, kind -> [(meta, summary)]), every stride-th step
+        self.latest: tuple[int, dict] | None = None  # the newest report, until it becomes a frame
+        self.stride = 1
+        self.size = 0  # summaries in one frame (the latest report's)
+
+
+class FrameStore:
+    """Histogram frames of every run, one per training report while they fit: when a run holds its share
+    of the budget, every other frame goes and only every 2^k-th step is kept from then on, so the frames
+    always span the whole run. Thread-safe: the consumer adds, HTTP threads read."""
+
+    def __init__(self, budget: int = FRAME_SUMMARY_BUDGET, max_frames: int = MAX_FRAMES):
+        self.budget = budget
+        self.max_frames = max_frames
+        self._runs: dict[str, _RunFrames] = {}
+        self._lock = threading.Lock()
+
+    def add(self, run: str, step: int, tensors: dict) -> None:
+        if not tensors:
+            return
+        with self._lock:
+            rf = self._runs.get(run)
+            if rf is None:
+                rf = self._runs[run] = _RunFrames()
+            newest = rf.latest or (rf.frames[-1] if rf.frames else None)
+            if newest is not None and step <= newest[0]:
+                return  # a redelivery, or a step before the newest: frames stay in step order
+            rf.size = _summaries(tensors)
+            if not rf.frames or step - rf.frames[-1][0] >= rf.stride:
+                rf.frames.append((step, tensors))
+                rf.latest = None
+            else:
+                rf.latest = (step, tensors)
+            share = self.budget // max(1, len(self._runs)) // max(1, rf.size)
+            cap = max(MIN_FRAMES, min(self.max_frames, share))
+            while len(rf.frames) > cap:
+                rf.frames = rf.frames[::2]
+                rf.stride *= 2
+
+    def get(self, run: str) -> list[tuple[int, dict]]:
+        with self._lock:
+            rf = self._runs.get(run)
+            if rf is None:
+                return []
+            return rf.frames + ([rf.latest] if rf.latest else [])
+
+    def forget(self, run: str) -> None:
+        with self._lock:
+            self._runs.pop(run, None)
+
+    def runs(self) -> set[str]:
+        with self._lock:
+            return set(self._runs)
+
+
+class LiveHub:
+    """Samples `view()` every `tick_s` on a named daemon thread: records histogram frames and sends
+    updates to the open event streams. `stop()` is idempotent and ends every stream."""
+
+    def __init__(self, view: Callable[[], AggregatorView],
+                 history: Callable[[str, int | None, int | None, int], list[dict] | None] | None = None,
+                 tick_s: float = DEFAULT_TICK_S, max_streams: int = DEFAULT_MAX_STREAMS,
+                 frames: FrameStore | None = None):
+        self.view = view
+        self.history = history
+        self.tick_s = tick_s
+        self.max_streams = max_streams
+        # The consumer's store, fed with every report; else frames sampled here, one per tick.
+        self.frame_store = frames if frames is not None else FrameStore()
+        self._sample_frames = frames is None
+        self._streams: set[EventStream] = set()
+        self._lock = threading.Lock()  # streams: HTTP threads open and close them, the hub writes
+        self._sent: dict[str, dict] = {}  # run -> what the streams were last told: step, layers, alerts
+        self._runs_sent: list | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._errors = DedupLog(log)
+
+    def start(self) -> LiveHub:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="gradwatch-live", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 2.0) -> None:
+        self._stop.set()
+        with self._lock:
+            streams, self._streams = list(self._streams), set()
+        for s in streams:
+            s.close()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
+    # -- streams ------------------------------------------------------------------------------------
+
+    def open(self, run: str | None) -> EventStream | None:
+        """A new stream for `run` (None: the run list only); None when max_streams are open or stopping."""
+        with self._lock:
+            if self._stop.is_set() or len(self._streams) >= self.max_streams:
+                return None
+            stream = EventStream(run)
+            self._streams.add(stream)
+            return stream
+
+    def close(self, stream: EventStream) -> None:
+        with self._lock:
+            self._streams.discard(stream)
+        stream.close()
+
+    @property
+    def open_streams(self) -> int:
+        return len(self._streams)
+
+    # -- the tick -----------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.tick_s):
+            try:
+                self.tick()
+            except Exception:  # the live view must never take the metrics port down
+                self._errors.log(logging.ERROR, "tick", "live view update failed; continuing", exc_info=True)
+
+    def tick(self) -> None:
+        snap = self.view()
+        runs = {r.run: r for r in snap.runs}
+        if self._sample_frames:
+            for run in self.frame_store.runs() - set(runs):
+                self.frame_store.forget(run)
+            for run in snap.runs:
+                if run.step >= 0:
+                    self.frame_store.add(run.run, run.step, run.tensors)
+        with self._lock:
+            streams = list(self._streams)
+        for run in [r for r in self._sent if r not in runs]:
+            del self._sent[run]
+        if not streams:
+            self._sent.clear()  # a stream opened later fetches everything first
+            self._runs_sent = None
+            return
+        firing: dict[str, list[Alert]] = {}
+        for a in snap.firing:
+            firing.setdefault(a.run, []).append(a)
+        overview = [[r.run, r.step, r.loss, len(firing.get(r.run, ()))] for r in snap.runs]
+        if overview != self._runs_sent:
+            self._runs_sent = overview
+            event = sse("runs", {"runs": [{"run": r.run, "step": r.step if r.step >= 0 else None,
+                                           "loss": num(r.loss), "last_report_time": r.last_report_time,
+                                           "firing_alerts": len(firing.get(r.run, ()))}
+                                          for r in snap.runs]})
+            for s in streams:
+                s.put(event)
+        wanted = {s.run for s in streams if s.run is not None}
+        for run in wanted:
+            found = runs.get(run)
+            update = self._update(found, firing.get(run, [])) if found is not None else None
+            if update is None:
+                continue
+            event = sse("update", update)
+            for s in streams:
+                if s.run == run:
+                    s.put(event)
+
+    def _update(self, run: RunView, firing: list[Alert]) -> dict | None:
+        """What changed in `run` since the last tick: None when nothing did."""
+        sent = self._sent.setdefault(run.run, {"step": None, "layers": {}, "alerts": None})
+        alerts = sorted(a.to_json() for a in firing)
+        if run.step == sent["step"] and alerts == sent["alerts"]:
+            return None
+        stats = layer_stats(run)
+        changed = {name: v for name, v in stats.items() if sent["layers"].get(name) != v}
+        rows: list[dict] = []
+        if self.history is not None and run.step != sent["step"]:
+            first = None if sent["step"] is None else sent["step"] + 1
+            for row in self.history(run.run, first, None, MAX_STEP_ROWS) or ():
+                rows.append({"step": row["step"], "time": row["time"], "phase": row["phase"],
+                             "loss": num(row["loss"]), "grad_norm": num(row["grad_norm"]),
+                             "scalars": {k: num(v) for k, v in row.get("scalars", {}).items()}})
+        update = {"run": run.run, "step": run.step if run.step >= 0 else None, "loss": num(run.loss),
+                  "eval_loss": num(run.eval_loss), "grad_norm": num(run.grad_norm),
+                  "learning_rate": num(run.learning_rate), "steps_per_second": num(run.steps_per_second),
+                  "layers": changed, "steps": rows}
+        if alerts != sent["alerts"]:
+            update["alerts"] = [a.to_dict() for a in firing]
+        sent.update(step=run.step, layers=stats, alerts=alerts)
+        return update
+
+    # -- histogram frames ---------------------------------------------------------------------------
+
+    def frames(self, run: str, tensor: str, kind: str, first: int | None = None) -> list[dict]:
+        """The log2 histograms of one tensor over time, oldest first: [{step, offset, counts, nonfinite}]
+        (bucket offset + i holds floor(log2|x|) = offset + i - 40)."""
+        out = []
+        for step, tensors in self.frame_store.get(run):
+            if first is not None and step < first:
+                continue
+            for k, group in tensors.items():
+                if KIND_NAMES.get(k) != kind:
+                    continue
+                for meta, s in group:
+                    if meta.name != tensor:
+                        continue
+                    bad = s.nan_count + s.inf_count
+                    if s.histogram or bad:
+                        counts = list(s.histogram)
+                        lo = next((i for i, c in enumerate(counts) if c), 0)
+                        hi = max((i for i, c in enumerate(counts) if c), default=-1)
+                        out.append({"step": step, "offset": s.histogram_offset + lo, "counts": counts[lo:hi + 1],
+                                    "nonfinite": bad})
+                    break
+        return out
+
+
+def _summaries(tensors: dict) -> int:
+    return sum(len(g) for g in tensors.values())

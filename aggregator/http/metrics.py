@@ -1,0 +1,194 @@
+"""Prometheus exposition: metric families built at scrape time from a bounded copy of the state (AggregatorView)
+(api.py serves them on /metrics).
+
+Series exist only while their run is in the state (runs expire, layers are capped by
+max_layer_series), so nothing accumulates in long-lived labelled children.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from prometheus_client.core import CounterMetricFamily, GaugeHistogramMetricFamily, GaugeMetricFamily, Metric
+
+from gradwatch.aggregator.alerts.record import Alert
+from gradwatch.aggregator.health import BOUNDS, layer_health, layer_histograms
+from gradwatch.aggregator.state import RunView
+
+COUNTERS = {
+    "reports": "Step reports applied.",
+    "registrations": "Run registrations applied.",
+    "duplicates": "Redelivered step reports skipped (same run, rank and sequence number).",
+    "decode_errors": "Stream entries that could not be decoded or processed, moved to the run's dead-letter stream.",
+    "unregistered_reports": "Step reports applied without a tensor dictionary (tensors named tensor_<id>).",
+    "series_dropped": "Layer updates without a series because max_layer_series was reached.",
+    "claimed": "Entries taken over from idle consumers with XAUTOCLAIM.",
+    "lease_lost": "Commits refused because another replica had taken the run's lease (its entries go to that one).",
+    "steps_joined": "Steps of multi-rank runs closed by the cross-rank join.",
+    "steps_incomplete": "Joined steps closed without every rank: passed by the watermark, timed out or overflowed.",
+    "late_reports": "Reports for a step the cross-rank join had already closed (applied, not joined).",
+    "redis_errors": "Failed Redis commands.",
+    "alerts_suppressed": "Recurrences of a condition inside the cooldown of its previous alert.",
+    "alertmanager_sent": "Alerts Alertmanager accepted.",
+    "alertmanager_errors": "Failed POSTs to Alertmanager.",
+    "alertmanager_dropped": "Alerts never delivered to Alertmanager: queue full or retries exhausted.",
+    "webhook_sent": "Alert transitions the webhook accepted.",
+    "webhook_errors": "Failed POSTs to the webhook.",
+    "webhook_dropped": "Alert transitions never delivered to the webhook: queue full or retries exhausted.",
+    "runs_expired": "Runs forgotten after run_expiry_s without a report.",
+}
+
+
+@dataclass(frozen=True)
+class AggregatorView:
+    runs: list[RunView] = field(default_factory=list)
+    firing: list[Alert] = field(default_factory=list)
+    counters: dict[str, int] = field(default_factory=dict)
+    alerts: dict[str, int] = field(default_factory=dict)  # rule -> firing alerts raised
+    layer_series: int = 0
+    histogram_budget: int = 64  # (layer, kind) magnitude histograms exported, all runs together
+
+
+# User scalars exported per run, at most; label histograms (labels/<class>) and learning rates have
+# their own series or none.
+MAX_SCALARS = 32
+SKIP_SCALARS = ("labels/", "lr/")
+# Hyperparameters exported per run (the first by name), and the length of a text value's label.
+MAX_HYPERPARAMETERS = 32
+MAX_HYPERPARAMETER_TEXT = 64
+
+
+class AggregatorCollector:
+    """A custom collector: every scrape calls collect(), which copies the state once (under the
+    aggregator's lock, via `view`) and builds the families from that copy without the lock."""
+
+    def __init__(self, view: Callable[[], AggregatorView]):
+        self._view = view
+
+    def describe(self) -> Iterator[Metric]:
+        # Names only, so registering twice in one registry fails loudly as it should.
+        return self._families(AggregatorView())
+
+    def collect(self) -> Iterator[Metric]:
+        return self._families(self._view())
+
+    @staticmethod
+    def _families(snap: AggregatorView) -> Iterator[Metric]:
+        run_gauges = {
+            "step": ("gradwatch_run_step", "Latest optimizer step reported."),
+            "loss": ("gradwatch_run_loss", "Training loss of the latest step."),
+            "eval_loss": ("gradwatch_run_eval_loss", "Loss of the latest evaluation step."),
+            "learning_rate": ("gradwatch_run_learning_rate", "Learning rate of optimizer parameter group 0."),
+            "grad_norm": ("gradwatch_run_grad_norm", "Global L2 norm of the gradients of the latest step."),
+            "steps_per_second": ("gradwatch_run_steps_per_second", "Optimizer steps per second, recent reports."),
+            "last_report_time": ("gradwatch_run_last_report_timestamp_seconds",
+                                 "Capture time of the latest report, unix seconds."),
+        }
+        families = {attr: GaugeMetricFamily(name, doc, labels=["run"]) for attr, (name, doc) in run_gauges.items()}
+        grad = GaugeMetricFamily("gradwatch_layer_grad_norm", "L2 norm of the layer's parameter gradients.",
+                                 labels=["run", "layer"])
+        param = GaugeMetricFamily("gradwatch_layer_param_norm", "L2 norm of the layer's parameters.",
+                                  labels=["run", "layer"])
+        nonfinite = GaugeMetricFamily("gradwatch_layer_nonfinite_values",
+                                      "NaN and Inf values in the layer's tensors of one kind, latest report.",
+                                      labels=["run", "layer", "kind"])
+        update = GaugeMetricFamily("gradwatch_layer_update_ratio",
+                                   "||update|| / ||weight|| of the layer in the latest step (the agent sends updates).",
+                                   labels=["run", "layer"])
+        dead = GaugeMetricFamily("gradwatch_layer_dead_fraction",
+                                 "Units never active since the last report (ReLU/ReLU6 unit counts), else the "
+                                 "fraction of exact zeros in the layer's ReLU-like (min >= 0) activations.",
+                                 labels=["run", "layer"])
+        saturated = GaugeMetricFamily("gradwatch_layer_saturated_fraction",
+                                      "Fraction of the layer's [-1, 1]-bounded activations with |y| >= 0.5.",
+                                      labels=["run", "layer"])
+        magnitude = GaugeHistogramMetricFamily(
+            "gradwatch_layer_magnitude", "log2-magnitude histogram of the layer's values of one kind, latest step "
+            "(le: upper bound of |x|; a bounded set of layers)", labels=["run", "layer", "kind"])
+        scalar = GaugeMetricFamily("gradwatch_run_scalar", "User scalar of the latest training report (accuracy, ...).",
+                                   labels=["run", "name"])
+        eval_scalar = GaugeMetricFamily("gradwatch_run_eval_scalar", "User scalar of the latest evaluation report.",
+                                        labels=["run", "name"])
+        world = GaugeMetricFamily("gradwatch_run_world_size", "Ranks of the run, from the registrations.",
+                                  labels=["run"])
+        joined_ranks = GaugeMetricFamily("gradwatch_run_ranks_joined",
+                                         "Ranks that reported the latest step the cross-rank join closed.",
+                                         labels=["run"])
+        hyper = GaugeMetricFamily("gradwatch_run_hyperparameter",
+                                  "Numeric hyperparameter of the run's registration (booleans as 0 and 1).",
+                                  labels=["run", "name"])
+        hyper_info = GaugeMetricFamily("gradwatch_run_hyperparameter_info",
+                                       "1 for each text hyperparameter of the run's registration (value: its first "
+                                       f"{MAX_HYPERPARAMETER_TEXT} characters).", labels=["run", "name", "value"])
+        hist_budget = snap.histogram_budget
+        for run in snap.runs:
+            if run.world_size:
+                world.add_metric([run.run], run.world_size)
+            if run.joined is not None:
+                joined_ranks.add_metric([run.run], len(run.joined.parts))
+            if run.hyperparameters:
+                _hyperparameters(run, hyper, hyper_info)
+            for family, values in ((scalar, run.scalars), (eval_scalar, run.eval_scalars)):
+                names = sorted(k for k in values if not k.startswith(SKIP_SCALARS))[:MAX_SCALARS]
+                for name in names:
+                    family.add_metric([run.run, name], values[name])
+            if run.tensors:
+                layers = {name for name, *_ in run.layers}
+                for layer, h in layer_health(run.tensors, layers).items():
+                    for family, value in ((update, h.update_ratio), (dead, h.dead_fraction),
+                                          (saturated, h.saturated_fraction)):
+                        if value is not None:
+                            family.add_metric([run.run, layer], value)
+                if hist_budget > 0:
+                    hists = layer_histograms(run.tensors, layers, hist_budget)
+                    hist_budget -= len(hists)
+                    for layer, kind, cumulative, total in hists:
+                        buckets = [(_le(b), float(c)) for b, c in zip(BOUNDS, cumulative, strict=True)]
+                        magnitude.add_metric([run.run, layer, kind], buckets, total)
+            for attr, family in families.items():
+                value = getattr(run, attr)
+                if value is not None and (attr != "step" or value >= 0):
+                    family.add_metric([run.run], float(value))
+            for layer, grad_norm, param_norm, kinds in run.layers:
+                if grad_norm is not None:
+                    grad.add_metric([run.run, layer], grad_norm)
+                if param_norm is not None:
+                    param.add_metric([run.run, layer], param_norm)
+                for kind, count in kinds:
+                    nonfinite.add_metric([run.run, layer, kind], count)
+        yield from families.values()
+        yield from (grad, param, nonfinite, update, dead, saturated, magnitude, scalar, eval_scalar, world,
+                    joined_ranks, hyper, hyper_info)
+
+        firing = GaugeMetricFamily("gradwatch_alert_firing", "1 while the rule's alert is firing for the run.",
+                                   labels=["run", "rule", "layer"])
+        for alert in snap.firing:
+            firing.add_metric([alert.run, alert.rule, alert.layer], 1)
+        yield firing
+
+        for name, doc in COUNTERS.items():
+            yield CounterMetricFamily(f"gradwatch_aggregator_{name}", doc, value=snap.counters.get(name, 0))
+        alerts = CounterMetricFamily("gradwatch_aggregator_alerts", "Alerts raised (firing transitions).",
+                                     labels=["rule"])
+        for rule, count in sorted(snap.alerts.items()):
+            alerts.add_metric([rule], count)
+        yield alerts
+        yield GaugeMetricFamily("gradwatch_aggregator_runs", "Runs held in the state.", value=len(snap.runs))
+        yield GaugeMetricFamily("gradwatch_aggregator_layer_series", "Layers held in the state, all runs.",
+                                value=snap.layer_series)
+
+
+def _hyperparameters(run: RunView, numeric: GaugeMetricFamily, text: GaugeMetricFamily) -> None:
+    """The first MAX_HYPERPARAMETERS of the run's hyperparameters by name: numbers (and booleans) as
+    gauges, text as info series; unset ones are left out."""
+    for name in sorted(run.hyperparameters)[:MAX_HYPERPARAMETERS]:
+        value = run.hyperparameters[name]
+        if isinstance(value, bool | int | float):
+            numeric.add_metric([run.run, name], float(value))
+        elif isinstance(value, str):
+            text.add_metric([run.run, name, value[:MAX_HYPERPARAMETER_TEXT]], 1)
+
+
+def _le(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else f"{bound:.6g}"

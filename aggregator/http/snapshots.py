@@ -1,0 +1,145 @@
+"""On-demand snapshots for the live view: queue a request for a run's agents, serve what they sent back.
+
+    POST /api/v1/runs/{run}/snapshots       {"kind": "weight_heatmap", "tensor": "conv1"} -> 202 {"id": ...}
+    GET  /api/v1/runs/{run}/snapshots       the latest snapshot per (kind, tensor), without values
+    GET  /api/v1/runs/{run}/snapshots/{id}  one snapshot with its values (404 while the agent has not sent it)
+
+Both sides live in Redis, not in this process: the request list the collector pops into Export answers,
+and the hash the collector fills (core/streams.py), so any aggregator replica answers for any run
+and nothing here grows. POST is the API's only write: with an API token configured it needs
+"Authorization: Bearer <token>", always a JSON body of at most MAX_BODY_BYTES.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import secrets
+
+import redis
+
+from gradwatch.aggregator.alerts.record import json_number
+from gradwatch.limits import KIND_BY_NAME, KINDS
+from gradwatch.streams import (
+    MAX_SNAPSHOT_REQUESTS,
+    SNAPSHOT_REQUEST_TTL_MS,
+    snapshot_requests_key,
+    snapshots_key,
+)
+from gradwatch.v1.snapshot_pb2 import Snapshot, SnapshotRequest
+
+log = logging.getLogger("gradwatch.aggregator.http.api")
+MAX_BODY_BYTES = 4096
+MAX_TENSOR_CHARS = 512
+MAX_LISTED = 256  # snapshots decoded per listing
+
+
+def describe(snap: Snapshot, values: bool) -> dict:
+    doc = {"id": snap.request_id, "run": snap.run_id, "rank": snap.rank, "step": snap.step,
+           "kind": KINDS.get(snap.kind, "unspecified"), "tensor": snap.tensor, "shape": list(snap.shape),
+           "maps": snap.maps, "rows": snap.rows, "cols": snap.cols, "error": snap.error or None,
+           "capture_time": snap.capture_time.ToNanoseconds() / 1e9}
+    if values:
+        doc["values"] = [json_number(v) for v in snap.values]
+        doc["labels"] = list(snap.labels)
+    return doc
+
+
+class SnapshotStore:
+    """The Redis side; `client` is any redis.Redis (thread-safe, shared with the consumer)."""
+
+    def __init__(self, client: redis.Redis):
+        self.client = client
+
+    def request(self, run: str, kind: str, tensor: str) -> str:
+        rid = secrets.token_hex(8)
+        req = SnapshotRequest(id=rid, run_id=run, kind=KIND_BY_NAME[kind], tensor=tensor)
+        req.request_time.GetCurrentTime()
+        key = snapshot_requests_key(run)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.rpush(key, req.SerializeToString())
+        pipe.ltrim(key, -MAX_SNAPSHOT_REQUESTS, -1)  # the newest requests win
+        pipe.pexpire(key, SNAPSHOT_REQUEST_TTL_MS)
+        pipe.execute()
+        return rid
+
+    def all(self, run: str) -> list[Snapshot]:
+        out = []
+        for raw in list(self.client.hgetall(snapshots_key(run)).values())[:MAX_LISTED]:
+            try:
+                out.append(Snapshot.FromString(raw))
+            except Exception:  # noqa: BLE001 - the collector validated it; a garbled one is skipped
+                continue
+        return sorted(out, key=lambda s: s.capture_time.ToNanoseconds(), reverse=True)
+
+
+class SnapshotRoutes:
+    """Methods of the API handler (api.py); `self.server.snapshots` is a SnapshotStore or None."""
+
+    def _snapshots(self, run: str, rest: str) -> None:
+        store = self.server.snapshots
+        if store is None:
+            self._error(404, "not_found", "snapshots are not served by this aggregator")
+            return
+        try:
+            snaps = store.all(run)
+        except redis.RedisError as e:
+            self._error(503, "unavailable", f"cannot read snapshots from Redis: {e}", {"Retry-After": "1"})
+            return
+        if not rest:
+            self._ok({"snapshots": [describe(s, False) for s in snaps]})
+            return
+        found = next((s for s in snaps if s.request_id == rest), None)
+        if found is None:
+            self._error(404, "not_found", f"no snapshot {rest!r} yet: the agent captures it at its next logged step")
+        else:
+            self._ok(describe(found, True))
+
+    def _post_snapshot(self, run: str) -> None:
+        token = self.server.api_token
+        if token is not None:
+            scheme, _, given = self.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+                self._error(401, "unauthorized", "this aggregator needs Authorization: Bearer <its API token>",
+                            {"WWW-Authenticate": "Bearer"})
+                return
+        if self.headers.get("Content-Type", "").split(";")[0].strip().lower() != "application/json":
+            # A JSON content type also keeps plain HTML forms of other sites from posting here.
+            self._error(415, "bad_data", "send a JSON body with Content-Type: application/json")
+            return
+        try:
+            length = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            self._error(411, "bad_data", "Content-Length is required")
+            return
+        if not 0 <= length <= MAX_BODY_BYTES:
+            self._error(413, "bad_data", f"body larger than {MAX_BODY_BYTES} bytes")
+            self.close_connection = True
+            return
+        try:
+            body = json.loads(self.rfile.read(length) or b"null")
+        except ValueError:
+            self._error(400, "bad_data", "body is not JSON")
+            return
+        kind = body.get("kind") if isinstance(body, dict) else None
+        tensor = body.get("tensor") if isinstance(body, dict) else None
+        if kind not in KIND_BY_NAME:
+            self._error(400, "bad_data", f"kind must be one of {', '.join(KIND_BY_NAME)}")
+            return
+        if not isinstance(tensor, str) or not 0 < len(tensor) <= MAX_TENSOR_CHARS:
+            self._error(400, "bad_data", f"tensor: a module path or parameter name of 1-{MAX_TENSOR_CHARS} characters")
+            return
+        if not any(r.run == run for r in self.server.view().runs):
+            self._unknown(run)
+            return
+        if self.server.snapshots is None:
+            self._error(404, "not_found", "snapshots are not served by this aggregator")
+            return
+        try:
+            rid = self.server.snapshots.request(run, kind, tensor)
+        except redis.RedisError as e:
+            self._error(503, "unavailable", f"cannot queue the request in Redis: {e}", {"Retry-After": "1"})
+            return
+        self._json(202, {"status": "success", "data": {"id": rid, "run": run, "kind": kind, "tensor": tensor,
+                                                       "status": "pending"}})

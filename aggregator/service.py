@@ -1,0 +1,398 @@
+"""The stream loop: discover runs, take the leases of this replica's share of them, read their report
+streams in one consumer group, apply each entry to the state and the rules, write the alerts, and only
+then ack (fenced by the lease); take over what a dead replica left.
+
+At-least-once delivery plus per-(run, rank, sequence) deduplication gives each report one effect: the
+state skips what it applied, and the watermarks committed with each ack (aggregator/ingest/leases.py) carry
+that across replicas. Nothing an entry holds can stop the loop: what cannot be decoded goes to the
+run's dead-letter stream; Redis errors are counted and backed off.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import redis
+from prometheus_client import CollectorRegistry
+
+from gradwatch.aggregator.alerts.record import Alert
+from gradwatch.aggregator.alerts.sink import AlertSink
+from gradwatch.aggregator.config import AggregatorConfig
+from gradwatch.aggregator.counters import Counters, DedupLog
+from gradwatch.aggregator.http import views
+from gradwatch.aggregator.http.live import FrameStore
+from gradwatch.aggregator.http.metrics import AggregatorCollector, AggregatorView
+from gradwatch.aggregator.ingest.claim import autoclaim
+from gradwatch.aggregator.ingest.entries import dead_letter, dead_letter_key, decode_entry
+from gradwatch.aggregator.ingest.leases import Leases, applied_key, lease_key
+from gradwatch.aggregator.rules.catalogue import RuleEngine
+from gradwatch.aggregator.state import State
+from gradwatch.streams import (
+    AGGREGATOR_GROUP,
+    RUNS_KEY,
+    quiet_handshake,
+    registrations_key,
+    reports_key,
+    valid_run_id,
+)
+from gradwatch.v1 import report_pb2
+
+log = logging.getLogger("gradwatch.aggregator")
+BACKOFF_CAP_S = 5.0
+# After a failed registration lookup, reports of unknown ranks skip it for this long instead of
+# waiting on a dead Redis one by one.
+FETCH_RETRY_S = 5.0
+
+
+@dataclass
+class _Applied:
+    """What one batch applied to one run: committed with its acks."""
+
+    reports: int = 0
+    summaries: int = 0
+    ranks: set[int] = field(default_factory=set)
+
+
+@dataclass
+class _Batch:
+    alerts: list[Alert] = field(default_factory=list)
+    dead: list[tuple[str, dict]] = field(default_factory=list)
+    acks: dict[str, list[bytes]] = field(default_factory=dict)
+    applied: dict[str, _Applied] = field(default_factory=dict)  # run -> its part of the batch
+
+
+class Aggregator:
+    """One aggregator process: `start()` runs the loop on a daemon thread, `stop()` ends it after the
+    current batch; tests drive it with `run_once()`. Metrics go to `registry` (a fresh one if None)."""
+
+    def __init__(self, config: AggregatorConfig, registry: CollectorRegistry | None = None, *,
+                 client: redis.Redis | None = None):
+        self.config = config
+        self.counters = Counters()
+        self._own_client = client is None
+        # The socket timeout must outlast XREADGROUP's BLOCK, or every idle read would fail.
+        self.client = client or redis.Redis.from_url(
+            config.redis_url, socket_timeout=config.block_ms / 1000 + 10, socket_connect_timeout=5,
+            health_check_interval=30, **quiet_handshake())
+        self._lock = threading.Lock()  # state and rules: the consumer writes, scrapes read
+        self.state = State(config, self.counters, self._fetch_registration)
+        self.frames = FrameStore()  # every training report's histograms, thinned: the live view's animation
+        self.rules = RuleEngine(config, self.counters)
+        self.sink = AlertSink(self.client, config, self.counters)
+        self.leases = Leases(self.client, config.consumer, config.lease_ttl_ms)
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.registry.register(AggregatorCollector(self.view))
+        self._streams: dict[str, str] = {}  # stream key -> run id, for the runs this replica holds
+        self._cursors: dict[str, str] = {}  # stream key -> XAUTOCLAIM cursor, carried between sweeps
+        self._next_discover = 0.0
+        self._next_claim = 0.0
+        self._fetch_retry_at = 0.0
+        self._failures = 0
+        self._errors = DedupLog(log)
+        self._stop = threading.Event()
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+
+    def start(self) -> Aggregator:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="gradwatch-aggregator", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Finishes the current batch (its acks included), stops Alertmanager pushes. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        deadline = time.monotonic() + timeout
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(max(0.0, deadline - time.monotonic()))
+        self.sink.shutdown(max(0.0, deadline - time.monotonic()))
+        if not (self._thread and self._thread.is_alive()):
+            self.leases.release_all()  # the last batch is acked: hand the runs over now, not after the TTL
+            if self._own_client:
+                self.client.close()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.run_once()
+            except Exception:  # a bug must not silence every run's alerts: log, pause, go on
+                self._errors.log(logging.ERROR, "loop", "unexpected error in the aggregator loop; continuing",
+                                 exc_info=True)
+                self._stop.wait(1.0)
+
+    # -- one iteration ------------------------------------------------------------------------------
+
+    def run_once(self) -> int:
+        """Discovery and claiming when due, then one XREADGROUP; returns the number of entries handled."""
+        try:
+            now = time.monotonic()
+            handled = 0
+            if now >= self._next_discover:
+                self._expire()
+                handled += self._discover()
+                self._idle()
+                self._next_discover = now + self.config.discover_interval_s
+            if now >= self._next_claim and self._streams:
+                handled += self._claim()
+                self._next_claim = now + self.config.claim_interval_s
+            handled += self._read()
+            self._failures = 0
+            return handled
+        except redis.RedisError as e:
+            self.counters.add("redis_errors")
+            if "NOGROUP" in str(e):  # a stream or its group was deleted: create them again
+                self._streams.clear()
+                self.leases.held.clear()  # re-taken (they are still ours) at the next discovery
+                self._next_discover = 0.0
+            self._errors.log(logging.WARNING, f"loop:{type(e).__name__}", "Redis error: %s; retrying", e)
+            self._backoff()
+            return 0
+
+    def _backoff(self) -> None:
+        self._failures += 1
+        self._stop.wait(min(BACKOFF_CAP_S, 0.1 * 2 ** min(self._failures, 10)))
+
+    def _discover(self) -> int:
+        """Balances the leases over the active runs; a run just taken over has its watermarks restored
+        and the entries its previous owner left pending processed first. Returns entries handled."""
+        # Only runs written to within run_expiry_s: finished runs of last month are not read again.
+        raw = self.client.zrangebyscore(RUNS_KEY, time.time() - self.config.run_expiry_s, "+inf")
+        active: list[str] = []
+        for member in raw:
+            run = member.decode(errors="replace") if isinstance(member, bytes) else str(member)
+            if valid_run_id(run):
+                active.append(run)
+            else:
+                self._errors.log(logging.WARNING, "bad-run-id", "ignoring invalid run id %r in %s", run, RUNS_KEY)
+        gained, lost = self.leases.balance(active)
+        for run in lost:
+            self._drop(run, "its lease went to another replica" if run in active else "it is no longer active")
+        handled = 0
+        for run in gained:
+            key = reports_key(run)
+            try:
+                # From "0": a run's entries written before this group existed are processed too.
+                self.client.xgroup_create(key, AGGREGATOR_GROUP, id="0", mkstream=True)
+            except redis.ResponseError as e:
+                if "BUSYGROUP" not in str(e):
+                    raise
+            checkpoint = self.leases.checkpoint(run)
+            with self._lock:
+                self.state.restore(run, checkpoint)
+            self._streams[key] = run
+            self._cursors[key] = "0-0"
+            log.info("following run %s%s", run, " (taken over)" if checkpoint else "")
+            # Whatever another consumer read and never acked is ours now: before any new entry.
+            handled += self._claim_stream(key, run, min_idle_ms=0)
+        return handled
+
+    def _drop(self, run: str, why: str) -> None:
+        """Stops following a run: its state and incidents go (the next owner rebuilds them)."""
+        key = reports_key(run)
+        self._streams.pop(key, None)
+        self._cursors.pop(key, None)
+        self.leases.held.discard(run)
+        with self._lock:
+            self.state.forget(run)
+            self.rules.forget(run)
+        self.frames.forget(run)
+        self.sink.forget(run)
+        log.info("no longer following run %s: %s", run, why)
+
+    def _expire(self) -> None:
+        with self._lock:
+            gone = self.state.expire()
+            for run in gone:
+                self.rules.forget(run)
+        for run in gone:
+            self.sink.forget(run)
+            self.frames.forget(run)
+            log.info("run %s expired: no report for %.0f s", run, self.config.run_expiry_s)
+
+    def _read(self) -> int:
+        if not self._streams:
+            self._stop.wait(self.config.block_ms / 1000)
+            return 0
+        response = self.client.xreadgroup(
+            AGGREGATOR_GROUP, self.config.consumer, dict.fromkeys(self._streams, ">"),
+            count=self.config.read_count, block=self.config.block_ms or None)  # BLOCK 0 would wait forever
+        batch = _Batch()
+        handled = 0
+        for key, entries in response or []:
+            key = key.decode() if isinstance(key, bytes) else key
+            run = self._streams.get(key)
+            if run is not None:
+                handled += self._handle(key, run, entries, batch)
+        self._commit(batch)
+        return handled
+
+    def _claim(self) -> int:
+        """Takes over entries idle for claim_idle_ms: their consumer died between read and ack."""
+        return sum(self._claim_stream(key, run, self.config.claim_idle_ms) for key, run in list(self._streams.items()))
+
+    def _claim_stream(self, key: str, run: str, min_idle_ms: int) -> int:
+        handled = 0
+        budget = 10 * self.config.read_count  # bounded work per sweep; the carried cursor resumes it
+        while budget > 0 and key in self._streams:
+            cursor, entries, done = autoclaim(self.client, key, self.config.consumer, min_idle_ms,
+                                              self._cursors.get(key, "0-0"), self.config.read_count)
+            self._cursors[key] = cursor
+            if entries:
+                self.counters.add("claimed", len(entries))
+                batch = _Batch()
+                handled += self._handle(key, run, entries, batch)
+                self._commit(batch)
+            budget -= self.config.read_count
+            if done:
+                break
+        return handled
+
+    def _idle(self) -> None:
+        """Time-driven rules (StalledTraining) and joined steps that timed out: their alerts are written
+        like any other."""
+        with self._lock:
+            alerts = self.rules.evaluate_idle(time.time())
+            self.state.expire_joins()  # steps still waiting for a rank after join_timeout_s
+            for joined in self.state.take_closed():
+                alerts += self.rules.evaluate_joined(joined)
+        if alerts:
+            self._commit(_Batch(alerts=alerts))
+
+    # -- entries ------------------------------------------------------------------------------------
+
+    def _handle(self, key: str, run: str, entries: list, batch: _Batch) -> int:
+        acks = batch.acks.setdefault(key, [])
+        applied = batch.applied.setdefault(run, _Applied())
+        for entry_id, fields in entries:
+            try:
+                batch.alerts.extend(self._apply(run, fields or {}, applied))
+            except Exception as e:  # undecodable or unexpected: park it, never retry it forever
+                self.counters.add("decode_errors")
+                reason = f"{type(e).__name__}: {e}"[:300]
+                self._errors.log(logging.WARNING, f"entry:{run}:{type(e).__name__}",
+                                 "cannot process entry %s of %s (%s); moved to %s", entry_id, key, reason,
+                                 dead_letter_key(run))
+                batch.dead.append((dead_letter_key(run), dead_letter(fields or {}, key, entry_id, reason)))
+            acks.append(entry_id)
+        return len(entries)
+
+    def _apply(self, run: str, fields: dict, applied: _Applied) -> list[Alert]:
+        item = decode_entry(run, fields)
+        with self._lock:
+            if isinstance(item, report_pb2.StepReport):
+                view = self.state.apply(run, item)
+                if view is None:
+                    return []
+                applied.reports += 1
+                applied.summaries += len(item.tensors)
+                applied.ranks.add(item.rank)
+                if view.train and (view.rank == 0 or view.rank == min(self.state.runs[run].ranks)):  # one rank's
+                    self.frames.add(run, view.step, view.by_kind)
+                alerts = self.rules.evaluate(view)
+                if self.state.closed:  # steps of a multi-rank run this report completed
+                    for joined in self.state.take_closed():
+                        alerts += self.rules.evaluate_joined(joined)
+                return alerts
+            self.state.register(run, item)
+            return []
+
+    def _fetch_registration(self, run: str, rank: int) -> bytes | None:
+        now = time.monotonic()
+        if now < self._fetch_retry_at:
+            raise redis.ConnectionError("registration lookup paused after a Redis error")
+        try:
+            return self.client.hget(registrations_key(run), str(rank))
+        except redis.RedisError as e:
+            self._fetch_retry_at = now + FETCH_RETRY_S
+            self.counters.add("redis_errors")
+            self._errors.log(logging.WARNING, "hget", "cannot look up the registration of %s rank %d: %s",
+                             run, rank, e)
+            raise
+
+    def _commit(self, batch: _Batch) -> None:
+        """Alerts, then dead letters, then acks; a failed step is retried until it succeeds or the
+        aggregator stops (unacked entries are then redelivered, nothing is lost)."""
+        while batch.alerts or batch.dead or any(batch.acks.values()):
+            try:
+                if batch.alerts:
+                    self.sink.write(batch.alerts)
+                    batch.alerts = []
+                if batch.dead:
+                    pipe = self.client.pipeline(transaction=False)
+                    for key, fields in batch.dead:
+                        pipe.xadd(key, fields, maxlen=self.config.dead_letter_maxlen, approximate=True)
+                    pipe.execute()
+                    batch.dead = []
+                self._ack(batch)
+                self._failures = 0
+            except redis.RedisError as e:
+                self.counters.add("redis_errors")
+                self._errors.log(logging.WARNING, f"commit:{type(e).__name__}",
+                                 "cannot write alerts or acks: %s; retrying", e)
+                if self._stop.is_set():
+                    log.warning("stopping with %d entries unacknowledged; they will be redelivered",
+                                sum(map(len, batch.acks.values())))
+                    return
+                self._backoff()
+
+    def _ack(self, batch: _Batch) -> None:
+        """One fenced commit per run in one round trip: acks, applied totals and sequence watermarks,
+        only while this replica still holds the run's lease. A run whose lease was lost is dropped; its
+        unacked entries go to the new owner, which applies them once."""
+        runs = [(key, self._streams.get(key) or self._run_of(key), ids) for key, ids in batch.acks.items() if ids]
+        if not runs:
+            batch.acks = {}
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for key, run, ids in runs:
+            applied = batch.applied.get(run, _Applied())
+            with self._lock:
+                marks = self.state.watermarks(run, applied.ranks)
+            args: list = [self.config.consumer, self.config.lease_ttl_ms, AGGREGATOR_GROUP, applied.reports,
+                          applied.summaries, len(marks)]
+            for rank, (start, high) in marks.items():
+                args += [rank, start, high]
+            self.leases.commit_script(keys=[lease_key(run), key, applied_key(run)], args=args + ids, client=pipe)
+        results = pipe.execute()
+        batch.acks = {}
+        batch.applied = {}
+        for (_, run, ids), ok in zip(runs, results, strict=True):
+            if not ok:
+                self.counters.add("lease_lost")
+                self._errors.log(logging.WARNING, f"fence:{run}",
+                                 "lease of run %s lost before %d entries were acked; another replica applies them",
+                                 run, len(ids))
+                self._drop(run, "its lease expired before the commit")
+
+    @staticmethod
+    def _run_of(key: str) -> str:
+        return key.partition("{")[2].rpartition("}")[0]
+
+    # -- metrics ------------------------------------------------------------------------------------
+
+    def history(self, run: str, first: int | None, last: int | None, limit: int) -> list[dict] | None:
+        with self._lock:
+            return views.history_rows(self.state.runs.get(run), first, last, limit)
+
+    def topology(self, run: str) -> dict | None:
+        with self._lock:
+            return views.topology(self.state.runs.get(run))
+
+    def view(self) -> AggregatorView:
+        """A consistent copy for one scrape: the lock is held only while copying."""
+        with self._lock:
+            runs = self.state.views()
+            firing = self.rules.firing()
+            series = self.state.layer_series
+        values, raised = self.counters.read()
+        alerts = {rule.name: 0 for rule in self.rules.rules}  # every rule's series exists from the start
+        alerts.update(raised)
+        return AggregatorView(runs, firing, values, alerts, series, self.config.max_histogram_layers)
