@@ -1,11 +1,36 @@
-"""The aggregator's self-metric counters and its de-duplicated error log: count always, log rarely."""
+"""The aggregator's self-metric counters: their names with their help texts (exported by
+aggregator/http/metrics.py as gradwatch_aggregator_<name>_total), and the thread-safe counts."""
 
 from __future__ import annotations
 
-import logging
 import threading
-import time
 from collections import Counter
+
+from gradwatch.logs import DedupLog  # noqa: F401  (its old home, until aggregator/http moves to gradwatch.logs)
+
+# name -> help text on /metrics. The one list: Counters counts exactly these.
+COUNTERS = {
+    "reports": "Step reports applied.",
+    "registrations": "Run registrations applied.",
+    "duplicates": "Redelivered step reports skipped (same run, rank and sequence number).",
+    "decode_errors": "Stream entries that could not be decoded or processed, moved to the run's dead-letter stream.",
+    "unregistered_reports": "Step reports applied without a tensor dictionary (tensors named tensor_<id>).",
+    "series_dropped": "Layer updates without a series because max_layer_series was reached.",
+    "claimed": "Entries taken over from idle consumers with XAUTOCLAIM.",
+    "lease_lost": "Commits refused because another replica had taken the run's lease (its entries go to that one).",
+    "steps_joined": "Steps of multi-rank runs closed by the cross-rank join.",
+    "steps_incomplete": "Joined steps closed without every rank: passed by the watermark, timed out or overflowed.",
+    "late_reports": "Reports for a step the cross-rank join had already closed (applied, not joined).",
+    "redis_errors": "Failed Redis commands.",
+    "alerts_suppressed": "Recurrences of a condition inside the cooldown of its previous alert.",
+    "alertmanager_sent": "Alerts Alertmanager accepted.",
+    "alertmanager_errors": "Failed POSTs to Alertmanager.",
+    "alertmanager_dropped": "Alerts never delivered to Alertmanager: queue full or retries exhausted.",
+    "webhook_sent": "Alert transitions the webhook accepted.",
+    "webhook_errors": "Failed POSTs to the webhook.",
+    "webhook_dropped": "Alert transitions never delivered to the webhook: queue full or retries exhausted.",
+    "runs_expired": "Runs forgotten after run_expiry_s without a report.",
+}
 
 
 class Counters:
@@ -15,28 +40,7 @@ class Counters:
     at most a few values per report, so contention is negligible.
     """
 
-    NAMES = (
-        "reports",               # step reports applied to the state
-        "registrations",         # registrations applied
-        "duplicates",            # redelivered reports skipped (same run, rank, sequence)
-        "decode_errors",         # entries that could not be decoded or processed: dead-lettered
-        "unregistered_reports",  # reports processed without a tensor dictionary
-        "series_dropped",        # layer updates refused because max_layer_series was reached
-        "claimed",               # entries taken over from idle consumers with XAUTOCLAIM
-        "lease_lost",            # commits refused because another replica took the run's lease
-        "steps_joined",          # steps of multi-rank runs closed by the cross-rank join
-        "steps_incomplete",      # ... closed without every rank (watermark, timeout or overflow)
-        "late_reports",          # reports for a step the join had already closed
-        "redis_errors",
-        "alerts_suppressed",     # recurrences inside the cooldown of the previous alert
-        "alertmanager_sent",     # alerts Alertmanager accepted
-        "alertmanager_errors",   # failed POST attempts
-        "alertmanager_dropped",  # alerts dropped: queue full or retries exhausted
-        "webhook_sent",          # alert transitions the webhook accepted (2xx)
-        "webhook_errors",        # failed POST attempts
-        "webhook_dropped",       # transitions dropped: queue full or retries exhausted
-        "runs_expired",
-    )
+    NAMES = tuple(COUNTERS)
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -58,31 +62,3 @@ class Counters:
     def read(self) -> tuple[dict[str, int], dict[str, int]]:
         with self._lock:
             return dict(self._values), dict(self._alerts)
-
-
-class DedupLog:
-    """Logs the first occurrence of each kind of error, then at most once per `interval_s`, with the
-    number of repeats in between: a Redis outage must not flood the log at the loop's rate."""
-
-    MAX_KEYS = 1_000
-
-    def __init__(self, logger: logging.Logger, interval_s: float = 60.0):
-        self._logger = logger
-        self._interval_s = interval_s
-        self._lock = threading.Lock()
-        self._last: dict[str, tuple[float, int]] = {}
-
-    def log(self, level: int, key: str, msg: str, *args: object, exc_info: bool = False) -> None:
-        now = time.monotonic()
-        with self._lock:
-            last, repeats = self._last.get(key, (None, 0))
-            if last is not None and now - last < self._interval_s:
-                self._last[key] = (last, repeats + 1)
-                return
-            if len(self._last) >= self.MAX_KEYS and key not in self._last:
-                self._last.clear()  # bounded: forgetting only means one more log line per key
-            self._last[key] = (now, 0)
-        if repeats:
-            msg += " (%d similar messages suppressed)"
-            args = (*args, repeats)
-        self._logger.log(level, msg, *args, exc_info=exc_info)

@@ -10,18 +10,19 @@ from dataclasses import dataclass
 
 from gradwatch.aggregator.rules.activations import saturated_fraction
 from gradwatch.aggregator.state import UNITS
+from gradwatch.stats import HIST_BUCKETS, HIST_MIN_EXPONENT, moments
 from gradwatch.v1 import run_pb2
 
 PARAMETER = run_pb2.TENSOR_KIND_PARAMETER
 UPDATE = run_pb2.TENSOR_KIND_UPDATE
 ACTIVATION = run_pb2.TENSOR_KIND_ACTIVATION
 HIST_KINDS = (run_pb2.TENSOR_KIND_GRADIENT, PARAMETER, ACTIVATION, UPDATE)
-# The agent's 64 log2 buckets: bucket i holds floor(log2|x|) == i - 40 (the first also everything
-# smaller, the last everything larger). Exported in groups of 4 so a histogram is 16 series, not 64.
-HIST_BUCKETS = 64
+# The agent's log2 buckets (gradwatch.stats): bucket i holds floor(log2|x|) == i + HIST_MIN_EXPONENT (the
+# first also everything smaller, the last everything larger). Exported in groups of 4 so a histogram of 64
+# buckets is 16 series.
 GROUP = 4
-# Upper bound of each exported group: group g covers buckets 4g..4g+3, i.e. |x| < 2^(4g - 36).
-BOUNDS = tuple(2.0 ** (GROUP * (g + 1) - 40) for g in range(HIST_BUCKETS // GROUP - 1)) + (math.inf,)
+# Upper bound of each exported group: group g covers buckets 4g..4g+3, i.e. |x| < 2^(4g + 4 + HIST_MIN_EXPONENT).
+BOUNDS = tuple(2.0 ** (GROUP * (g + 1) + HIST_MIN_EXPONENT) for g in range(HIST_BUCKETS // GROUP - 1)) + (math.inf,)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,15 +47,19 @@ def layer_health(tensors: dict, layers) -> dict[str, LayerHealth]:
     zeros: dict[str, list[int]] = {}
     dead_units: dict[str, list[int]] = {}  # layer -> [units that never fired, units]
     sat: dict[str, list[float]] = {}
-    moments: dict[str, list[float]] = {}  # layer -> [finite count, sum, sum of squares]
+    sums: dict[str, list] = {}  # layer -> [count, NaN, Inf, sum, sum of squares, min, max]: merged summaries
     for meta, s in tensors.get(ACTIVATION, ()):
         n = s.count
         if not n:
             continue
-        m = moments.setdefault(meta.layer, [0.0, 0.0, 0.0])
-        m[0] += n - s.nan_count - s.inf_count
-        m[1] += s.sum
-        m[2] += s.sum_squares
+        m = sums.setdefault(meta.layer, [0, 0, 0, 0.0, 0.0, math.inf, -math.inf])
+        m[0] += n
+        m[1] += s.nan_count
+        m[2] += s.inf_count
+        m[3] += s.sum
+        m[4] += s.sum_squares
+        m[5] = min(m[5], s.min)
+        m[6] = max(m[6], s.max)
         if s.min >= 0:
             z = zeros.setdefault(meta.layer, [0, 0])
             z[0] += s.zero_count
@@ -69,16 +74,17 @@ def layer_health(tensors: dict, layers) -> dict[str, LayerHealth]:
             units[0] += s.zero_count
             units[1] += s.count
     out = {}
-    for layer in set(update) | set(zeros) | set(sat) | set(moments) | set(dead_units):
+    for layer in set(update) | set(zeros) | set(sat) | set(sums) | set(dead_units):
         if layer not in layers:
             continue
         p, u = param.get(layer), update.get(layer)
         ratio = math.sqrt(u) / math.sqrt(p) if u is not None and p else None
-        z, f, m = dead_units.get(layer) or zeros.get(layer), sat.get(layer), moments.get(layer)
+        z, f, m = dead_units.get(layer) or zeros.get(layer), sat.get(layer), sums.get(layer)
         mean = var = None
-        if m and m[0] > 0:
-            mean = m[1] / m[0]
-            var = max(m[2] / m[0] - mean * mean, 0.0)
+        if m:
+            n, mean, var = moments(*m)
+            if not n:
+                mean = var = None
         out[layer] = LayerHealth(ratio, z[0] / z[1] if z else None, f[0] / f[1] if f else None, mean, var)
     return out
 

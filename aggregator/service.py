@@ -21,18 +21,20 @@ from prometheus_client import CollectorRegistry
 from gradwatch.aggregator.alerts.record import Alert
 from gradwatch.aggregator.alerts.sink import AlertSink
 from gradwatch.aggregator.config import AggregatorConfig
-from gradwatch.aggregator.counters import Counters, DedupLog
+from gradwatch.aggregator.counters import Counters
 from gradwatch.aggregator.http import views
 from gradwatch.aggregator.http.live import FrameStore
 from gradwatch.aggregator.http.metrics import AggregatorCollector, AggregatorView
 from gradwatch.aggregator.ingest.claim import autoclaim
-from gradwatch.aggregator.ingest.entries import dead_letter, dead_letter_key, decode_entry
+from gradwatch.aggregator.ingest.entries import dead_letter, decode_entry
 from gradwatch.aggregator.ingest.leases import Leases, applied_key, lease_key
 from gradwatch.aggregator.rules.catalogue import RuleEngine
 from gradwatch.aggregator.state import State
+from gradwatch.logs import DedupLog
 from gradwatch.streams import (
     AGGREGATOR_GROUP,
     RUNS_KEY,
+    dead_letter_key,
     quiet_handshake,
     registrations_key,
     reports_key,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import math
 import time
 from collections.abc import Callable
 
@@ -26,6 +27,7 @@ from gradwatch.collector.config import CollectorConfig
 from gradwatch.collector.telemetry import CollectorMetrics
 from gradwatch.collector.validate import registration_problem, report_problem, snapshot_problem
 from gradwatch.collector.wire import WireError, split_export
+from gradwatch.logs import DedupLog
 from gradwatch.rpc import RETRY_INFO_KEY
 from gradwatch.streams import (
     FIELD_REGISTRATION,
@@ -38,16 +40,17 @@ from gradwatch.streams import (
     snapshot_requests_key,
     snapshots_key,
 )
+from gradwatch.v1 import ingest_service_pb2
 from gradwatch.v1.ingest_service_pb2 import ExportPartialSuccess, ExportResponse
 from gradwatch.v1.report_pb2 import StepReport
 from gradwatch.v1.run_pb2 import RunRegistration
 from gradwatch.v1.snapshot_pb2 import Snapshot, SnapshotRequest
 
-SERVICE_NAME = "gradwatch.v1.IngestService"
+SERVICE_NAME = ingest_service_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name  # from the proto
 # Refusal reasons quoted in partial_success.error_message: enough to debug an agent, bounded in size.
 MAX_REASONS_IN_MESSAGE = 5
 # A Redis outage fails every request: log it once per interval, count the rest.
-_LOG_INTERVAL_S = 10.0
+REDIS_LOG_INTERVAL_S = 10.0
 # Retryable refusals carry a google.rpc.RetryInfo (trailer gradwatch.rpc.RETRY_INFO_KEY), as OTLP servers do.
 # After a failed Redis write: long enough for a restart or failover to make progress, short enough to catch up.
 REDIS_RETRY_AFTER_S = 1.0
@@ -84,9 +87,8 @@ class ExportService:
         self._clock = clock
         self._inflight_bytes = 0
         self._expected_token = config.token.encode() if config.token is not None else None
-        self._last_redis_log = -_LOG_INTERVAL_S
-        self._suppressed_redis_errors = 0
-        self._pop_error_logged = False
+        self._redis_log = DedupLog(log, REDIS_LOG_INTERVAL_S, suffix=" (%d more since the last message)")
+        self._pop_log = DedupLog(log, math.inf)  # a missing ACL permission: said once, reports still flow
 
     def method_handlers(self) -> dict[str, grpc.RpcMethodHandler]:
         return {
@@ -253,7 +255,8 @@ class ExportService:
         # RedisClusterException: a cluster client that reaches no node to learn the slot map from (not a RedisError).
         except (RedisError, RedisClusterException, OSError, TimeoutError) as err:
             self._metrics.redis_errors.inc()
-            self._log_redis_error(err)
+            self._redis_log.log(logging.WARNING, "write",
+                                "redis write failed: %s; answering UNAVAILABLE so agents retry", err)
             detail = str(err) or type(err).__name__
             raise _Refused(grpc.StatusCode.UNAVAILABLE, "redis_error", f"redis write failed: {detail}; retry",
                            REDIS_RETRY_AFTER_S) from None
@@ -266,10 +269,9 @@ class ExportService:
         for result in popped:
             if isinstance(result, Exception):  # e.g. an ACL from before snapshots: reports still flow
                 self._metrics.redis_errors.inc()
-                if not self._pop_error_logged:
-                    self._pop_error_logged = True
-                    log.warning("cannot pop snapshot requests (%s); reports still flow. Does the collector's Redis "
-                                "user lack the snapshot keys of deploy/redis/users.acl?", result)
+                self._pop_log.log(logging.WARNING, "pop", "cannot pop snapshot requests (%s); reports still flow. "
+                                  "Does the collector's Redis user lack the snapshot keys of deploy/redis/users.acl?",
+                                  result)
                 continue
             for raw in result or ():
                 try:
@@ -277,14 +279,3 @@ class ExportService:
                 except Exception:  # noqa: BLE001 - a garbled request is skipped, never fatal
                     self._metrics.redis_errors.inc()
         return requests
-
-    def _log_redis_error(self, err: BaseException) -> None:
-        now = time.monotonic()
-        if now - self._last_redis_log < _LOG_INTERVAL_S:
-            self._suppressed_redis_errors += 1
-            return
-        suppressed = self._suppressed_redis_errors
-        more = f" ({suppressed} more since the last message)" if suppressed else ""
-        log.warning("redis write failed: %s; answering UNAVAILABLE so agents retry%s", err, more)
-        self._last_redis_log = now
-        self._suppressed_redis_errors = 0

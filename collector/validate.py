@@ -8,19 +8,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from gradwatch.limits import BOUNDS, KINDS, LABEL_BYTES, REQUEST_ID_RE
+from gradwatch.limits import BOUNDS, KINDS, LABEL_BYTES, REQUEST_ID_RE, REQUEST_ID_RULE
 from gradwatch.stats import HIST_BUCKETS
-from gradwatch.streams import valid_run_id
+from gradwatch.streams import RUN_ID_RULE, valid_run_id
 from gradwatch.v1.report_pb2 import StepReport
 from gradwatch.v1.run_pb2 import RunRegistration
 from gradwatch.v1.snapshot_pb2 import Snapshot
 
-_RUN_ID_RULE = "1-128 characters of [A-Za-z0-9_.:-]"
-
 
 def report_problem(report: StepReport, max_tensors: int, max_string_bytes: int) -> str | None:
     if not valid_run_id(report.run_id):
-        return f"run_id {_show(report.run_id)} is not {_RUN_ID_RULE}"
+        return f"run_id {_show(report.run_id)} is not {RUN_ID_RULE}"
     if report.step < 0:
         return f"step {report.step} is negative"
     if report.sequence < 1:
@@ -40,7 +38,7 @@ def report_problem(report: StepReport, max_tensors: int, max_string_bytes: int) 
 
 def registration_problem(reg: RunRegistration, max_tensors: int, max_string_bytes: int) -> str | None:
     if not valid_run_id(reg.run_id):
-        return f"run_id {_show(reg.run_id)} is not {_RUN_ID_RULE}"
+        return f"run_id {_show(reg.run_id)} is not {RUN_ID_RULE}"
     if reg.world_size < 1:
         return f"world_size must be at least 1 (got {reg.world_size})"
     if reg.rank >= reg.world_size:
@@ -87,9 +85,9 @@ def _show(value: str, limit: int = 40) -> str:
 def snapshot_problem(snap: Snapshot, max_string_bytes: int) -> str | None:
     """Snapshots are bounded pictures (gradwatch.limits): anything bigger is a broken agent."""
     if not valid_run_id(snap.run_id):
-        return f"run_id {_show(snap.run_id)} is not {_RUN_ID_RULE}"
+        return f"run_id {_show(snap.run_id)} is not {RUN_ID_RULE}"
     if not REQUEST_ID_RE.match(snap.request_id):
-        return f"request_id {_show(snap.request_id)} is not 1-64 characters of [A-Za-z0-9_-]"
+        return f"request_id {_show(snap.request_id)} is not {REQUEST_ID_RULE}"
     bounds = BOUNDS.get(snap.kind)
     if bounds is None:
         return f"unknown snapshot kind {snap.kind}"

@@ -34,4 +34,6 @@ BOUNDS = {
     SnapshotKind.SNAPSHOT_KIND_PROJECTION: (1, PROJECTION_POINTS, 2),
 }
 
-REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+REQUEST_ID_CHARS, REQUEST_ID_MAX_CHARS = "A-Za-z0-9_-", 64
+REQUEST_ID_RE = re.compile(rf"^[{REQUEST_ID_CHARS}]{{1,{REQUEST_ID_MAX_CHARS}}}$")
+REQUEST_ID_RULE = f"1-{REQUEST_ID_MAX_CHARS} characters of [{REQUEST_ID_CHARS}]"  # what a refusal says

@@ -2,7 +2,8 @@
 
 A summary is (count, nan, inf, zero, sum, sum of squares, min, max, log2-magnitude histogram) over the
 finite values of a tensor. Two summaries of disjoint data merge exactly, so shards, ranks and steps
-combine in the aggregator without collectives on the training ranks.
+combine in the aggregator without collectives on the training ranks. `moments` is the one derivation of
+the finite count, mean and variance from them (rules, layer health, the query API).
 """
 
 from __future__ import annotations
@@ -21,6 +22,39 @@ HIST_BUCKETS = 64
 def bucket_lower_bound(i: int) -> float:
     """Smallest |x| counted by bucket i (0 for the underflow bucket)."""
     return 0.0 if i == 0 else math.ldexp(1.0, i + HIST_MIN_EXPONENT)
+
+
+# E[x^2] - mean^2 within this many ulps of E[x^2] (or below zero) is rounding, not spread.
+ROUNDING_ULPS = 8
+
+
+def moments(count: int, nan: int, inf: int, total: float, squares: float,
+            lo: float = -math.inf, hi: float = math.inf) -> tuple[int, float, float]:
+    """(finite count, mean, population variance) of a summary's finite values, from its raw sums.
+
+    No finite value: (0, NaN, NaN). NaN or overflowed sums give a NaN or Inf mean and variance, never 0.
+    The variance of a constant tensor is 0. Its float64 sums round (E[x^2] - mean^2 comes out of either
+    sign, up to ~1e-11 E[x^2] at 4M elements), so the variance is zeroed when the smallest and largest
+    finite values `lo`, `hi` are equal (a summary holds them in float32: a spread under one float32 ulp,
+    a variance at the sums' rounding level), and whenever it is within ROUNDING_ULPS ulps of E[x^2] or
+    negative (lo and hi unknown: -Inf and Inf)."""
+    n = count - nan - inf
+    if n <= 0:
+        return 0, math.nan, math.nan
+    mean = total / n
+    mean_square = squares / n
+    var = mean_square - mean * mean
+    if math.isfinite(var):
+        if lo == hi or var <= ROUNDING_ULPS * math.ulp(mean_square):
+            var = 0.0
+    elif var < 0:
+        var = math.nan  # -Inf: sums no data set has (an overflowed sum beside finite squares)
+    return n, mean, var
+
+
+def summary_moments(s) -> tuple[int, float, float]:
+    """`moments` of a report_pb2.TensorSummary."""
+    return moments(s.count, s.nan_count, s.inf_count, s.sum, s.sum_squares, s.min, s.max)
 
 
 @dataclass
@@ -72,25 +106,25 @@ class Stats:
 
     @property
     def finite_count(self) -> int:
-        return self.count - self.nan - self.inf
+        return self.moments()[0]
 
     @property
     def norm(self) -> float:
         """L2 norm of the finite values."""
         return math.sqrt(max(self.sum_squares, 0.0))
 
+    def moments(self) -> tuple[int, float, float]:
+        """(finite count, mean, population variance): see `moments`."""
+        return moments(self.count, self.nan, self.inf, self.sum, self.sum_squares, self.min, self.max)
+
     @property
     def mean(self) -> float:
-        n = self.finite_count
-        return self.sum / n if n else math.nan
+        return self.moments()[1]
 
     @property
     def std(self) -> float:
         """Population standard deviation of the finite values."""
-        n = self.finite_count
-        if not n:
-            return math.nan
-        return math.sqrt(max(self.sum_squares / n - (self.sum / n) ** 2, 0.0))
+        return math.sqrt(self.moments()[2])
 
     @property
     def absmax(self) -> float:

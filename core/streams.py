@@ -8,10 +8,15 @@ Key layout (every key of one run shares the hash tag {run_id}, so Redis Cluster 
   gradwatch:{<run>}:snapshot-requests  LIST  encoded SnapshotRequests the aggregator queued (RPUSH, bounded,
                                            expiring); the collector pops them (LPOP) into Export responses
   gradwatch:{<run>}:snapshots      HASH    "<kind>:<tensor>" -> latest encoded Snapshot the agent sent, expiring
+  gradwatch:{<run>}:dead           STREAM  entries of the reports stream the aggregator could not decode or
+                                           process (their fields plus dead_error, dead_stream, dead_id),
+                                           MAXLEN ~ bounded
   gradwatch:runs                   ZSET    run id -> unix time the collector last wrote for it
   gradwatch:alerts                 STREAM  one entry per alert transition ({"alert": JSON}), MAXLEN ~ bounded
 
-Entries hold the bytes the agent encoded: the collector never re-encodes a report.
+Entries hold the bytes the agent encoded: the collector never re-encodes a report. The aggregator's own
+coordination keys (gradwatch:{<run>}:lease, :applied, gradwatch:aggregators) belong to its lease mechanism
+and are described there (aggregator/ingest/leases.py).
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ FIELD_REGISTRATION = b"g"
 FIELD_ALERT = b"alert"
 AGGREGATOR_GROUP = "gradwatch-aggregator"
 
-RUN_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+RUN_ID_CHARS, RUN_ID_MAX_CHARS = "A-Za-z0-9_.:-", 128
+RUN_ID_RE = re.compile(rf"^[{RUN_ID_CHARS}]{{1,{RUN_ID_MAX_CHARS}}}$")
+RUN_ID_RULE = f"1-{RUN_ID_MAX_CHARS} characters of [{RUN_ID_CHARS}]"  # what a refusal tells the agent
 
 
 # Connection options for every gradwatch Redis client: no optional CLIENT SETINFO or MAINT_NOTIFICATIONS
@@ -50,6 +57,10 @@ def snapshot_requests_key(run_id: str) -> str:
 
 def snapshots_key(run_id: str) -> str:
     return f"gradwatch:{{{run_id}}}:snapshots"
+
+
+def dead_letter_key(run_id: str) -> str:
+    return f"gradwatch:{{{run_id}}}:dead"
 
 
 # Pending snapshot requests per run, and how long requests and snapshots live in Redis.

@@ -15,6 +15,7 @@ while a long one costs the oldest reports, counted.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -25,6 +26,7 @@ from collections.abc import Callable
 from gradwatch.agent.config import DEFAULT_QUEUE_BYTES
 from gradwatch.agent.export.counters import AgentCounters
 from gradwatch.agent.export.exporter import Exporter
+from gradwatch.logs import DedupLog
 from gradwatch.v1 import ingest_service_pb2, report_pb2, run_pb2
 
 log = logging.getLogger("gradwatch.agent")
@@ -61,7 +63,8 @@ class ReportPipeline:
         self._wake_exporter = threading.Event()
         self._stopping = threading.Event()
         self._busy = 0  # items taken off a queue but not yet finished (for force_flush)
-        self._last_error = ""
+        # One line per error, again only after a different one: a dead collector must not flood the job's log.
+        self._errors = DedupLog(log, math.inf, max_keys=1, suffix=None)
         self._dropped_reported = 0  # counters.dropped already announced to the collector
         self._dead = False
         self._threads = [
@@ -236,10 +239,7 @@ class ReportPipeline:
             self._snapshots.put_back(snapshots)
 
     def _log_once(self, message: str) -> None:
-        # One line per distinct error: a dead collector must not flood the training job's log.
-        if message != self._last_error:
-            log.warning("gradwatch: %s (counting further failures silently)", message)
-            self._last_error = message
+        self._errors.log(logging.WARNING, message, "gradwatch: %s (counting further failures silently)", message)
 
     def force_flush(self, timeout: float) -> bool:
         """Wait until every submitted step was exported or dropped; False on timeout."""

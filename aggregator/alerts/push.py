@@ -16,7 +16,8 @@ import urllib.error
 import urllib.request
 from collections import deque
 
-from gradwatch.aggregator.counters import Counters, DedupLog
+from gradwatch.aggregator.counters import Counters
+from gradwatch.logs import DedupLog
 
 BACKOFF_BASE_S = 0.5
 BACKOFF_CAP_S = 5.0

@@ -13,31 +13,9 @@ from dataclasses import dataclass, field
 from prometheus_client.core import CounterMetricFamily, GaugeHistogramMetricFamily, GaugeMetricFamily, Metric
 
 from gradwatch.aggregator.alerts.record import Alert
+from gradwatch.aggregator.counters import COUNTERS
 from gradwatch.aggregator.health import BOUNDS, layer_health, layer_histograms
 from gradwatch.aggregator.state import RunView
-
-COUNTERS = {
-    "reports": "Step reports applied.",
-    "registrations": "Run registrations applied.",
-    "duplicates": "Redelivered step reports skipped (same run, rank and sequence number).",
-    "decode_errors": "Stream entries that could not be decoded or processed, moved to the run's dead-letter stream.",
-    "unregistered_reports": "Step reports applied without a tensor dictionary (tensors named tensor_<id>).",
-    "series_dropped": "Layer updates without a series because max_layer_series was reached.",
-    "claimed": "Entries taken over from idle consumers with XAUTOCLAIM.",
-    "lease_lost": "Commits refused because another replica had taken the run's lease (its entries go to that one).",
-    "steps_joined": "Steps of multi-rank runs closed by the cross-rank join.",
-    "steps_incomplete": "Joined steps closed without every rank: passed by the watermark, timed out or overflowed.",
-    "late_reports": "Reports for a step the cross-rank join had already closed (applied, not joined).",
-    "redis_errors": "Failed Redis commands.",
-    "alerts_suppressed": "Recurrences of a condition inside the cooldown of its previous alert.",
-    "alertmanager_sent": "Alerts Alertmanager accepted.",
-    "alertmanager_errors": "Failed POSTs to Alertmanager.",
-    "alertmanager_dropped": "Alerts never delivered to Alertmanager: queue full or retries exhausted.",
-    "webhook_sent": "Alert transitions the webhook accepted.",
-    "webhook_errors": "Failed POSTs to the webhook.",
-    "webhook_dropped": "Alert transitions never delivered to the webhook: queue full or retries exhausted.",
-    "runs_expired": "Runs forgotten after run_expiry_s without a report.",
-}
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,8 @@ import time
 from gradwatch.aggregator.alerts.record import json_number
 from gradwatch.aggregator.health import layer_health
 from gradwatch.aggregator.state import RunState, RunView
+from gradwatch.stats import summary_moments
+from gradwatch.streams import ALERTS_KEY, FIELD_ALERT
 from gradwatch.v1 import report_pb2, run_pb2
 
 ALERT_SCAN = 10_000  # alert-stream entries read for one run's transitions
@@ -94,22 +96,18 @@ def input_stats(run: RunView) -> list[dict]:
     out = []
     for meta, s in run.tensors.get(run_pb2.TENSOR_KIND_INPUT, ()):
         m = _CHANNEL.match(meta.name)
-        mean, std, skew = moments(s)
+        mean, std, skew = mean_std_skew(s)
         out.append({"name": m.group(1) if m else meta.name, "channel": int(m.group(2)) if m else None,
                     "count": s.count, "mean": num(mean), "std": num(std), "skew": num(skew),
                     "min": num(s.min), "max": num(s.max), "nan": s.nan_count, "inf": s.inf_count})
     return out
 
 
-def moments(s: report_pb2.TensorSummary) -> tuple[float | None, float | None, float | None]:
+def mean_std_skew(s: report_pb2.TensorSummary) -> tuple[float | None, float | None, float | None]:
     """(mean, std, skew) of a summary's finite values from its raw moments; None where undefined."""
-    n = s.count - s.nan_count - s.inf_count
+    n, mean, var = summary_moments(s)
     if n <= 0:
         return None, None, None
-    mean, squares = s.sum / n, s.sum_squares / n
-    var = squares - mean * mean
-    if var <= 8 * math.ulp(squares):  # E[x^2] - mean^2 within rounding of zero: a constant tensor
-        var = 0.0
     std = math.sqrt(var)
     if not s.HasField("sum_cubes") or std == 0 or not abs(mean) <= SKEW_MAX_MEAN_OVER_STD * std:
         return mean, std, None
@@ -138,8 +136,6 @@ def nodegraph(graph: dict, run: RunView) -> dict:
 def alert_log(client, run: str, limit: int = 500) -> list[dict]:
     """The run's alert transitions (firing and resolved), oldest first, from the newest ALERT_SCAN
     entries of the gradwatch:alerts stream."""
-    from gradwatch.streams import ALERTS_KEY, FIELD_ALERT
-
     out: list[dict] = []
     last = "+"
     scanned = 0

@@ -1,5 +1,6 @@
 """One stream entry as the collector wrote it: decoding it, and parking it in the run's dead-letter
-stream when it cannot be decoded, so a poison entry is acked instead of redelivered forever."""
+stream (gradwatch.streams.dead_letter_key) when it cannot be decoded, so a poison entry is acked instead
+of redelivered forever."""
 
 from __future__ import annotations
 
@@ -7,11 +8,6 @@ from google.protobuf.message import DecodeError
 
 from gradwatch.streams import FIELD_REGISTRATION, FIELD_REPORT
 from gradwatch.v1 import report_pb2, run_pb2
-
-
-def dead_letter_key(run: str) -> str:
-    """Same hash tag as the run's other keys, so Redis Cluster keeps it on the run's shard."""
-    return f"gradwatch:{{{run}}}:dead"
 
 
 def decode_entry(run: str, fields: dict) -> report_pb2.StepReport | run_pb2.RunRegistration:

@@ -8,12 +8,13 @@ import math
 
 from gradwatch.aggregator.rules.base import WARNING, TensorRule, pct
 from gradwatch.aggregator.state import UNITS, ReportView, TensorMeta
+from gradwatch.stats import HIST_MIN_EXPONENT, summary_moments
 from gradwatch.v1 import run_pb2
 
 ACTIVATION = run_pb2.TENSOR_KIND_ACTIVATION
-# Histogram bucket i counts floor(log2|x|) == i - 40 (core/stats.py): 39 is [0.5, 1), 40 is [1, 2),
-# where an output of exactly +-1 (a saturated float32 tanh) falls.
-_HALF_BUCKET, _ONE_BUCKET = 39, 40
+# Histogram bucket i counts floor(log2|x|) == i + HIST_MIN_EXPONENT (gradwatch.stats): these are [0.5, 1)
+# and [1, 2), where an output of exactly +-1 (a saturated float32 tanh) falls.
+_HALF_BUCKET, _ONE_BUCKET = -1 - HIST_MIN_EXPONENT, -HIST_MIN_EXPONENT
 
 
 class DeadReLU(TensorRule):
@@ -78,7 +79,7 @@ def saturated_fraction(s) -> float:
     """Fraction of the finite elements with |x| >= 0.5 of a summary bounded by [-1, 1]. Exact from the
     histogram when there is one; otherwise the lower bound that the mean square gives: with |x| <= 1,
     E[x^2] <= f + (1 - f) / 4, so f >= (E[x^2] - 1/4) / (3/4)."""
-    n = s.count - s.nan_count - s.inf_count
+    n = summary_moments(s)[0]
     if n <= 0:
         return 0.0
     hist = s.histogram

@@ -12,6 +12,7 @@ from collections import deque
 from gradwatch.aggregator.alerts.record import Alert, fmt, times
 from gradwatch.aggregator.rules.base import LayerFilter, Rule, Streaks, pct, where
 from gradwatch.aggregator.state import ReportView, TensorMeta
+from gradwatch.stats import moments, summary_moments
 from gradwatch.v1 import run_pb2
 
 INPUT = run_pb2.TENSOR_KIND_INPUT
@@ -112,14 +113,10 @@ class ClassImbalance(Rule):
         self.runs.pop(run, None)
 
 
-def _moments(s) -> tuple[int, float, float]:
-    """(finite elements, sum, sum of squares) of a summary: what merges exactly across reports."""
-    return s.count - s.nan_count - s.inf_count, s.sum, s.sum_squares
-
-
-def _mean_std(n: float, total: float, squares: float) -> tuple[float, float]:
-    mean = total / n
-    return mean, math.sqrt(max(squares / n - mean * mean, 0.0))
+def _mean_std(n: int, total: float, squares: float, lo: float, hi: float) -> tuple[float, float]:
+    """Mean and std of merged summaries: n finite elements, their sums and their extremes."""
+    _, mean, var = moments(n, 0, 0, total, squares, lo, hi)
+    return mean, math.sqrt(var)
 
 
 class _Inputs:
@@ -127,7 +124,7 @@ class _Inputs:
 
     def __init__(self, window: int):
         self.reports = 0
-        self.sums: dict[str, list[float]] = {}               # name -> [n, sum, squares] while building
+        self.sums: dict[str, list[float]] = {}               # name -> [n, sum, squares, min, max] while building
         self.reference: dict[str, tuple[float, float]] | None = None  # name -> (mean, std) once built
         self.recent: deque[dict[str, tuple]] = deque(maxlen=window)
 
@@ -162,9 +159,10 @@ class InputDataDrift(Rule):
             return []
         now = {}
         for meta, s in inputs:
-            n, total, squares = _moments(s)
+            n = summary_moments(s)[0]
             if n > 0 and self.names(meta.name):
-                now[meta.name] = (n, total, squares, meta)
+                # (finite elements, sum, sum of squares, min, max): what merges exactly across reports
+                now[meta.name] = (n, s.sum, s.sum_squares, s.min, s.max, meta)
         if not now:
             return []
         st = self.runs.get(view.run)
@@ -189,15 +187,17 @@ class InputDataDrift(Rule):
             view, a, f"Input {a.tensor} back within limits of its reference"))
 
     def _build(self, st: _Inputs, now: dict) -> None:
-        for name, (n, total, squares, _) in now.items():
+        for name, (n, total, squares, lo, hi, _) in now.items():
             acc = st.sums.get(name)
             if acc is None:
                 if len(st.sums) >= MAX_INPUTS:
                     continue
-                acc = st.sums[name] = [0, 0.0, 0.0]
+                acc = st.sums[name] = [0, 0.0, 0.0, math.inf, -math.inf]
             acc[0] += n
             acc[1] += total
             acc[2] += squares
+            acc[3] = min(acc[3], lo)
+            acc[4] = max(acc[4], hi)
         st.reports += 1
         if st.reports >= self.p["reference_reports"]:
             st.reference = {name: _mean_std(*acc) for name, acc in st.sums.items()}
@@ -207,18 +207,18 @@ class InputDataDrift(Rule):
         """(how far outside as a factor, tensor, sentence, value, threshold) of the drifting inputs."""
         k, r = self.p["max_mean_shift"], self.p["max_std_ratio"]
         earlier, out = list(itertools.islice(st.recent, len(st.recent) - 1)), []
-        for name, (n, total, squares, meta) in st.recent[-1].items():
+        for name, (n, total, squares, lo, hi, meta) in st.recent[-1].items():
             ref = st.reference.get(name)
             if ref is None:
                 continue
             mean_r, std_r = ref
-            if std_r <= 1e-6 * abs(mean_r):  # constant: a std of rounding errors
+            if std_r <= 1e-6 * abs(mean_r):  # constant (std 0), or too close to it for ratios to mean anything
                 continue
             for report in earlier:
                 m = report.get(name)
                 if m is not None:
-                    n, total, squares = n + m[0], total + m[1], squares + m[2]
-            mean, std = _mean_std(n, total, squares)
+                    n, total, squares, lo, hi = n + m[0], total + m[1], squares + m[2], min(lo, m[3]), max(hi, m[4])
+            mean, std = _mean_std(n, total, squares, lo, hi)
             shift, ratio = abs(mean - mean_r) / std_r, std / std_r
             mean_factor = shift / k
             std_factor = ratio / r if ratio >= 1 else (1 / (r * ratio) if ratio > 0 else math.inf)
@@ -273,11 +273,11 @@ class UnnormalizedInput(Rule):
         floats = {name[:name.rindex("[")] for name in (m.name for m, _ in inputs) if name.endswith("]")}
         top, floor, hits = self.p["max_value"], self.p["min_mean"], []
         for meta, s in inputs if floats else ():
-            n = s.count - s.nan_count - s.inf_count
-            if n > 0 and s.min >= 0 and s.max <= top and s.sum > floor * n and self.names(meta.name):
+            n, mean, _ = summary_moments(s)
+            if n > 0 and s.min >= 0 and s.max <= top and mean > floor and self.names(meta.name):
                 name = meta.name
                 if (name[:name.rindex("[")] if name.endswith("]") else name) in floats:
-                    hits.append((meta, s.sum / n))
+                    hits.append((meta, mean))
         streak = self.streaks[view.train].update(view.run, view.rank, [m.name for m, _ in hits])
         bad = [h for h in hits if streak[h[0].name] >= self.p["window"]]
         phase = "training" if view.train else "evaluation"

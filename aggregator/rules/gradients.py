@@ -11,6 +11,7 @@ from gradwatch.aggregator.alerts.record import FIRING, Alert, fmt, iso, times
 from gradwatch.aggregator.config import AggregatorConfig
 from gradwatch.aggregator.rules.base import CRITICAL, GLOBAL_LAYER, LOSS_LAYER, WARNING, Rule, Streaks, where
 from gradwatch.aggregator.state import UNKNOWN_ORDER, ReportView, TensorMeta
+from gradwatch.stats import summary_moments
 from gradwatch.v1 import run_pb2
 
 # Inputs come before every module in the forward pass; a parameter is the cause, its module's
@@ -237,7 +238,7 @@ class VanishingGradient(Rule):
                 if a is None:
                     a = acc[meta.layer] = [0.0, 0, 0]
                 a[0] += s.sum_squares
-                a[1] += s.count - s.nan_count - s.inf_count
+                a[1] += summary_moments(s)[0]  # finite elements
                 a[2] += s.count - s.zero_count
         return {layer: math.sqrt(max(ss, 0.0) / n) for layer, (ss, n, nonzero) in acc.items() if n and nonzero}
 

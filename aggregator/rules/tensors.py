@@ -8,19 +8,12 @@ import math
 from gradwatch.aggregator.alerts.record import Alert, fmt
 from gradwatch.aggregator.rules.base import WARNING, Rule, TensorRule, pct
 from gradwatch.aggregator.state import ReportView, TensorMeta
+from gradwatch.stats import summary_moments
 from gradwatch.v1 import run_pb2
 
 PARAMETER = run_pb2.TENSOR_KIND_PARAMETER
 # Unchanged parameters are remembered per (run, rank): at most this many tensors per rank.
 MAX_TRACKED = 50_000
-
-
-def _std(s) -> float:
-    n = s.count - s.nan_count - s.inf_count
-    if n <= 0:
-        return math.nan
-    mean = s.sum / n
-    return math.sqrt(max(s.sum_squares / n - mean * mean, 0.0))
 
 
 class AllZero(TensorRule):
@@ -65,11 +58,12 @@ class AllZero(TensorRule):
 class TensorVariance(TensorRule):
     """The standard deviation of a tensor above max_std or below min_std in `window` consecutive
     reports of a rank (SageMaker Debugger's TensorVariance has no default limits). std is the
-    population std of the finite elements, from sum and sum of squares; tensors of fewer than two
-    elements and all-zero tensors (AllZero, DeadReLU) are skipped. Reads activations by default:
-    std < 1e-8 is a collapsed layer that passes the same value to every unit, std > 1e3 a blown-up
-    one. Parameters are not read by default: LayerNorm weights (all ones) and biases start with std 0.
-    Defaults: min_std 1e-8, max_std 1e3, window 3, kinds ["activation"]."""
+    population std of the finite elements, from sum and sum of squares (gradwatch.stats.moments: exactly 0
+    for a constant tensor); tensors of fewer than two elements and all-zero tensors (AllZero, DeadReLU)
+    are skipped. Reads activations by default: std < 1e-8 is a collapsed layer that passes the same
+    value to every unit, std > 1e3 a blown-up one. Parameters are not read by default: LayerNorm
+    weights (all ones) and biases start with std 0. Defaults: min_std 1e-8, max_std 1e3, window 3,
+    kinds ["activation"]."""
 
     name = "TensorVariance"
     DEFAULTS = {"min_std": 1e-8, "max_std": 1e3, "window": 3, "kinds": ["activation"]}
@@ -87,17 +81,16 @@ class TensorVariance(TensorRule):
                 spread, count = s.max - s.min, s.count
                 if spread <= 2 * hi and spread * spread > lo2x2 * count:
                     continue
-                n = count - s.nan_count - s.inf_count
+                n, _, var = summary_moments(s)
                 if n < 2 or s.zero_count == count:
                     continue
-                mean = s.sum / n
-                std = math.sqrt(max(s.sum_squares / n - mean * mean, 0.0))
+                std = math.sqrt(var)
                 if (std > hi or std < lo) and layers(meta.layer):
                     out.append((meta, std))
         return out
 
     def value(self, s) -> float:
-        return _std(s)
+        return math.sqrt(summary_moments(s)[2])
 
     def badness(self, std: float) -> float:
         """How far outside the limits, as a factor."""
@@ -238,13 +231,12 @@ class PoorWeightInitialization(Rule):
 
     def judge(self, meta: TensorMeta, s) -> tuple[float, float, float, str] | None:
         """(how far outside, value, threshold, sentence), or None when the tensor looks fine."""
-        n = s.count - s.nan_count - s.inf_count
+        n, mean, var = summary_moments(s)
         if n < 2:
             return None
         if s.min == s.max:
             return (math.inf, float(s.min), 0.0, f"every element is {fmt(s.min)}: units cannot differentiate")
-        mean = s.sum / n
-        std = math.sqrt(max(s.sum_squares / n - mean * mean, 0.0))
+        std = math.sqrt(var)
         ratio = abs(mean) / std if std > 0 else math.inf
         fan_in = math.prod(meta.shape[1:])
         gain = std * math.sqrt(fan_in)

@@ -12,6 +12,7 @@ from gradwatch.aggregator.counters import Counters
 from gradwatch.aggregator.health import BOUNDS, layer_health, layer_histograms, merge_histograms
 from gradwatch.aggregator.state import UNITS, State, TensorMeta
 from gradwatch.v1 import report_pb2, run_pb2
+from tests.aggregator.rules.test_tensors import rounded_constant
 
 RUN = "health"
 UPDATE_ID = 4
@@ -120,3 +121,19 @@ def test_dead_fraction_prefers_the_unit_counts(build):
     assert health["fc1"].activation_mean == pytest.approx(0.0)  # the outputs' sum only, not the counts'
     assert [kind for layer, kind, *_ in merge_histograms(snap.tensors, {"fc1"}, 100)] == []
     assert {k for _, _, _, kinds in snap.layers for k, _ in kinds} == {"parameter", "gradient", "activation"}
+
+
+def test_a_constant_layer_has_activation_variance_zero(build):
+    """The float64 sums of 1e6 equal outputs round ("variance" 6.5e-8 here); min == max says constant."""
+    state = State(AggregatorConfig(), Counters())
+    state.register(RUN, build.registration(run=RUN))
+    r = build.report(0, run=RUN)
+    act = next(t for t in r.tensors if t.tensor_id == build.tensor_id("fc1", "activation"))
+    fields = rounded_constant(123.456)
+    del act.histogram[:]
+    for key, value in fields.items():
+        setattr(act, key, value)
+    state.apply(RUN, r)
+    (snap,) = state.views()
+    health = layer_health(snap.tensors, set(build.layers))
+    assert health["fc1"].activation_var == 0.0 and health["fc1"].activation_mean == pytest.approx(fields["min"])

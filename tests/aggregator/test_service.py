@@ -8,11 +8,10 @@ import time
 
 import pytest
 
-from gradwatch.aggregator.ingest.entries import dead_letter_key
 from gradwatch.aggregator.ingest.leases import lease_key
 from gradwatch.aggregator.service import Aggregator
 from gradwatch.cli.redis_server import free_port
-from gradwatch.streams import AGGREGATOR_GROUP, ALERTS_KEY, FIELD_REPORT, reports_key
+from gradwatch.streams import AGGREGATOR_GROUP, ALERTS_KEY, FIELD_REPORT, dead_letter_key, reports_key
 
 RUN = "demo"
 

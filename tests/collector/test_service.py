@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -285,6 +286,26 @@ def test_redis_down_is_unavailable_and_recovers(start_collector, tmp_path):
             assert m.value("gradwatch_collector_reports_total") == 2
     finally:
         redis_server.stop()
+
+
+def test_a_redis_outage_is_counted_every_time_and_logged_once(start_collector, tmp_path, caplog):
+    redis_server = RedisServer(tmp_path / "redis", appendonly=False).start()
+    try:
+        collector = start_collector(redis_url=redis_server.url)
+        redis_server.kill()
+        with caplog.at_level(logging.WARNING, logger="gradwatch.collector"), \
+                grpc.insecure_channel(collector.target) as channel:
+            stub = IngestServiceStub(channel)
+            for step in range(3):
+                with pytest.raises(grpc.RpcError):
+                    stub.Export(ExportRequest(reports=[report(step)]), timeout=5)
+    finally:
+        redis_server.stop()
+    assert collector.metrics.value("gradwatch_collector_redis_errors_total") == 3
+    lines = [r.getMessage() for r in caplog.records if r.name == "gradwatch.collector"]
+    assert len(lines) == 1, lines  # within the 10 s interval: the later two only counted
+    assert lines[0].startswith("redis write failed: ") and lines[0].endswith(
+        "; answering UNAVAILABLE so agents retry")
 
 
 def test_metrics_endpoint_serves_the_collector_registry(start_collector):

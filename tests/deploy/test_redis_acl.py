@@ -18,7 +18,6 @@ import redis
 from prometheus_client import CollectorRegistry
 
 from gradwatch.aggregator.config import AggregatorConfig
-from gradwatch.aggregator.ingest.entries import dead_letter_key
 from gradwatch.aggregator.service import Aggregator
 from gradwatch.cli.redis_server import RedisServer
 from gradwatch.streams import (
@@ -27,6 +26,7 @@ from gradwatch.streams import (
     FIELD_ALERT,
     FIELD_REPORT,
     RUNS_KEY,
+    dead_letter_key,
     quiet_handshake,
     registrations_key,
     reports_key,

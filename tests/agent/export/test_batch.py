@@ -4,6 +4,7 @@ once it is back. Against a real gRPC server on 127.0.0.1 that fails with UNAVAIL
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
@@ -209,6 +210,39 @@ def test_put_back_after_a_failed_export_obeys_both_bounds(queue_size, budget_rep
     assert [seq for ok, batch in exporter.calls if ok for seq in batch] == delivered
     assert counters.dropped == 14 - len(delivered) and counters.exported == len(delivered)
     assert pipeline.queued_bytes == 0
+
+
+class FailingExporter:
+    """Refuses every export for good, with the given errors in turn."""
+
+    target = "failing"
+
+    def __init__(self, errors: list[str]):
+        self.errors = errors
+
+    def export(self, request) -> ExportResult:
+        return ExportResult(ok=False, error=self.errors.pop(0))
+
+    def shutdown(self) -> None:
+        pass
+
+
+def test_a_repeated_export_error_is_logged_once_until_another_one(caplog):
+    errors = ["UNAVAILABLE", "UNAVAILABLE", "UNAUTHENTICATED", "UNAUTHENTICATED", "UNAVAILABLE"]
+    counters = AgentCounters()
+    pipeline = ReportPipeline(FailingExporter(list(errors)), lambda c: c.report, run_pb2.RunRegistration(run_id="x"),
+                              counters, queue_size=8, batch_reports=1, batch_bytes=1 << 20, export_interval_s=0.01)
+    with caplog.at_level(logging.WARNING, logger="gradwatch.agent"):
+        try:
+            for seq in range(1, len(errors) + 1):
+                pipeline.submit(Captured(make_report(seq)))
+                assert pipeline.force_flush(5)
+        finally:
+            pipeline.shutdown(1)
+    assert counters.export_errors == counters.dropped == len(errors)  # every failure counted
+    assert [r.getMessage() for r in caplog.records if r.name == "gradwatch.agent"] == [
+        f"gradwatch: export to failing failed: {e} (counting further failures silently)"
+        for e in ("UNAVAILABLE", "UNAUTHENTICATED", "UNAVAILABLE")]
 
 
 def test_queue_bytes_from_env_and_validated(monkeypatch):

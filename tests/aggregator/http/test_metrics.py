@@ -6,6 +6,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from gradwatch.aggregator.alerts.record import Alert
+from gradwatch.aggregator.counters import COUNTERS, Counters
 from gradwatch.aggregator.http.metrics import (
     MAX_HYPERPARAMETER_TEXT,
     MAX_HYPERPARAMETERS,
@@ -46,6 +47,14 @@ def test_empty_state_exposes_only_self_metrics():
     r = registry_with(AggregatorView())
     text = generate_latest(r).decode()
     assert "gradwatch_run_step{" not in text and "gradwatch_aggregator_duplicates_total 0.0" in text
+
+
+def test_every_counter_is_exported_with_its_help_text():
+    counts = {name: i for i, name in enumerate(Counters.NAMES)}
+    text = generate_latest(registry_with(AggregatorView(counters=counts))).decode()
+    for name, help_text in COUNTERS.items():
+        assert f"# HELP gradwatch_aggregator_{name}_total {help_text}\n" in text
+        assert f"gradwatch_aggregator_{name}_total {float(counts[name])}\n" in text
 
 
 def test_registering_twice_is_refused():

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from gradwatch.aggregator.rules.activations import saturated_fraction
 from gradwatch.v1 import report_pb2
+from tests.core.test_stats import float64_sums
 
 F, R = "firing", "resolved"
 
@@ -37,6 +39,14 @@ def zeros() -> dict:
 
 def constant(x: float) -> dict:
     return dict(zero_count=0, sum=256 * x, sum_squares=256 * x * x, min=x, max=x)
+
+
+def rounded_constant(x: float, n: int = 10**6) -> dict:
+    """A constant float32 tensor of n elements with the float64 sums the agent accumulates: their
+    E[x^2] - mean^2 is rounding, not spread (for 123.456 at 1e6 elements a "std" of 2.6e-4)."""
+    v = float(np.float32(x))
+    total, squares = float64_sums(v, n)
+    return dict(count=n, zero_count=0, sum=total, sum_squares=squares, min=v, max=v)
 
 
 def std(x: float, mean: float = 0.0) -> dict:
@@ -118,6 +128,8 @@ INIT = [
                  [(0, F, "fc2"), (5, R, "fc2")], id="torch.rand: uniform [0, 1)"),
     pytest.param(at({0}, "fc2", "parameter", **constant(0.1)), [(0, F, "fc2"), (5, R, "fc2")],
                  id="constant weights cannot break symmetry"),
+    pytest.param(at({0}, "fc2", "parameter", **rounded_constant(123.456)), [(0, F, "fc2"), (5, R, "fc2")],
+                 id="constant weights, rounded sums"),
     pytest.param(at({0}, "head", "parameter", **zeros()), [], id="zero-initialised head"),
     pytest.param(at({0}, "fc1", "parameter", **std(1 / math.sqrt(3 * 16))), [], id="PyTorch default init"),
     pytest.param(at({0}, "fc1", "parameter", **std(0.025)), [], id="scaled residual init: gain 0.1"),
@@ -148,6 +160,8 @@ VARIANCE = [
     pytest.param(at(range(10, 100), "fc2", "activation", **std(5e3)), [(12, F, "fc2")], id="blown-up activations"),
     pytest.param(at(range(10, 100), "fc1", "activation", **constant(0.7)), [(12, F, "fc1")],
                  id="collapsed: one value for every unit"),
+    pytest.param(at(range(10, 100), "fc1", "activation", **rounded_constant(123.456)), [(12, F, "fc1")],
+                 id="collapsed, 1e6 elements: the rounding of the sums is no spread"),
     pytest.param(both(at(range(10, 100), "fc1", "activation", **std(2e3)), at(range(10, 100), "fc2", "activation",
                                                                              **constant(0.7))),
                  [(12, F, "fc2")], id="the farthest outside is named"),
