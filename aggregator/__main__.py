@@ -18,7 +18,7 @@ import redis
 from prometheus_client import CollectorRegistry, ProcessCollector
 
 from gradwatch.aggregator.config import DEFAULT_METRICS_LISTEN, DEFAULT_REDIS_URL, AggregatorConfig
-from gradwatch.aggregator.http.api import ListenError, serve
+from gradwatch.aggregator.http.server import ListenError, serve
 from gradwatch.aggregator.http.snapshots import SnapshotStore
 from gradwatch.aggregator.http.views import alert_log
 from gradwatch.aggregator.service import Aggregator

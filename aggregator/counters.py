@@ -6,8 +6,6 @@ from __future__ import annotations
 import threading
 from collections import Counter
 
-from gradwatch.logs import DedupLog  # noqa: F401  (its old home, until aggregator/http moves to gradwatch.logs)
-
 # name -> help text on /metrics. The one list: Counters counts exactly these.
 COUNTERS = {
     "reports": "Step reports applied.",

@@ -8,65 +8,26 @@ budget of summaries over all runs; a long run keeps frames spread over all of it
 
 from __future__ import annotations
 
-import json
+import asyncio
 import logging
 import threading
-from collections import deque
 from collections.abc import Callable
 
 from gradwatch.aggregator.alerts.record import Alert
-from gradwatch.aggregator.counters import DedupLog
+from gradwatch.aggregator.http.events import EventStream, sse
 from gradwatch.aggregator.http.metrics import AggregatorView
 from gradwatch.aggregator.http.views import layer_stats, num
 from gradwatch.aggregator.state import KIND_NAMES, RunView
+from gradwatch.logs import DedupLog
 
 log = logging.getLogger("gradwatch.aggregator.http.live")
 
 DEFAULT_TICK_S = 1.0
-DEFAULT_MAX_STREAMS = 16       # concurrent event streams; each holds one HTTP thread
-HEARTBEAT_S = 15.0             # an SSE comment keeps idle proxies from closing the stream
-STREAM_QUEUE = 8               # events waiting for a slow client; beyond it the oldest go, a resync is asked
+DEFAULT_MAX_STREAMS = 16       # concurrent event streams; each holds a connection and a task
 MAX_FRAMES = 256               # histogram frames per run
 MIN_FRAMES = 8
 FRAME_SUMMARY_BUDGET = 200_000  # summaries referenced by all frames of all runs together
 MAX_STEP_ROWS = 500            # new steps per update
-
-
-class EventStream:
-    """One client's queue of encoded events. A client slower than the hub loses the oldest events and
-    is told to fetch everything again."""
-
-    def __init__(self, run: str | None):
-        self.run = run
-        self._events: deque[bytes] = deque()
-        self._wake = threading.Event()
-        self._lock = threading.Lock()
-        self.closed = False
-
-    def put(self, event: bytes) -> None:
-        with self._lock:
-            if len(self._events) >= STREAM_QUEUE:
-                self._events.clear()
-                self._events.append(sse("resync", {}))
-            self._events.append(event)
-        self._wake.set()
-
-    def take(self, timeout: float) -> list[bytes] | None:
-        """The waiting events (maybe none after `timeout`); None once the hub has closed the stream."""
-        self._wake.wait(timeout)
-        with self._lock:
-            self._wake.clear()
-            events, self._events = list(self._events), deque()
-        return None if self.closed and not events else events
-
-    def close(self) -> None:
-        self.closed = True
-        self._wake.set()
-
-
-def sse(event: str, data: dict) -> bytes:
-    body = json.dumps(data, allow_nan=False, separators=(",", ":"))
-    return f"event: {event}\ndata: {body}\n\n".encode()
 
 
 class _RunFrames:
@@ -144,7 +105,7 @@ class LiveHub:
         self.frame_store = frames if frames is not None else FrameStore()
         self._sample_frames = frames is None
         self._streams: set[EventStream] = set()
-        self._lock = threading.Lock()  # streams: HTTP threads open and close them, the hub writes
+        self._lock = threading.Lock()  # streams: the event loop opens and closes them, the hub's thread writes
         self._sent: dict[str, dict] = {}  # run -> what the streams were last told: step, layers, alerts
         self._runs_sent: list | None = None
         self._stop = threading.Event()
@@ -173,11 +134,13 @@ class LiveHub:
     # -- streams ------------------------------------------------------------------------------------
 
     def open(self, run: str | None) -> EventStream | None:
-        """A new stream for `run` (None: the run list only); None when max_streams are open or stopping."""
+        """A new stream for `run` (None: the run list only), read on the calling event loop; None when
+        max_streams are open or the hub is stopping."""
+        loop = asyncio.get_running_loop()
         with self._lock:
             if self._stop.is_set() or len(self._streams) >= self.max_streams:
                 return None
-            stream = EventStream(run)
+            stream = EventStream(run, loop)
             self._streams.add(stream)
             return stream
 

@@ -7,19 +7,22 @@
 Both sides live in Redis, not in this process: the request list the collector pops into Export answers,
 and the hash the collector fills (core/streams.py), so any aggregator replica answers for any run
 and nothing here grows. POST is the API's only write: with an API token configured it needs
-"Authorization: Bearer <token>", always a JSON body of at most MAX_BODY_BYTES.
+"Authorization: Bearer <token>" (middleware.TokenAuth), always a JSON body of at most MAX_BODY_BYTES.
 """
 
 from __future__ import annotations
 
-import hmac
 import json
-import logging
 import secrets
+from urllib.parse import unquote
 
 import redis
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
 
 from gradwatch.aggregator.alerts.record import json_number
+from gradwatch.aggregator.http.responses import backend, error, ok, run_of, unknown
 from gradwatch.limits import KIND_BY_NAME, KINDS
 from gradwatch.streams import (
     MAX_SNAPSHOT_REQUESTS,
@@ -29,7 +32,6 @@ from gradwatch.streams import (
 )
 from gradwatch.v1.snapshot_pb2 import Snapshot, SnapshotRequest
 
-log = logging.getLogger("gradwatch.aggregator.http.api")
 MAX_BODY_BYTES = 4096
 MAX_TENSOR_CHARS = 512
 MAX_LISTED = 256  # snapshots decoded per listing
@@ -74,72 +76,65 @@ class SnapshotStore:
         return sorted(out, key=lambda s: s.capture_time.ToNanoseconds(), reverse=True)
 
 
-class SnapshotRoutes:
-    """Methods of the API handler (api.py); `self.server.snapshots` is a SnapshotStore or None."""
+def listing(request: Request) -> Response:
+    return _read(request, None)
 
-    def _snapshots(self, run: str, rest: str) -> None:
-        store = self.server.snapshots
-        if store is None:
-            self._error(404, "not_found", "snapshots are not served by this aggregator")
-            return
-        try:
-            snaps = store.all(run)
-        except redis.RedisError as e:
-            self._error(503, "unavailable", f"cannot read snapshots from Redis: {e}", {"Retry-After": "1"})
-            return
-        if not rest:
-            self._ok({"snapshots": [describe(s, False) for s in snaps]})
-            return
-        found = next((s for s in snaps if s.request_id == rest), None)
-        if found is None:
-            self._error(404, "not_found", f"no snapshot {rest!r} yet: the agent captures it at its next logged step")
-        else:
-            self._ok(describe(found, True))
 
-    def _post_snapshot(self, run: str) -> None:
-        token = self.server.api_token
-        if token is not None:
-            scheme, _, given = self.headers.get("Authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
-                self._error(401, "unauthorized", "this aggregator needs Authorization: Bearer <its API token>",
-                            {"WWW-Authenticate": "Bearer"})
-                return
-        if self.headers.get("Content-Type", "").split(";")[0].strip().lower() != "application/json":
-            # A JSON content type also keeps plain HTML forms of other sites from posting here.
-            self._error(415, "bad_data", "send a JSON body with Content-Type: application/json")
-            return
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
-            self._error(411, "bad_data", "Content-Length is required")
-            return
-        if not 0 <= length <= MAX_BODY_BYTES:
-            self._error(413, "bad_data", f"body larger than {MAX_BODY_BYTES} bytes")
-            self.close_connection = True
-            return
-        try:
-            body = json.loads(self.rfile.read(length) or b"null")
-        except ValueError:
-            self._error(400, "bad_data", "body is not JSON")
-            return
-        kind = body.get("kind") if isinstance(body, dict) else None
-        tensor = body.get("tensor") if isinstance(body, dict) else None
-        if kind not in KIND_BY_NAME:
-            self._error(400, "bad_data", f"kind must be one of {', '.join(KIND_BY_NAME)}")
-            return
-        if not isinstance(tensor, str) or not 0 < len(tensor) <= MAX_TENSOR_CHARS:
-            self._error(400, "bad_data", f"tensor: a module path or parameter name of 1-{MAX_TENSOR_CHARS} characters")
-            return
-        if not any(r.run == run for r in self.server.view().runs):
-            self._unknown(run)
-            return
-        if self.server.snapshots is None:
-            self._error(404, "not_found", "snapshots are not served by this aggregator")
-            return
-        try:
-            rid = self.server.snapshots.request(run, kind, tensor)
-        except redis.RedisError as e:
-            self._error(503, "unavailable", f"cannot queue the request in Redis: {e}", {"Retry-After": "1"})
-            return
-        self._json(202, {"status": "success", "data": {"id": rid, "run": run, "kind": kind, "tensor": tensor,
-                                                       "status": "pending"}})
+def one(request: Request) -> Response:
+    return _read(request, unquote(request.path_params["id"]))
+
+
+def _read(request: Request, rid: str | None) -> Response:
+    store = backend(request).snapshots
+    if store is None:
+        return error(404, "not_found", "snapshots are not served by this aggregator")
+    try:
+        snaps = store.all(run_of(request))
+    except redis.RedisError as e:
+        return error(503, "unavailable", f"cannot read snapshots from Redis: {e}", {"Retry-After": "1"})
+    if rid is None:
+        return ok({"snapshots": [describe(s, False) for s in snaps]})
+    found = next((s for s in snaps if s.request_id == rid), None)
+    if found is None:
+        return error(404, "not_found", f"no snapshot {rid!r} yet: the agent captures it at its next logged step")
+    return ok(describe(found, True))
+
+
+async def request_one(request: Request) -> Response:
+    """POST: the token was checked (TokenAuth, before this reads anything); the body is checked here, in
+    the order a client fixes things, then the request is queued in Redis (off the event loop)."""
+    if request.headers.get("Content-Type", "").split(";")[0].strip().lower() != "application/json":
+        # A JSON content type also keeps plain HTML forms of other sites from posting here.
+        return error(415, "bad_data", "send a JSON body with Content-Type: application/json")
+    try:
+        length = int(request.headers.get("Content-Length", ""))
+    except ValueError:
+        return error(411, "bad_data", "Content-Length is required")
+    if not 0 <= length <= MAX_BODY_BYTES:
+        # Refused before reading a byte (Starlette's own body limit answers in plain text); the unread body
+        # leaves the connection unusable, so it is closed.
+        return error(413, "bad_data", f"body larger than {MAX_BODY_BYTES} bytes", {"Connection": "close"})
+    try:
+        body = json.loads(await request.body() or b"null")  # at most `length` bytes: h11 enforces it
+    except ValueError:
+        return error(400, "bad_data", "body is not JSON")
+    kind = body.get("kind") if isinstance(body, dict) else None
+    tensor = body.get("tensor") if isinstance(body, dict) else None
+    if kind not in KIND_BY_NAME:
+        return error(400, "bad_data", f"kind must be one of {', '.join(KIND_BY_NAME)}")
+    if not isinstance(tensor, str) or not 0 < len(tensor) <= MAX_TENSOR_CHARS:
+        return error(400, "bad_data", f"tensor: a module path or parameter name of 1-{MAX_TENSOR_CHARS} characters")
+    return await run_in_threadpool(_queue, request, run_of(request), kind, tensor)
+
+
+def _queue(request: Request, run: str, kind: str, tensor: str) -> Response:
+    sources = backend(request)
+    if not any(r.run == run for r in sources.view().runs):
+        return unknown(run)
+    if sources.snapshots is None:
+        return error(404, "not_found", "snapshots are not served by this aggregator")
+    try:
+        rid = sources.snapshots.request(run, kind, tensor)
+    except redis.RedisError as e:
+        return error(503, "unavailable", f"cannot queue the request in Redis: {e}", {"Retry-After": "1"})
+    return ok({"id": rid, "run": run, "kind": kind, "tensor": tensor, "status": "pending"}, 202)

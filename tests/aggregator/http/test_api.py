@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from prometheus_client import generate_latest
 
-from gradwatch.aggregator.http.api import ListenError, serve
+from gradwatch.aggregator.http.server import ListenError, serve
 from gradwatch.streams import ALERTS_KEY, FIELD_ALERT
 from gradwatch.v1 import run_pb2
 

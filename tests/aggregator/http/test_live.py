@@ -13,9 +13,9 @@ import urllib.request
 
 import pytest
 
-from gradwatch.aggregator.http import api as api_module
-from gradwatch.aggregator.http.api import serve
+from gradwatch.aggregator.http import middleware
 from gradwatch.aggregator.http.live import FrameStore
+from gradwatch.aggregator.http.server import serve
 from gradwatch.aggregator.http.views import alert_log
 
 
@@ -193,7 +193,7 @@ def test_steps_without_layers_and_with_scalars(live):
 
 def test_large_json_is_gzipped_when_the_client_takes_it(live, monkeypatch):
     base, _, _, _ = live
-    monkeypatch.setattr(api_module, "GZIP_MIN_BYTES", 100)
+    monkeypatch.setattr(middleware, "GZIP_MIN_BYTES", 100)
     req = urllib.request.Request(f"{base}/api/v1/runs/demo/topology", headers={"Accept-Encoding": "gzip"})
     with urllib.request.urlopen(req, timeout=5) as resp:
         assert resp.headers["Content-Encoding"] == "gzip"

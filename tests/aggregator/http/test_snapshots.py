@@ -8,7 +8,7 @@ import urllib.request
 
 import pytest
 
-from gradwatch.aggregator.http.api import serve
+from gradwatch.aggregator.http.server import serve
 from gradwatch.aggregator.http.snapshots import MAX_BODY_BYTES, SnapshotStore
 from gradwatch.streams import snapshot_requests_key, snapshots_key
 from gradwatch.v1.snapshot_pb2 import Snapshot, SnapshotKind, SnapshotRequest

@@ -10,8 +10,8 @@ import urllib.request
 import pytest
 from prometheus_client import CollectorRegistry
 
-from gradwatch.aggregator.http.api import serve
 from gradwatch.aggregator.http.metrics import AggregatorView
+from gradwatch.aggregator.http.server import serve
 from gradwatch.aggregator.http.static import UI_DIR, StaticFiles
 
 

@@ -1,0 +1,124 @@
+"""What every answer of the HTTP port passes through, outermost first (app.py puts them in this order):
+
+    HeaderCase  header names written as the former server wrote them (Content-Type, ETag)
+    Guard       an endpoint's bug answers 500 and is logged once a minute per path; a client that hangs up
+                mid-answer is no error
+    RoutePath   routes match the path as sent, trailing slash ignored
+    Compress    gzip for JSON answers over GZIP_MIN_BYTES
+
+and, on the one route that writes, TokenAuth: the API token as a bearer token.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+
+from starlette.authentication import AuthCredentials, AuthenticationBackend, AuthenticationError, SimpleUser
+from starlette.middleware.gzip import DEFAULT_EXCLUDED_CONTENT_TYPES, GZipMiddleware
+from starlette.requests import ClientDisconnect, HTTPConnection
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gradwatch.aggregator.http.responses import backend, error
+
+GZIP_MIN_BYTES = 16 << 10
+# Names str.title() would spell otherwise.
+_HEADER_NAMES = {b"etag": b"ETag", b"www-authenticate": b"WWW-Authenticate"}
+
+
+class HeaderCase:
+    """Starlette writes header names in lower case. HTTP lets clients ignore the case, but scripts that put
+    the headers in a plain dict (the tests among them) look up "Content-Type", as this port always wrote it."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def cased(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [(_HEADER_NAMES.get(name) or name.title(), value)
+                                      for name, value in message.get("headers", ())]
+            await send(message)
+
+        await self.app(scope, receive, cased if scope["type"] == "http" else send)
+
+
+class Guard:
+    """Catches what escapes an endpoint, so that no request can take the port down or flood the log."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        errors = scope["app"].state.backend.errors
+        started = False
+
+        async def watched(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except (OSError, ClientDisconnect):
+            # The client went away mid-answer: not worth a traceback.
+            client = (scope.get("client") or ("?",))[0]
+            errors.log(logging.DEBUG, "connection", "HTTP connection from %s failed", client, exc_info=True)
+        except Exception:
+            path = scope.get("raw_path", b"").decode("latin-1")
+            errors.log(logging.ERROR, f"api:{path}", "cannot answer %s %s", scope["method"], path, exc_info=True)
+            if not started:  # else the half-sent answer is cut off, which the client sees
+                await error(500, "internal", "internal error; see the aggregator's log")(scope, receive, send)
+
+
+class RoutePath:
+    """Routes match the path as the client sent it, percent-escapes and all (endpoints unquote their
+    parameters), so that an escaped slash inside a run id never moves a request to another route. A trailing
+    slash is ignored, without a redirect; under /ui/ it names a folder, which is never served."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            path = scope.get("raw_path", b"").decode("latin-1") or scope["path"]
+            scope["path"] = path if path.startswith("/ui/") else path.rstrip("/") or "/"
+        await self.app(scope, receive, send)
+
+
+class Compress(GZipMiddleware):
+    """Starlette's gzip (level 4) for JSON answers over GZIP_MIN_BYTES to clients that take it: a 1,000-layer
+    model's answers run to megabytes, and numbers and names compress about 5x. Every other answer encodes
+    itself (/metrics, the page's files) or is never encoded (event streams)."""
+
+    def __init__(self, app: ASGIApp):
+        super().__init__(app, minimum_size=GZIP_MIN_BYTES + 1, compresslevel=4,
+                         exclude_content_types=(*DEFAULT_EXCLUDED_CONTENT_TYPES, "text/*", "image/*",
+                                                "application/openmetrics-text"))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.minimum_size = GZIP_MIN_BYTES + 1  # the module's value at every answer, so it can be tuned live
+        await super().__call__(scope, receive, send)
+
+
+class TokenAuth(AuthenticationBackend):
+    """With an API token configured, a request must carry "Authorization: Bearer <token>" (compared in
+    constant time); without one, anyone who reaches the port may write."""
+
+    async def authenticate(self, conn: HTTPConnection) -> tuple[AuthCredentials, SimpleUser] | None:
+        token = backend(conn).api_token
+        if token is None:
+            return None
+        scheme, _, given = conn.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+            raise AuthenticationError("this aggregator needs Authorization: Bearer <its API token>")
+        return AuthCredentials(["write"]), SimpleUser("api-token")
+
+
+def refuse(conn: HTTPConnection, exc: AuthenticationError) -> Response:
+    """AuthenticationMiddleware's answer to a missing or wrong token."""
+    return error(401, "unauthorized", str(exc), {"WWW-Authenticate": "Bearer"})
