@@ -43,7 +43,7 @@ def watch(model, optimizer=None, *, run: str | None = None, collector: str | Non
     cfg = config or AgentConfig.from_env(collector=collector, every=every, token=token, select=select,
                                          schedule=schedule)
     cfg.validate()
-    return Watcher(model, optimizer, run or default_run_id(), cfg, hyperparameters, labels)
+    return Watcher(model, optimizer, run or cfg.run or default_run_id(), cfg, hyperparameters, labels)
 
 
 def default_run_id() -> str:

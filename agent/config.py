@@ -4,8 +4,19 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import ClassVar
 
-from gradwatch.settings import ConfigError, env
+from gradwatch.settings import (
+    FILE,
+    ConfigError,
+    Settings,
+    choice,
+    host_port,
+    integer,
+    number,
+    setting,
+    spec,
+)
 
 DEFAULT_COLLECTOR = "127.0.0.1:4770"
 DEFAULT_EVERY = 1                  # log every N-th optimizer step
@@ -31,65 +42,85 @@ DEFAULT_KERNELS = "auto"           # fused statistics kernels (agent/stats/kerne
 DEFAULT_UNITS_MAX = 65536          # units (channels, features) per watched ReLU whose activity is counted (0: off)
 
 
+def _schedule_parser():
+    from gradwatch.agent.capture.schedule import parse
+
+    return parse
+
+
+def _select_parser():
+    from gradwatch.agent.capture.select import Selection
+
+    return Selection.parse
+
+
 @dataclass
-class AgentConfig:
-    """Everything the agent needs; `from_env()` applies GRADWATCH_* overrides."""
+class AgentConfig(Settings):
+    """Everything the agent needs; `from_env()` applies the GRADWATCH_AGENT_* variables (core/settings.py)."""
 
-    collector: str = DEFAULT_COLLECTOR
-    token: str | None = None
-    every: int = DEFAULT_EVERY
-    histogram: bool = DEFAULT_HISTOGRAM
-    activations: bool = DEFAULT_ACTIVATIONS
-    schedule: str = DEFAULT_SCHEDULE
-    burst_steps: int = DEFAULT_BURST_STEPS
-    select: str = DEFAULT_SELECT
-    host_slots: int = DEFAULT_HOST_SLOTS
-    queue_size: int = DEFAULT_QUEUE_SIZE
-    queue_bytes: int = DEFAULT_QUEUE_BYTES
-    batch_reports: int = DEFAULT_BATCH_REPORTS
-    batch_bytes: int = DEFAULT_BATCH_BYTES
-    export_interval_s: float = DEFAULT_EXPORT_INTERVAL_S
-    export_timeout_s: float = DEFAULT_EXPORT_TIMEOUT_S
-    shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
-    tls: bool = DEFAULT_TLS
-    tls_ca_file: str | None = None    # PEM roots to trust; None: gRPC's default roots
-    tls_cert_file: str | None = None  # client certificate and key, for collectors that require mTLS
-    tls_key_file: str | None = None
-    updates_max_bytes: int = DEFAULT_UPDATES_MAX_BYTES
-    inputs_max_channels: int = DEFAULT_INPUTS_MAX_CHANNELS
-    labels_max_classes: int = DEFAULT_LABELS_MAX_CLASSES
-    units_max: int = DEFAULT_UNITS_MAX
-    kernels: str = DEFAULT_KERNELS
+    COMPONENT: ClassVar[str] = "agent"
 
-    @classmethod
-    def from_env(cls, **overrides) -> AgentConfig:
-        """Defaults, then GRADWATCH_* environment variables, then explicit (non-None) overrides."""
-        cfg = cls(
-            collector=env("GRADWATCH_COLLECTOR", DEFAULT_COLLECTOR),
-            token=env("GRADWATCH_TOKEN", "") or None,
-            every=env("GRADWATCH_EVERY", DEFAULT_EVERY),
-            histogram=env("GRADWATCH_HISTOGRAM", DEFAULT_HISTOGRAM),
-            activations=env("GRADWATCH_ACTIVATIONS", DEFAULT_ACTIVATIONS),
-            schedule=env("GRADWATCH_SCHEDULE", DEFAULT_SCHEDULE),
-            burst_steps=env("GRADWATCH_BURST_STEPS", DEFAULT_BURST_STEPS),
-            select=env("GRADWATCH_SELECT", DEFAULT_SELECT),
-            queue_size=env("GRADWATCH_AGENT_QUEUE_SIZE", DEFAULT_QUEUE_SIZE),
-            queue_bytes=env("GRADWATCH_AGENT_QUEUE_BYTES", DEFAULT_QUEUE_BYTES),
-            export_timeout_s=env("GRADWATCH_EXPORT_TIMEOUT_S", DEFAULT_EXPORT_TIMEOUT_S),
-            tls=env("GRADWATCH_TLS", DEFAULT_TLS),
-            tls_ca_file=env("GRADWATCH_TLS_CA", None, str),
-            tls_cert_file=env("GRADWATCH_TLS_CERT", None, str),
-            tls_key_file=env("GRADWATCH_TLS_KEY", None, str),
-            updates_max_bytes=env("GRADWATCH_UPDATES_MAX_BYTES", DEFAULT_UPDATES_MAX_BYTES),
-            labels_max_classes=env("GRADWATCH_LABELS_MAX_CLASSES", DEFAULT_LABELS_MAX_CLASSES),
-            units_max=env("GRADWATCH_UNITS_MAX", DEFAULT_UNITS_MAX),
-            kernels=env("GRADWATCH_KERNELS", DEFAULT_KERNELS),
-        )
-        for key, value in overrides.items():
-            if value is not None:
-                setattr(cfg, key, value)
-        return cfg
+    collector: str = setting(DEFAULT_COLLECTOR, "collector address agents export to", flag="watch(collector=)",
+                             form=host_port(DEFAULT_COLLECTOR))
+    token: str | None = setting(None, "bearer token sent to the collector", flag="watch(token=)", secret=True)
+    run: str | None = setting(None, "run id shared by all ranks ('none' counts as unset)", flag="watch(run=)",
+                              aliases=("GRADWATCH_RUN", "TORCHELASTIC_RUN_ID"), unset=("none",),
+                              shown="`<script>-<time>-<random>`")
+    every: int = setting(DEFAULT_EVERY, "log every N-th optimizer step", flag="watch(every=)",
+                         form=integer(ge=1), aliases=("GRADWATCH_EVERY",))
+    histogram: bool = setting(DEFAULT_HISTOGRAM, "log2-magnitude histograms of every tensor",
+                              aliases=("GRADWATCH_HISTOGRAM",))
+    activations: bool = setting(DEFAULT_ACTIVATIONS, "statistics of every leaf module's output on logged steps",
+                                aliases=("GRADWATCH_ACTIVATIONS",))
+    schedule: str = setting(DEFAULT_SCHEDULE, "schedule spec (agent/capture/schedule.py); overrides `every`",
+                            flag="watch(schedule=)", form=spec("schedule spec, e.g. dense:100,every:10+burst:50",
+                                                               _schedule_parser),
+                            aliases=("GRADWATCH_SCHEDULE",), shown="`every:<every>`")
+    burst_steps: int = setting(DEFAULT_BURST_STEPS, "steps captured after a local NaN/Inf (0: off)",
+                               aliases=("GRADWATCH_BURST_STEPS",))
+    select: str = setting(DEFAULT_SELECT, "selection spec (agent/capture/select.py); overrides `histogram` and "
+                          "`activations`", flag="watch(select=)",
+                          form=spec("selection spec, e.g. preset:business,exclude:*.bias", _select_parser),
+                          aliases=("GRADWATCH_SELECT",), shown="parameters + gradients")
+    host_slots: int = setting(DEFAULT_HOST_SLOTS, "host buffers for reports being read (pinned on CUDA, 576 B per "
+                              "watched tensor each); a step that finds all in flight is skipped, counted in "
+                              "`counters.skipped_busy`", form=integer(ge=1))
+    queue_size: int = setting(DEFAULT_QUEUE_SIZE, "reports waiting for export; when full the oldest is dropped",
+                              form=integer(ge=1))
+    queue_bytes: int = setting(DEFAULT_QUEUE_BYTES, "encoded bytes of reports held, waiting + in flight "
+                               "(>= `batch_bytes`)", form=integer(ge=1))
+    batch_reports: int = setting(DEFAULT_BATCH_REPORTS, "reports per Export call at most (<= `queue_size`)",
+                                 form=integer(ge=1))
+    batch_bytes: int = setting(DEFAULT_BATCH_BYTES, "encoded bytes per Export call at most", form=integer(ge=1))
+    export_interval_s: float = setting(DEFAULT_EXPORT_INTERVAL_S, "export at least this often while reports wait",
+                                       form=number(gt=0, inf=True))
+    export_timeout_s: float = setting(DEFAULT_EXPORT_TIMEOUT_S, "one deadline for an Export call and its retries",
+                                      form=number(gt=0, inf=True), aliases=("GRADWATCH_EXPORT_TIMEOUT_S",))
+    shutdown_timeout_s: float = setting(DEFAULT_SHUTDOWN_TIMEOUT_S, "close() waits this long to flush",
+                                        form=number(gt=0, inf=True))
+    chunk_elements: int = setting(DEFAULT_CHUNK_ELEMENTS, "tensors are summarized in chunks of this many elements",
+                                  form=integer(ge=1))
+    tls: bool = setting(DEFAULT_TLS, "TLS to the collector", aliases=("GRADWATCH_TLS",))
+    tls_ca_file: str | None = setting(None, "PEM roots the agent trusts (needs `tls`)", form=FILE,
+                                      aliases=("GRADWATCH_TLS_CA",), shown="gRPC's default roots")
+    tls_cert_file: str | None = setting(None, "client certificate, for collectors that require mTLS (with "
+                                        "`tls_key_file`)", form=FILE, aliases=("GRADWATCH_TLS_CERT",))
+    tls_key_file: str | None = setting(None, "private key of `tls_cert_file`", form=FILE,
+                                       aliases=("GRADWATCH_TLS_KEY",))
+    updates_max_bytes: int = setting(DEFAULT_UPDATES_MAX_BYTES, "device memory for the parameter copy that "
+                                     "updates need, on captured steps (0: no updates)", form=integer(ge=0),
+                                     aliases=("GRADWATCH_UPDATES_MAX_BYTES",))
+    inputs_max_channels: int = setting(DEFAULT_INPUTS_MAX_CHANNELS, "`observe_inputs`: per-channel statistics for "
+                                       "tensors with at most this many channels (0: none)", form=integer(ge=0))
+    labels_max_classes: int = setting(DEFAULT_LABELS_MAX_CLASSES, "`observe_inputs`: label classes counted one by "
+                                      "one; higher labels count as overflow", form=integer(ge=1),
+                                      aliases=("GRADWATCH_LABELS_MAX_CLASSES",))
+    units_max: int = setting(DEFAULT_UNITS_MAX, "units per watched ReLU module whose activity is counted for dead "
+                             "units (0: off)", form=integer(ge=0), aliases=("GRADWATCH_UNITS_MAX",))
+    kernels: str = setting(DEFAULT_KERNELS, "statistics kernels: `auto` builds the fused CPU kernel in the "
+                           "background and uses plain torch ops until it is ready, `sync` waits for it at "
+                           "`watch()`, `torch` never uses the fused kernels", form=choice("auto", "sync", "torch"),
+                           aliases=("GRADWATCH_KERNELS",))
 
     def schedule_spec(self) -> str:
         """The effective schedule: `schedule`, else every `every` steps; with a burst unless one is given."""

@@ -22,31 +22,31 @@ from gradwatch.aggregator.http.server import ListenError, serve
 from gradwatch.aggregator.http.snapshots import SnapshotStore
 from gradwatch.aggregator.http.views import alert_log
 from gradwatch.aggregator.service import Aggregator
-from gradwatch.settings import ConfigError
+from gradwatch.settings import ConfigError, given_flags
 
 log = logging.getLogger("gradwatch.aggregator")
 PROG = "gradwatch aggregator"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    env = AggregatorConfig.env_name
     p = argparse.ArgumentParser(
         prog=PROG, description="Reads gradwatch report streams from Redis, evaluates alert rules, serves "
                                "Prometheus metrics and pushes alerts to Alertmanager.")
-    p.add_argument("--redis-url", help=f"Redis to read (env GRADWATCH_REDIS_URL; default {DEFAULT_REDIS_URL})")
+    p.add_argument("--redis-url", help=f"Redis to read (env {env('redis_url')}; default {DEFAULT_REDIS_URL})")
     p.add_argument("--metrics-listen", metavar="HOST:PORT",
-                   help=f"where /metrics is served (env GRADWATCH_AGGREGATOR_METRICS_LISTEN; "
-                        f"default {DEFAULT_METRICS_LISTEN})")
+                   help=f"where /metrics is served (env {env('metrics_listen')}; default {DEFAULT_METRICS_LISTEN})")
     p.add_argument("--alertmanager-url", metavar="URL",
-                   help="Alertmanager to push alerts to, e.g. http://127.0.0.1:9093 "
-                        "(env GRADWATCH_ALERTMANAGER_URL; default: none, alerts go to Redis and /metrics only)")
+                   help=f"Alertmanager to push alerts to, e.g. http://127.0.0.1:9093 "
+                        f"(env {env('alertmanager_url')}; default: none, alerts go to Redis and /metrics only)")
     p.add_argument("--webhook-url", metavar="URL",
-                   help="POST every alert transition there as JSON (env GRADWATCH_AGGREGATOR_WEBHOOK_URL; "
-                        "bearer token from GRADWATCH_AGGREGATOR_WEBHOOK_TOKEN; default: none)")
-    p.add_argument("--consumer", help="consumer name in the Redis group (env GRADWATCH_AGGREGATOR_CONSUMER; "
+                   help=f"POST every alert transition there as JSON (env {env('webhook_url')}; "
+                        f"bearer token from {env('webhook_token')}; default: none)")
+    p.add_argument("--consumer", help=f"consumer name in the Redis group (env {env('consumer')}; "
                                       "default HOSTNAME-PID)")
     p.add_argument("--rules", metavar="FILE",
-                   help="TOML file of rule settings, see aggregator/rules/example.toml (env "
-                        "GRADWATCH_AGGREGATOR_RULES; default: the built-in defaults)")
+                   help=f"TOML file of rule settings, see aggregator/rules/example.toml (env "
+                        f"{env('rules')}; default: the built-in defaults)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
@@ -64,11 +64,11 @@ def redact(url: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = AggregatorConfig.from_env()
-    for name in ("redis_url", "metrics_listen", "alertmanager_url", "webhook_url", "consumer", "rules"):
-        value = getattr(args, name)
-        if value is not None:
-            setattr(config, name, value)
+    try:  # flags over the environment over the defaults; a bad variable stops us here, before Redis
+        config = AggregatorConfig.from_env(**given_flags(AggregatorConfig, args))
+    except ConfigError as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 2
     return run(config)
 
 

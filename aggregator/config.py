@@ -5,10 +5,11 @@ from __future__ import annotations
 import math
 import os
 import socket
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
+from typing import ClassVar
 from urllib.parse import urlsplit
 
-from gradwatch.settings import ConfigError, env
+from gradwatch.settings import FILE, ConfigError, Settings, env_var, host_port, integer, number, setting, url
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_METRICS_LISTEN = "127.0.0.1:4772"
@@ -60,59 +61,83 @@ def default_consumer() -> str:
 
 
 @dataclass
-class AggregatorConfig:
-    redis_url: str = DEFAULT_REDIS_URL
-    metrics_listen: str = DEFAULT_METRICS_LISTEN
-    alertmanager_url: str | None = DEFAULT_ALERTMANAGER_URL
-    consumer: str = field(default_factory=default_consumer)
-    block_ms: int = DEFAULT_BLOCK_MS
-    read_count: int = DEFAULT_READ_COUNT
-    claim_idle_ms: int = DEFAULT_CLAIM_IDLE_MS
-    claim_interval_s: float = DEFAULT_CLAIM_INTERVAL_S
-    discover_interval_s: float = DEFAULT_DISCOVER_INTERVAL_S
-    lease_ttl_ms: int = DEFAULT_LEASE_TTL_MS
-    join_timeout_s: float = DEFAULT_JOIN_TIMEOUT_S
-    alert_stream_maxlen: int = DEFAULT_ALERT_STREAM_MAXLEN
-    dead_letter_maxlen: int = DEFAULT_DEAD_LETTER_MAXLEN
-    max_layer_series: int = DEFAULT_MAX_LAYER_SERIES
-    max_histogram_layers: int = DEFAULT_MAX_HISTOGRAM_LAYERS
-    history_reports: int = DEFAULT_HISTORY_REPORTS
-    run_expiry_s: float = DEFAULT_RUN_EXPIRY_S
-    exploding_abs_limit: float = DEFAULT_EXPLODING_ABS_LIMIT
-    exploding_ratio: float = DEFAULT_EXPLODING_RATIO
-    exploding_window: int = DEFAULT_EXPLODING_WINDOW
-    exploding_min_history: int = DEFAULT_EXPLODING_MIN_HISTORY
-    cooldown_steps: int = DEFAULT_COOLDOWN_STEPS
-    resolve_after_steps: int = DEFAULT_RESOLVE_AFTER_STEPS
-    keep_firing_s: float = DEFAULT_KEEP_FIRING_S
-    alertmanager_timeout_s: float = DEFAULT_ALERTMANAGER_TIMEOUT_S
-    alertmanager_retries: int = DEFAULT_ALERTMANAGER_RETRIES
-    alertmanager_queue_size: int = DEFAULT_ALERTMANAGER_QUEUE_SIZE
-    alertmanager_resend_s: float = DEFAULT_ALERTMANAGER_RESEND_S
-    # Generic webhook: every alert transition is POSTed as the JSON of the alert stream.
-    webhook_url: str | None = DEFAULT_WEBHOOK_URL
-    webhook_token: str | None = field(default=None, repr=False)  # sent as "Authorization: Bearer ..."
-    webhook_timeout_s: float = DEFAULT_WEBHOOK_TIMEOUT_S
-    webhook_retries: int = DEFAULT_WEBHOOK_RETRIES
-    webhook_queue_size: int = DEFAULT_WEBHOOK_QUEUE_SIZE
-    # Bearer token the API's one write (POST .../snapshots) requires; None: no token (bind to localhost).
-    api_token: str | None = field(default=None, repr=False)
-    # Link Alertmanager shows next to an alert; None: this aggregator's /metrics page.
-    generator_url: str | None = None
-    # TOML file of rule settings (aggregator/rules/example.toml); None: the catalogue's defaults.
-    rules: str | None = None
+class AggregatorConfig(Settings):
+    """Everything the aggregator process needs; `from_env()` applies the GRADWATCH_AGGREGATOR_* variables."""
 
-    @classmethod
-    def from_env(cls) -> AggregatorConfig:
-        """Defaults overridden by GRADWATCH_* variables: the shared URLs keep their short names
-        (GRADWATCH_REDIS_URL, GRADWATCH_ALERTMANAGER_URL), every other field is
-        GRADWATCH_AGGREGATOR_<FIELD>, e.g. GRADWATCH_AGGREGATOR_METRICS_LISTEN."""
-        cfg = cls()
-        for f in fields(cls):
-            default = getattr(cfg, f.name)
-            parse = str if default is None else None
-            setattr(cfg, f.name, env(env_name(f.name), default, parse))
-        return cfg
+    COMPONENT: ClassVar[str] = "aggregator"
+
+    redis_url: str = setting(DEFAULT_REDIS_URL, "Redis the report streams are read from", flag="--redis-url",
+                             form=url("redis", "rediss", "unix", example=DEFAULT_REDIS_URL))
+    metrics_listen: str = setting(DEFAULT_METRICS_LISTEN, "/metrics, the query API and the live view",
+                                  flag="--metrics-listen", form=host_port(DEFAULT_METRICS_LISTEN))
+    alertmanager_url: str | None = setting(DEFAULT_ALERTMANAGER_URL, "Alertmanager alerts are pushed to",
+                                           flag="--alertmanager-url",
+                                           form=url("http", "https", example="http://127.0.0.1:9093"),
+                                           shown="none: alerts go to Redis and /metrics only")
+    consumer: str = setting(doc="consumer name in the Redis group", default_factory=default_consumer,
+                            flag="--consumer", shown="`HOSTNAME-PID`")
+    block_ms: int = setting(DEFAULT_BLOCK_MS, "how long a read waits when idle", form=integer(ge=0))
+    read_count: int = setting(DEFAULT_READ_COUNT, "stream entries read per batch", form=integer(ge=1))
+    claim_idle_ms: int = setting(DEFAULT_CLAIM_IDLE_MS, "pending entries idle this long are taken over from a dead "
+                                 "consumer", form=integer(ge=0))
+    claim_interval_s: float = setting(DEFAULT_CLAIM_INTERVAL_S, "how often pending entries are looked at",
+                                      form=number(ge=0))
+    discover_interval_s: float = setting(DEFAULT_DISCOVER_INTERVAL_S, "how often new runs are looked for (each "
+                                         "look renews the run leases)", form=number(ge=0))
+    lease_ttl_ms: int = setting(DEFAULT_LEASE_TTL_MS, "run lease TTL: the takeover delay after a replica dies "
+                                "(at least two discovery intervals)", form=integer(ge=0))
+    join_timeout_s: float = setting(DEFAULT_JOIN_TIMEOUT_S, "how long a step waits for its missing ranks",
+                                    form=number(ge=0))
+    alert_stream_maxlen: int = setting(DEFAULT_ALERT_STREAM_MAXLEN, "entries kept in the alert stream",
+                                       form=integer(ge=1))
+    dead_letter_maxlen: int = setting(DEFAULT_DEAD_LETTER_MAXLEN, "entries kept in the dead-letter stream",
+                                      form=integer(ge=1))
+    max_layer_series: int = setting(DEFAULT_MAX_LAYER_SERIES, "per-layer series on /metrics, all runs together",
+                                    form=integer(ge=1))
+    max_histogram_layers: int = setting(DEFAULT_MAX_HISTOGRAM_LAYERS, "magnitude histograms on /metrics ((layer, "
+                                        "kind) pairs, all runs together)", form=integer(ge=0))
+    history_reports: int = setting(DEFAULT_HISTORY_REPORTS, "reports per run kept for `/steps` queries",
+                                   form=integer(ge=0))
+    run_expiry_s: float = setting(DEFAULT_RUN_EXPIRY_S, "runs are forgotten after no report for this long",
+                                  form=number(ge=0))
+    exploding_abs_limit: float = setting(DEFAULT_EXPLODING_ABS_LIMIT, "ExplodingGradient: absolute gradient-norm "
+                                         "limit (inf: off)", form=number(gt=0, inf=True))
+    exploding_ratio: float = setting(DEFAULT_EXPLODING_RATIO, "ExplodingGradient: ratio to the rolling median",
+                                     form=number(gt=1))
+    exploding_window: int = setting(DEFAULT_EXPLODING_WINDOW, "ExplodingGradient: norms in the rolling median",
+                                    form=integer(ge=1))
+    exploding_min_history: int = setting(DEFAULT_EXPLODING_MIN_HISTORY, "ExplodingGradient: norms known before the "
+                                         "ratio applies (<= `exploding_window`)", form=integer(ge=1))
+    cooldown_steps: int = setting(DEFAULT_COOLDOWN_STEPS, "no new alert for the same key within this many steps",
+                                  form=integer(ge=0))
+    resolve_after_steps: int = setting(DEFAULT_RESOLVE_AFTER_STEPS, "clean reports before an alert resolves",
+                                       form=integer(ge=1))
+    keep_firing_s: float = setting(DEFAULT_KEEP_FIRING_S, "minimum firing time before an alert resolves",
+                                   form=number(ge=0))
+    alertmanager_timeout_s: float = setting(DEFAULT_ALERTMANAGER_TIMEOUT_S, "Alertmanager request timeout",
+                                            form=number(gt=0))
+    alertmanager_retries: int = setting(DEFAULT_ALERTMANAGER_RETRIES, "retries of a failed Alertmanager push",
+                                        form=integer(ge=0))
+    alertmanager_queue_size: int = setting(DEFAULT_ALERTMANAGER_QUEUE_SIZE, "alerts waiting to be pushed",
+                                           form=integer(ge=1))
+    alertmanager_resend_s: float = setting(DEFAULT_ALERTMANAGER_RESEND_S, "firing alerts are re-sent this often",
+                                           form=number(ge=0))
+    # Generic webhook: every alert transition is POSTed as the JSON of the alert stream.
+    webhook_url: str | None = setting(DEFAULT_WEBHOOK_URL, "every alert transition is POSTed there as JSON",
+                                      flag="--webhook-url",
+                                      form=url("http", "https", example="https://hooks.example/gradwatch"))
+    webhook_token: str | None = setting(None, "webhook bearer token (sent as `Authorization: Bearer ...`)",
+                                        secret=True)
+    webhook_timeout_s: float = setting(DEFAULT_WEBHOOK_TIMEOUT_S, "webhook request timeout", form=number(gt=0))
+    webhook_retries: int = setting(DEFAULT_WEBHOOK_RETRIES, "retries of a failed webhook POST", form=integer(ge=0))
+    webhook_queue_size: int = setting(DEFAULT_WEBHOOK_QUEUE_SIZE, "alert transitions waiting to be POSTed",
+                                      form=integer(ge=1))
+    api_token: str | None = setting(None, "bearer token the API's one write (`POST .../snapshots`) requires",
+                                    secret=True, shown="none: anyone who reaches the port may request snapshots")
+    generator_url: str | None = setting(None, "link Alertmanager shows next to an alert",
+                                        shown="this aggregator's /metrics page")
+    rules: str | None = setting(None, "TOML file of rule settings (aggregator/rules/example.toml)", flag="--rules",
+                                form=FILE, shown="none: built-in defaults")
 
     def metrics_address(self) -> tuple[str, int]:
         """(host, port) of metrics_listen; IPv6 hosts may be bracketed: [::1]:4772."""
@@ -185,9 +210,8 @@ class AggregatorConfig:
 
 
 def env_name(field_name: str) -> str:
-    if field_name in ("redis_url", "alertmanager_url"):
-        return f"GRADWATCH_{field_name.upper()}"
-    return f"GRADWATCH_AGGREGATOR_{field_name.upper()}"
+    """The variable of an aggregator setting (core/settings.py's rule), for messages."""
+    return env_var(AggregatorConfig.COMPONENT, field_name)
 
 
 def _bad(name: str, value: object, expected: str) -> ConfigError:

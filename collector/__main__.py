@@ -1,18 +1,23 @@
-"""`python -m gradwatch.collector`: parse flags over environment defaults, serve until SIGINT/SIGTERM."""
+"""`python -m gradwatch.collector`: flags over the environment over the defaults, serve until SIGINT/SIGTERM."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import logging
 import signal
 import sys
 from collections.abc import Sequence
 
-from gradwatch.collector.config import CollectorConfig, redact_url
+from gradwatch.collector.config import (
+    DEFAULT_LISTEN,
+    DEFAULT_METRICS_LISTEN,
+    DEFAULT_REDIS_URL,
+    DEFAULT_STREAM_MAXLEN,
+    CollectorConfig,
+)
 from gradwatch.collector.server import CollectorServer, CollectorStartError
-from gradwatch.settings import ConfigError
+from gradwatch.settings import ConfigError, given_flags, load
 
 # In-flight calls get this long to finish on shutdown; the agent retries whatever is cut off.
 SHUTDOWN_GRACE_S = 5.0
@@ -20,46 +25,44 @@ SHUTDOWN_GRACE_S = 5.0
 log = logging.getLogger("gradwatch.collector")
 
 
-def add_arguments(parser: argparse.ArgumentParser, defaults: CollectorConfig | None = None) -> None:
-    """The collector's flags, defaults from the environment (also used by `gradwatch collector`)."""
-    d = defaults if defaults is not None else CollectorConfig.from_env()
-    parser.add_argument("--listen", default=d.listen, metavar="HOST:PORT",
-                        help=f"gRPC address agents export to (default {d.listen}; env GRADWATCH_COLLECTOR_LISTEN)")
-    parser.add_argument("--redis-url", default=d.redis_url, metavar="URL",
-                        help=f"Redis to write streams to (env GRADWATCH_REDIS_URL; default {redact_url(d.redis_url)})")
-    parser.add_argument("--redis-cluster", action=argparse.BooleanOptionalAction, default=d.redis_cluster,
-                        help="--redis-url is any node of a Redis Cluster (env GRADWATCH_REDIS_CLUSTER)")
-    parser.add_argument("--stream-maxlen", type=int, default=d.stream_maxlen, metavar="N",
-                        help="approximate entries kept per run stream (env GRADWATCH_STREAM_MAXLEN; "
-                             "default %(default)s)")
-    parser.add_argument("--token", default=d.token, metavar="TOKEN",
-                        help="bearer token agents must send; prefer env GRADWATCH_TOKEN, flags show in `ps`")
-    parser.add_argument("--metrics-listen", default=d.metrics_listen, metavar="HOST:PORT",
-                        help="address of the collector's own /metrics, '' disables (env "
-                             "GRADWATCH_COLLECTOR_METRICS_LISTEN; default %(default)s)")
-    parser.add_argument("--tls-cert", default=d.tls_cert_file, metavar="FILE",
-                        help="PEM certificate (chain) to serve TLS with, needs --tls-key (env "
-                             "GRADWATCH_COLLECTOR_TLS_CERT; default: plaintext)")
-    parser.add_argument("--tls-key", default=d.tls_key_file, metavar="FILE",
-                        help="PEM private key of --tls-cert (env GRADWATCH_COLLECTOR_TLS_KEY)")
-    parser.add_argument("--tls-client-ca", default=d.tls_client_ca_file, metavar="FILE",
-                        help="PEM CA bundle; when set, agents must present a certificate it signed (mTLS) (env "
-                             "GRADWATCH_COLLECTOR_TLS_CLIENT_CA)")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The collector's flags (also used by `gradwatch collector`); a flag left out falls back to its variable."""
+    env = CollectorConfig.env_name
+    parser.add_argument("--listen", metavar="HOST:PORT",
+                        help=f"gRPC address agents export to (default {DEFAULT_LISTEN}; env {env('listen')})")
+    parser.add_argument("--redis-url", metavar="URL",
+                        help=f"Redis to write streams to (env {env('redis_url')}; default {DEFAULT_REDIS_URL})")
+    parser.add_argument("--redis-cluster", action=argparse.BooleanOptionalAction,
+                        help=f"--redis-url is any node of a Redis Cluster (env {env('redis_cluster')})")
+    parser.add_argument("--stream-maxlen", type=int, metavar="N",
+                        help=f"approximate entries kept per run stream (env {env('stream_maxlen')}; "
+                             f"default {DEFAULT_STREAM_MAXLEN})")
+    parser.add_argument("--token", metavar="TOKEN",
+                        help=f"bearer token agents must send; prefer env {env('token')}, flags show in `ps`")
+    parser.add_argument("--metrics-listen", metavar="HOST:PORT",
+                        help=f"address of the collector's own /metrics, '' disables (env {env('metrics_listen')}; "
+                             f"default {DEFAULT_METRICS_LISTEN})")
+    parser.add_argument("--tls-cert", metavar="FILE",
+                        help=f"PEM certificate (chain) to serve TLS with, needs --tls-key (env "
+                             f"{env('tls_cert_file')}; default: plaintext)")
+    parser.add_argument("--tls-key", metavar="FILE",
+                        help=f"PEM private key of --tls-cert (env {env('tls_key_file')})")
+    parser.add_argument("--tls-client-ca", metavar="FILE",
+                        help=f"PEM CA bundle; when set, agents must present a certificate it signed (mTLS) (env "
+                             f"{env('tls_client_ca_file')})")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="default %(default)s")
-    # Kept so add_arguments() callers can rebuild the config from the same environment.
-    parser.set_defaults(_collector_defaults=d)
 
 
 def config_from_args(args: argparse.Namespace) -> CollectorConfig:
-    """The validated config the parsed flags describe; raises ConfigError."""
-    base: CollectorConfig = getattr(args, "_collector_defaults", None) or CollectorConfig.from_env()
+    """The validated config: each flag given, else its environment variable, else the default; raises
+    ConfigError (naming the variable when one is bad)."""
+    flags = given_flags(CollectorConfig, args)
     # An empty flag value means "not set", so `--tls-cert ''` can switch off TLS configured in the environment.
-    return dataclasses.replace(base, listen=args.listen, redis_url=args.redis_url,
-                               redis_cluster=args.redis_cluster, stream_maxlen=args.stream_maxlen,
-                               token=args.token, metrics_listen=args.metrics_listen,
-                               tls_cert_file=args.tls_cert or None, tls_key_file=args.tls_key or None,
-                               tls_client_ca_file=args.tls_client_ca or None).validate()
+    for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file"):
+        if flags.get(name) == "":
+            flags[name] = None
+    return load(CollectorConfig, flags).validate()
 
 
 async def serve(config: CollectorConfig, stop: asyncio.Event | None = None) -> None:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import ClassVar
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from gradwatch.limits import MAX_STRING_BYTES
-from gradwatch.settings import ConfigError, env
+from gradwatch.settings import FILE, ConfigError, Settings, host_port, integer, number, setting, url
 
 DEFAULT_LISTEN = "127.0.0.1:4770"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -40,49 +40,52 @@ _PORT_RE = re.compile(r"^[0-9]{1,5}$")
 
 
 @dataclass
-class CollectorConfig:
+class CollectorConfig(Settings):
     """Everything the collector process needs; `validate()` before use."""
 
-    listen: str = DEFAULT_LISTEN
-    redis_url: str = DEFAULT_REDIS_URL
-    stream_maxlen: int = DEFAULT_STREAM_MAXLEN
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-    max_reports_per_request: int = DEFAULT_MAX_REPORTS_PER_REQUEST
-    max_tensors_per_report: int = DEFAULT_MAX_TENSORS_PER_REPORT
-    max_string_bytes: int = DEFAULT_MAX_STRING_BYTES
-    max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES
-    # repr=False: a config printed in a log or traceback must not leak the secret.
-    token: str | None = field(default=DEFAULT_TOKEN, repr=False)
-    metrics_listen: str = DEFAULT_METRICS_LISTEN
-    redis_timeout_s: float = DEFAULT_REDIS_TIMEOUT_S
-    redis_cluster: bool = DEFAULT_REDIS_CLUSTER
-    retry_after_s: float = DEFAULT_RETRY_AFTER_S
-    tls_cert_file: str | None = DEFAULT_TLS_CERT_FILE
-    tls_key_file: str | None = DEFAULT_TLS_KEY_FILE
-    tls_client_ca_file: str | None = DEFAULT_TLS_CLIENT_CA_FILE
+    COMPONENT: ClassVar[str] = "collector"
+
+    listen: str = setting(DEFAULT_LISTEN, "gRPC address agents export to", flag="--listen",
+                          form=host_port(DEFAULT_LISTEN))
+    redis_url: str = setting(DEFAULT_REDIS_URL, "Redis the streams are written to", flag="--redis-url",
+                             form=url("redis", "rediss", "unix", example=DEFAULT_REDIS_URL))
+    stream_maxlen: int = setting(DEFAULT_STREAM_MAXLEN, "approximate entries kept per run stream (`MAXLEN ~`)",
+                                 flag="--stream-maxlen", form=integer(gt=0), aliases=("GRADWATCH_STREAM_MAXLEN",))
+    max_message_bytes: int = setting(DEFAULT_MAX_MESSAGE_BYTES, "largest gRPC message accepted",
+                                     form=integer(gt=0), aliases=("GRADWATCH_MAX_MESSAGE_BYTES",))
+    max_reports_per_request: int = setting(DEFAULT_MAX_REPORTS_PER_REQUEST, "reports (and registrations) per "
+                                           "Export call at most", form=integer(gt=0))
+    max_tensors_per_report: int = setting(DEFAULT_MAX_TENSORS_PER_REPORT, "tensors per report at most",
+                                          form=integer(gt=0))
+    max_string_bytes: int = setting(DEFAULT_MAX_STRING_BYTES, "longest name, module path or label value",
+                                    form=integer(gt=0))
+    max_inflight_bytes: int = setting(DEFAULT_MAX_INFLIGHT_BYTES, "request bytes processed at once; above it "
+                                      "agents are refused with a retryable status (>= `max_message_bytes`)",
+                                      form=integer(gt=0), aliases=("GRADWATCH_MAX_INFLIGHT_BYTES",))
+    # Secret: a config printed in a log or traceback must not leak it (no repr).
+    token: str | None = setting(DEFAULT_TOKEN, "bearer token agents must send (prefer the variable: flags show "
+                                "in `ps`)", flag="--token", secret=True)
+    metrics_listen: str = setting(DEFAULT_METRICS_LISTEN, "address of the collector's own /metrics",
+                                  flag="--metrics-listen", form=host_port(DEFAULT_METRICS_LISTEN, empty="disables"),
+                                  empty=True)
+    redis_timeout_s: float = setting(DEFAULT_REDIS_TIMEOUT_S, "Redis connect and command timeout",
+                                     form=number(gt=0, inf=True))
+    redis_cluster: bool = setting(DEFAULT_REDIS_CLUSTER, "the Redis URL names any node of a Redis Cluster",
+                                  flag="--redis-cluster")
+    retry_after_s: float = setting(DEFAULT_RETRY_AFTER_S, "retry delay suggested to agents refused over the "
+                                   "in-flight limit", form=number(ge=0, le=3600))
+    tls_cert_file: str | None = setting(DEFAULT_TLS_CERT_FILE, "PEM certificate (chain) to serve TLS with (with "
+                                        "`tls_key_file`)", flag="--tls-cert", form=FILE,
+                                        aliases=("GRADWATCH_COLLECTOR_TLS_CERT",), shown="none (plaintext)")
+    tls_key_file: str | None = setting(DEFAULT_TLS_KEY_FILE, "PEM private key of the certificate",
+                                       flag="--tls-key", form=FILE, aliases=("GRADWATCH_COLLECTOR_TLS_KEY",))
+    tls_client_ca_file: str | None = setting(DEFAULT_TLS_CLIENT_CA_FILE, "PEM CA bundle; when set, agents must "
+                                             "present a certificate it signed (mTLS)", flag="--tls-client-ca",
+                                             form=FILE, aliases=("GRADWATCH_COLLECTOR_TLS_CLIENT_CA",))
 
     @property
     def tls(self) -> bool:
         return self.tls_cert_file is not None
-
-    @classmethod
-    def from_env(cls) -> CollectorConfig:
-        """Defaults overridden by GRADWATCH_* environment variables (invalid numbers are logged and ignored)."""
-        return cls(
-            listen=env("GRADWATCH_COLLECTOR_LISTEN", DEFAULT_LISTEN),
-            redis_url=env("GRADWATCH_REDIS_URL", DEFAULT_REDIS_URL),
-            redis_cluster=env("GRADWATCH_REDIS_CLUSTER", DEFAULT_REDIS_CLUSTER),
-            stream_maxlen=env("GRADWATCH_STREAM_MAXLEN", DEFAULT_STREAM_MAXLEN),
-            max_message_bytes=env("GRADWATCH_MAX_MESSAGE_BYTES", DEFAULT_MAX_MESSAGE_BYTES),
-            max_inflight_bytes=env("GRADWATCH_MAX_INFLIGHT_BYTES", DEFAULT_MAX_INFLIGHT_BYTES),
-            retry_after_s=env("GRADWATCH_COLLECTOR_RETRY_AFTER_S", DEFAULT_RETRY_AFTER_S),
-            token=env("GRADWATCH_TOKEN", DEFAULT_TOKEN, str),
-            # Read raw: an empty value is meaningful here (it disables the metrics endpoint).
-            metrics_listen=_env_allow_empty("GRADWATCH_COLLECTOR_METRICS_LISTEN", DEFAULT_METRICS_LISTEN),
-            tls_cert_file=env("GRADWATCH_COLLECTOR_TLS_CERT", DEFAULT_TLS_CERT_FILE, str),
-            tls_key_file=env("GRADWATCH_COLLECTOR_TLS_KEY", DEFAULT_TLS_KEY_FILE, str),
-            tls_client_ca_file=env("GRADWATCH_COLLECTOR_TLS_CLIENT_CA", DEFAULT_TLS_CLIENT_CA_FILE, str),
-        )
 
     def validate(self) -> CollectorConfig:
         """Raise ConfigError naming the first invalid setting; return self for chaining."""
@@ -176,7 +179,3 @@ def redact_url(url: str) -> str:
     user = parts.username or ""
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
 
-
-def _env_allow_empty(name: str, default: str) -> str:
-    raw = os.environ.get(name)
-    return default if raw is None else raw

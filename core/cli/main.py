@@ -13,30 +13,39 @@ from gradwatch.settings import ConfigError
 
 
 def _stack_args(parser: argparse.ArgumentParser) -> None:
-    from gradwatch.cli.stack import StackConfig
+    from gradwatch.cli.stack import (
+        DEFAULT_AGGREGATOR_METRICS_LISTEN,
+        DEFAULT_COLLECTOR_LISTEN,
+        DEFAULT_COLLECTOR_METRICS_LISTEN,
+        DEFAULT_DATA_DIR,
+        StackConfig,
+    )
 
-    d = StackConfig.from_env()
-    parser.add_argument("--redis-url", default=d.redis_url,
-                        help="use this Redis instead of an embedded one (env GRADWATCH_REDIS_URL)")
-    parser.add_argument("--data-dir", default=d.data_dir, help="where the embedded Redis keeps its data (%(default)s)")
-    parser.add_argument("--collector-listen", default=d.collector_listen, help="gRPC address (%(default)s)")
-    parser.add_argument("--collector-metrics-listen", default=d.collector_metrics_listen,
-                        help="collector self-metrics (%(default)s)")
+    # No defaults here: a flag left out falls back to its variable, then to the default (StackConfig.from_env).
+    env = StackConfig.env_name
+    parser.add_argument("--redis-url", help=f"use this Redis instead of an embedded one (env {env('redis_url')})")
+    parser.add_argument("--data-dir", help=f"where the embedded Redis keeps its data (env {env('data_dir')}; "
+                                           f"default {DEFAULT_DATA_DIR})")
+    parser.add_argument("--collector-listen", help=f"gRPC address (env {env('collector_listen')}; "
+                                                   f"default {DEFAULT_COLLECTOR_LISTEN})")
+    parser.add_argument("--collector-metrics-listen", help=f"collector self-metrics (env "
+                                                           f"{env('collector_metrics_listen')}; default "
+                                                           f"{DEFAULT_COLLECTOR_METRICS_LISTEN})")
     parser.add_argument("--aggregator-metrics-listen", "--metrics-listen", dest="aggregator_metrics_listen",
-                        default=d.aggregator_metrics_listen, help="Prometheus /metrics (%(default)s)")
-    parser.add_argument("--alertmanager-url", default=d.alertmanager_url,
-                        help="push alerts to this Alertmanager (env GRADWATCH_ALERTMANAGER_URL)")
-    parser.add_argument("--rules", default=None, metavar="FILE",
-                        help="the aggregator's rule settings, TOML (env GRADWATCH_AGGREGATOR_RULES)")
+                        help=f"Prometheus /metrics (env {env('aggregator_metrics_listen')}; default "
+                             f"{DEFAULT_AGGREGATOR_METRICS_LISTEN})")
+    parser.add_argument("--alertmanager-url", help=f"push alerts to this Alertmanager (env {env('alertmanager_url')})")
+    parser.add_argument("--rules", metavar="FILE",
+                        help=f"the aggregator's rule settings, TOML (env {env('rules')}; default: the "
+                             f"aggregator's own GRADWATCH_AGGREGATOR_RULES)")
 
 
 def _config(args):
+    """The stack's settings: flags given, else GRADWATCH_UP_* (and the shared) variables, else the defaults."""
     from gradwatch.cli.stack import StackConfig
+    from gradwatch.settings import given_flags
 
-    return StackConfig(redis_url=args.redis_url, data_dir=args.data_dir, collector_listen=args.collector_listen,
-                       collector_metrics_listen=args.collector_metrics_listen,
-                       aggregator_metrics_listen=args.aggregator_metrics_listen, alertmanager_url=args.alertmanager_url,
-                       token=StackConfig.from_env().token, rules=args.rules)
+    return StackConfig.from_env(**given_flags(StackConfig, args))
 
 
 def cmd_up(args) -> int:
@@ -176,6 +185,14 @@ def cmd_runs(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # The component commands own their flags: pass everything after the name straight through, before the
+    # other commands' parsers are built (they import the agent; a component starts, or fails, in well under 1 s).
+    if argv and argv[0] in ("collector", "aggregator"):
+        if argv[0] == "collector":
+            from gradwatch.collector.__main__ import main as component_main
+        else:
+            from gradwatch.aggregator.__main__ import main as component_main
+        return component_main(argv[1:])
     parser = argparse.ArgumentParser(prog="gradwatch", description="Live telemetry for neural-network training.")
     parser.add_argument("--version", action="version", version=f"gradwatch {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -191,14 +208,6 @@ def main(argv: list[str] | None = None) -> int:
     _grafana_args(sub.add_parser("grafana", help="dashboards: generate the JSON files, push them to a Grafana"))
     _gradcheck_args(sub.add_parser("gradcheck", help="check a model's gradients against central differences"))
     _runs_args(sub.add_parser("runs", help="runs side by side, from the aggregator's API"))
-
-    # The component commands own their flags: pass everything after the name straight through.
-    if argv and argv[0] in ("collector", "aggregator"):
-        if argv[0] == "collector":
-            from gradwatch.collector.__main__ import main as component_main
-        else:
-            from gradwatch.aggregator.__main__ import main as component_main
-        return component_main(argv[1:])
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")

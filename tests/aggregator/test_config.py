@@ -27,12 +27,44 @@ def test_environment_overrides(monkeypatch):
     monkeypatch.setenv("GRADWATCH_AGGREGATOR_METRICS_LISTEN", "0.0.0.0:9000")
     monkeypatch.setenv("GRADWATCH_ALERTMANAGER_URL", "http://am:9093")
     monkeypatch.setenv("GRADWATCH_AGGREGATOR_EXPLODING_RATIO", "20")
-    monkeypatch.setenv("GRADWATCH_AGGREGATOR_BLOCK_MS", "not-a-number")  # logged and ignored
+    monkeypatch.setenv("GRADWATCH_AGGREGATOR_BLOCK_MS", "")  # empty: unset
     c = AggregatorConfig.from_env().validate()
     assert (c.redis_url, c.metrics_listen, c.alertmanager_url) == ("redis://redis:6379/2", "0.0.0.0:9000",
                                                                    "http://am:9093")
     assert c.exploding_ratio == 20.0 and c.block_ms == cfg.DEFAULT_BLOCK_MS
     assert c.metrics_address() == ("0.0.0.0", 9000)
+
+
+@pytest.mark.parametrize(("variable", "value", "expected"), [
+    ("GRADWATCH_AGGREGATOR_LEASE_TTL_MS", "abc", "integer >= 0"),             # int
+    ("GRADWATCH_AGGREGATOR_BLOCK_MS", "not-a-number", "integer >= 0"),
+    ("GRADWATCH_AGGREGATOR_READ_COUNT", "0", "integer >= 1"),
+    ("GRADWATCH_AGGREGATOR_EXPLODING_RATIO", "1", "number > 1"),              # float
+    ("GRADWATCH_AGGREGATOR_KEEP_FIRING_S", "nan", "number >= 0"),
+    ("GRADWATCH_AGGREGATOR_CLAIM_INTERVAL_S", "5s", "number >= 0"),
+    ("GRADWATCH_AGGREGATOR_METRICS_LISTEN", "localhost", "host:port"),        # host:port
+    ("GRADWATCH_REDIS_URL", "localhost:6379", "redis://, rediss://, unix:// URL"),  # URL
+    ("GRADWATCH_ALERTMANAGER_URL", "am:9093", "http://, https:// URL"),
+    ("GRADWATCH_AGGREGATOR_WEBHOOK_URL", "https://", "http://, https:// URL"),
+    ("GRADWATCH_AGGREGATOR_RULES", "/no/such/rules.toml", "path of a readable file"),  # path
+])
+def test_a_bad_variable_is_refused_naming_it(monkeypatch, variable, value, expected):
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError) as e:
+        AggregatorConfig.from_env()
+    assert f"invalid {variable}={value!r}: expected {expected}" in str(e.value)
+
+
+def test_a_secret_stays_out_of_the_message(monkeypatch):
+    monkeypatch.setenv("GRADWATCH_REDIS_URL", "http://user:pa55word@redis:6379")
+    with pytest.raises(ConfigError) as e:
+        AggregatorConfig.from_env()
+    assert "pa55word" not in str(e.value) and "user:***@redis" in str(e.value)
+
+
+def test_a_flag_given_skips_its_variable(monkeypatch):
+    monkeypatch.setenv("GRADWATCH_AGGREGATOR_METRICS_LISTEN", "nonsense")
+    assert AggregatorConfig.from_env(metrics_listen="127.0.0.1:9999").metrics_listen == "127.0.0.1:9999"
 
 
 @pytest.mark.parametrize(("field", "value", "message"), [

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -57,6 +59,43 @@ def test_invalid_webhook_url_exits_2(redis_url):
     _, err = proc.communicate(timeout=20)
     assert proc.returncode == 2
     assert "GRADWATCH_AGGREGATOR_WEBHOOK_URL" in err
+
+
+def test_a_bad_variable_stops_gradwatch_aggregator_within_a_second():
+    """The issue's check, run as a user would: `GRADWATCH_AGGREGATOR_LEASE_TTL_MS=abc gradwatch aggregator`."""
+    gradwatch = shutil.which("gradwatch", path=os.path.dirname(sys.executable)) or shutil.which("gradwatch")
+    assert gradwatch, "the gradwatch console script is not installed next to this Python"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GRADWATCH_")}
+    started = time.monotonic()
+    proc = subprocess.run([gradwatch, "aggregator"], capture_output=True, text=True, timeout=30,
+                          env={**env, "GRADWATCH_AGGREGATOR_LEASE_TTL_MS": "abc"})
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == ("gradwatch aggregator: invalid GRADWATCH_AGGREGATOR_LEASE_TTL_MS='abc': "
+                                   "expected integer >= 0")
+    assert elapsed < 1.0, f"took {elapsed:.2f}s"
+
+
+def test_a_flag_overrides_the_environment(redis_url):
+    env = {**os.environ, "GRADWATCH_AGGREGATOR_METRICS_LISTEN": "no-port-here"}
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "gradwatch.aggregator", "--consumer", "test", "--redis-url",
+                             redis_url, "--metrics-listen", f"127.0.0.1:{port}"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()[1]
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=15)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0
 
 
 def test_serves_metrics_and_stops_on_sigterm(redis_url, build, publish):

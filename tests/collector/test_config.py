@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import subprocess
+import sys
 
 import pytest
 
-from gradwatch.collector import config as cfg
 from gradwatch.collector.__main__ import add_arguments, config_from_args
 from gradwatch.collector.config import CollectorConfig, parse_host_port, redact_url
 from gradwatch.settings import ConfigError
@@ -54,10 +56,51 @@ def test_redis_cluster_from_env_and_flags(monkeypatch):
     CollectorConfig(redis_cluster=True, redis_url="rediss://node:6379").validate()  # no database: 0
 
 
-def test_from_env_ignores_an_invalid_number(monkeypatch, caplog):
-    monkeypatch.setenv("GRADWATCH_STREAM_MAXLEN", "lots")
-    assert CollectorConfig.from_env().stream_maxlen == cfg.DEFAULT_STREAM_MAXLEN
-    assert "GRADWATCH_STREAM_MAXLEN" in caplog.text
+@pytest.mark.parametrize(("variable", "value", "expected"), [
+    ("GRADWATCH_STREAM_MAXLEN", "lots", "integer > 0"),                  # int (an alias)
+    ("GRADWATCH_COLLECTOR_STREAM_MAXLEN", "0", "integer > 0"),
+    ("GRADWATCH_COLLECTOR_MAX_INFLIGHT_BYTES", "1.5", "integer > 0"),
+    ("GRADWATCH_COLLECTOR_RETRY_AFTER_S", "soon", "number >= 0 and <= 3600"),  # float
+    ("GRADWATCH_COLLECTOR_RETRY_AFTER_S", "7200", "number >= 0 and <= 3600"),
+    ("GRADWATCH_REDIS_CLUSTER", "maybe", "1/0, true/false, yes/no, on/off"),  # bool
+    ("GRADWATCH_COLLECTOR_LISTEN", "4770", "host:port"),                 # host:port
+    ("GRADWATCH_COLLECTOR_METRICS_LISTEN", "localhost:http", "host:port"),
+    ("GRADWATCH_REDIS_URL", "http://redis:6379", "redis://, rediss://, unix:// URL"),  # URL
+    ("GRADWATCH_COLLECTOR_TLS_CERT", "/no/such/cert.pem", "path of a readable file (no such file)"),  # path
+    ("GRADWATCH_COLLECTOR_TLS_CLIENT_CA_FILE", "/", "path of a readable file (not a file)"),
+])
+def test_from_env_refuses_a_bad_value_naming_the_variable(monkeypatch, variable, value, expected):
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError) as e:
+        CollectorConfig.from_env()
+    assert f"invalid {variable}={value!r}" in str(e.value) and f"expected {expected}" in str(e.value)
+
+
+def test_old_names_are_aliases_and_the_canonical_name_wins(monkeypatch):
+    monkeypatch.setenv("GRADWATCH_STREAM_MAXLEN", "500")
+    monkeypatch.setenv("GRADWATCH_COLLECTOR_TLS_CERT", "")  # empty: unset
+    assert CollectorConfig.from_env().stream_maxlen == 500
+    monkeypatch.setenv("GRADWATCH_COLLECTOR_STREAM_MAXLEN", "600")
+    assert CollectorConfig.from_env().stream_maxlen == 600
+
+
+def test_a_flag_overrides_and_mends_a_bad_variable(monkeypatch):
+    monkeypatch.setenv("GRADWATCH_COLLECTOR_LISTEN", "no-port")
+    monkeypatch.setenv("GRADWATCH_STREAM_MAXLEN", "700")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    with pytest.raises(ConfigError, match="GRADWATCH_COLLECTOR_LISTEN='no-port'"):
+        config_from_args(parser.parse_args([]))
+    config = config_from_args(parser.parse_args(["--listen", "127.0.0.1:5000", "--stream-maxlen", "800"]))
+    assert (config.listen, config.stream_maxlen) == ("127.0.0.1:5000", 800)
+
+
+def test_a_bad_variable_stops_the_process(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GRADWATCH_")}
+    proc = subprocess.run([sys.executable, "-m", "gradwatch.collector"], capture_output=True, text=True, timeout=30,
+                          env={**env, "GRADWATCH_COLLECTOR_MAX_INFLIGHT_BYTES": "lots"})
+    assert proc.returncode == 1
+    assert "invalid GRADWATCH_COLLECTOR_MAX_INFLIGHT_BYTES='lots': expected integer > 0" in proc.stderr
 
 
 def test_token_is_not_in_repr():
