@@ -8,7 +8,7 @@ Integrations whose optimizer step runs forward and backward inside it (Lightning
 `external_window` and call `capture_window()` where the gradients are final. Scalars passed to
 `watcher.step()` later are copied straight into the same host slot; `watcher.step(phase="eval", ...)`
 sends an evaluation report of scalars only. Every public entry point swallows its own errors (counted):
-the agent must never raise into the training loop. The device side lives in agent/capture.py.
+the agent must never raise into the training loop. The device side lives in agent/capture/step.py.
 """
 
 from __future__ import annotations

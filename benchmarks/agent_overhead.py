@@ -1,6 +1,6 @@
 """Step-time overhead of the gradwatch agent beside other telemetry approaches, side by side, one process.
 
-Model: a GPT-2-shaped decoder (see ../shared/anchors/anchor_overhead.py for the reference figures);
+Model: a GPT-2-shaped decoder (reference figures and targets: docs/architecture.md#performance-targets);
 `--small` (default on a CPU) shrinks it so the CPU run takes a minute. Every variant collects
 statistics of every parameter and gradient on every logged step.
 

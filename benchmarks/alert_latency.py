@@ -9,7 +9,7 @@ and to the moment Alertmanager's v2 API lists the alert (polled every 5 ms by a 
 process), which adds the aggregator's push.
 
 Run: python benchmarks/alert_latency.py [--trials 20] [--no-alertmanager]
-Target (DESIGN.md): p99 <= 1 s from the bad step to Alertmanager.
+Target (docs/architecture.md#performance-targets): bad step to Alertmanager, worst of 20 <= 0.3 s, median <= 0.1 s.
 """
 
 from __future__ import annotations
@@ -129,7 +129,8 @@ def main() -> int:
         if xs:
             ms = [x * 1e3 for x in xs]
             print(f"bad step -> {name}, {len(ms)} trials: p50 {statistics.median(ms):.0f} ms, "
-                  f"p99 {percentile(ms, 99):.0f} ms, min {min(ms):.0f} ms (target: p99 <= 1000 ms)")
+                  f"p99 {percentile(ms, 99):.0f} ms, worst {max(ms):.0f} ms, min {min(ms):.0f} ms "
+                  f"(target: worst of 20 <= 300 ms, median <= 100 ms)")
     if a.json:
         a.json.write_text(json.dumps({"to_redis_s": [r[0] for r in results],
                                       "to_alertmanager_s": [r[1] for r in results]}, indent=2))

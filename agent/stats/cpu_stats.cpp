@@ -1,6 +1,6 @@
 // gradwatch's fused statistics kernel for tensors in host memory: one read of each tensor for every
-// statistic of a summary row (agent/summarize.py). The plain-torch path needs about a dozen passes and as
-// many temporaries per tensor; this is the CPU twin of the Triton kernel (agent/triton_stats.py).
+// statistic of a summary row (agent/stats/summarize.py). The plain-torch path needs about a dozen passes and as
+// many temporaries per tensor; this is the CPU twin of the Triton kernel (agent/stats/triton_stats.py).
 //
 // Row layout (checked from Python against gradwatch.agent.summarize at load):
 //   nan, inf, zero, sum, sum of squares, min, max, sum of cubes, histogram[64]
@@ -204,7 +204,7 @@ void summarize_many(int64_t buffer, const std::vector<int64_t>& rows, const std:
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "gradwatch fused CPU statistics kernel (agent/cpu_stats.cpp)";
+  m.doc() = "gradwatch fused CPU statistics kernel (agent/stats/cpu_stats.cpp)";
   m.def("summarize_many", &summarize_many, py::arg("buffer"), py::arg("rows"), py::arg("addrs"),
         py::arg("numels"), py::arg("dtypes"), py::arg("histogram"), py::arg("accumulate"), py::arg("cubes"));
   m.def("layout", [] { return py::make_tuple(kColHist, kHistBuckets, kHistMinExponent); });

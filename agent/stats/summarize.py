@@ -170,7 +170,7 @@ class Summarizer:
         nan = torch.count_nonzero(torch.isnan(x))
         clean = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)  # non-finite values count, never sum
         zero = n - nonfinite - torch.count_nonzero(clean)
-        cd = clean.double()  # float64 accumulation, as DESIGN.md asks
+        cd = clean.double()  # float64 accumulation (docs/architecture.md#summary-statistics)
         head = torch.stack([
             nan, nonfinite - nan, zero, cd.sum(), torch.dot(cd, cd),
             torch.nan_to_num(x, nan=_INF, posinf=_INF, neginf=_INF).amin(),

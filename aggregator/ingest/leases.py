@@ -3,7 +3,7 @@ fenced commit that acks entries only while the lease is still ours.
 
 Cross-rank joins and windowed rules need every report of a run in one process, so replicas do not let
 the consumer group scatter a run's entries; each run's stream is read by the one replica holding its
-lease (DESIGN.md, "Aggregator"). Keys (the run's hash tag keeps them on the run's Redis Cluster shard):
+lease (docs/architecture.md#leases). Keys (the run's hash tag keeps them on the run's Redis Cluster shard):
 
   gradwatch:{<run>}:lease     STRING  owner consumer name, PX lease_ttl_ms; renewed by every commit and
                                       at every discovery interval

@@ -122,7 +122,7 @@ def test_histogram_can_be_disabled(mode):
 
 
 def test_wire_size_per_summary_meets_the_design_target():
-    """DESIGN.md: <= 48 B plain, <= 160 B with histogram, per tensor summary on the wire."""
+    """docs/architecture.md#performance-targets: <= 48 B plain, <= 160 B with histogram per tensor summary."""
     g = torch.Generator().manual_seed(3)
     tensors = [torch.randn(768, 768, generator=g) * 0.02, torch.randn(768, generator=g) * 1e-3]
     rows = summarize(tensors)

@@ -1,7 +1,7 @@
 """Faults under load with real processes: two `python -m gradwatch.aggregator` replicas, one killed with
 SIGKILL mid-load, Redis restarted under them, and duplicated stream entries (an agent's retry).
 
-What must hold (DESIGN.md: "aggregator killed mid-run: 0 lost, 0 double-counted"): every distinct
+What must hold (docs/architecture.md#performance-targets: aggregator killed, 0 lost, 0 double-counted): every distinct
 report is applied exactly once, which the fenced commits record in each run's `applied` hash (totals
 and per-rank sequence watermarks), and nothing stays pending in the consumer group.
 """
