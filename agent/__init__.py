@@ -14,15 +14,18 @@ Lightning and Hugging Face Trainer callbacks: gradwatch.agent.integrations.light
 from __future__ import annotations
 
 import os
-import re
 import secrets
 import sys
 import time
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from gradwatch.agent.config import AgentConfig
 from gradwatch.agent.export.counters import AgentCounters
-from gradwatch.agent.watcher import Watcher
+from gradwatch.streams import RUN_ID_MAX_CHARS, run_id_part
+
+if TYPE_CHECKING:
+    from gradwatch.agent.watcher import Watcher
 
 __all__ = ["AgentConfig", "AgentCounters", "Watcher", "watch"]
 
@@ -43,7 +46,19 @@ def watch(model, optimizer=None, *, run: str | None = None, collector: str | Non
     cfg = config or AgentConfig.from_env(collector=collector, every=every, token=token, select=select,
                                          schedule=schedule)
     cfg.validate()
+    from gradwatch.agent.watcher import Watcher
+
     return Watcher(model, optimizer, run or cfg.run or default_run_id(), cfg, hyperparameters, labels)
+
+
+def __getattr__(name: str):
+    # The watcher (and torch) load on first use: the agent's config, gradcheck's defaults and the CLI import
+    # this package without training anything.
+    if name == "Watcher":
+        from gradwatch.agent.watcher import Watcher
+
+        return Watcher
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def default_run_id() -> str:
@@ -51,5 +66,5 @@ def default_run_id() -> str:
     if explicit and explicit != "none":
         return explicit
     script = os.path.splitext(os.path.basename(sys.argv[0] or "python"))[0] or "run"
-    script = re.sub(r"[^A-Za-z0-9_.-]", "-", script)[:64]
-    return f"{script}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+    suffix = f"-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+    return run_id_part(script, RUN_ID_MAX_CHARS - len(suffix)) + suffix  # a valid id (gradwatch.streams)

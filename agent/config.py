@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 from typing import ClassVar
 
+from gradwatch import endpoints, limits
 from gradwatch.settings import (
     FILE,
     ConfigError,
@@ -18,7 +19,7 @@ from gradwatch.settings import (
     spec,
 )
 
-DEFAULT_COLLECTOR = "127.0.0.1:4770"
+DEFAULT_COLLECTOR = endpoints.COLLECTOR
 DEFAULT_EVERY = 1                  # log every N-th optimizer step
 DEFAULT_HISTOGRAM = True           # log2-magnitude histograms (64 fixed buckets) for every tensor
 DEFAULT_ACTIVATIONS = False        # statistics of every leaf module's output (forward hooks) on logged steps
@@ -29,7 +30,7 @@ DEFAULT_HOST_SLOTS = 8             # host buffers in flight (pinned on CUDA, 576
 DEFAULT_QUEUE_SIZE = 2048          # reports waiting for export; when full the oldest is dropped, counted
 DEFAULT_QUEUE_BYTES = 64 << 20     # encoded bytes of reports held (waiting + in flight); over it the oldest go
 DEFAULT_BATCH_REPORTS = 64         # reports per Export call at most
-DEFAULT_BATCH_BYTES = 2 << 20      # encoded bytes per Export call at most (collectors accept 4 MiB)
+DEFAULT_BATCH_BYTES = limits.BATCH_BYTES  # encoded bytes per Export call at most (2 MiB: half a message)
 DEFAULT_EXPORT_INTERVAL_S = 0.5    # export at least this often while reports wait
 DEFAULT_EXPORT_TIMEOUT_S = 10.0    # one deadline for an Export call and all of its retries
 DEFAULT_SHUTDOWN_TIMEOUT_S = 5.0   # close() waits this long to flush

@@ -22,13 +22,16 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from gradwatch.limits import EXPORTED_SCALARS
+from gradwatch.names import EVAL, GRADCHECK_MAX_RELATIVE_ERROR, GRADCHECK_PASSED, GRADCHECK_SUMMARY, gradcheck_scalar
+
 DEFAULT_EPS = 1e-6
 DEFAULT_SAMPLES = 10        # coordinates per parameter tensor
 DEFAULT_TOLERANCE = 1e-5    # the largest relative error that passes (a correct float64 model: ~1e-7)
 DEFAULT_TINY = 1e-3         # floor of the relative error's denominator, times max(|J|, 1)
 DEFAULT_SEED = 0
-SCALAR_PREFIX = "gradcheck/"
-MAX_TENSOR_SCALARS = 30     # per-tensor scalars sent, the worst first (the aggregator exports 32 per report)
+# Per-tensor scalars sent, the worst first: with the verdict and the worst error, all the aggregator exports.
+MAX_TENSOR_SCALARS = EXPORTED_SCALARS - len(GRADCHECK_SUMMARY)
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
@@ -71,10 +74,10 @@ class GradcheckReport:
 
     def scalars(self) -> dict[str, float]:
         """The user scalars sent as telemetry: verdict, worst error, and each tensor's (worst first)."""
-        out = {f"{SCALAR_PREFIX}passed": 1.0 if self.passed else 0.0,
-               f"{SCALAR_PREFIX}max_relative_error": self.max_relative_error}
+        out = {GRADCHECK_PASSED: 1.0 if self.passed else 0.0,
+               GRADCHECK_MAX_RELATIVE_ERROR: self.max_relative_error}
         worst = sorted(self.tensors, key=lambda t: -t.max_relative_error)[:MAX_TENSOR_SCALARS]
-        out.update({f"{SCALAR_PREFIX}{t.name}": t.max_relative_error for t in worst})
+        out.update({gradcheck_scalar(t.name): t.max_relative_error for t in worst})
         return out
 
     def table(self) -> str:
@@ -231,7 +234,7 @@ def gradcheck(model, loss_fn: Callable, batch: object, *, eps: float = DEFAULT_E
             max_abs_error=max_abs, worst_index=tuple(int(x) for x in np.unravel_index(index, tuple(p.shape))),
             analytic=a, numeric=numeric, passed=rel <= tolerance))
     if watcher is not None:
-        watcher.step(phase="eval", **report.scalars())
+        watcher.step(phase=EVAL, **report.scalars())
     return report
 
 

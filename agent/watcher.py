@@ -35,6 +35,7 @@ from gradwatch.agent.export import encode
 from gradwatch.agent.export.batch import ReportPipeline
 from gradwatch.agent.export.counters import AgentCounters
 from gradwatch.agent.export.exporter import Exporter
+from gradwatch.names import EVAL, TRAIN, lr_scalar
 from gradwatch.v1 import report_pb2
 
 log = logging.getLogger("gradwatch.agent")
@@ -137,7 +138,7 @@ class Watcher:
     # ---- training-thread API -------------------------------------------------------------------
 
     @_guarded
-    def step(self, phase: str = "train", **scalars) -> None:
+    def step(self, phase: str = TRAIN, **scalars) -> None:
         """Mark the end of one training step and attach scalars (loss=..., accuracy=...).
 
         Tensor values are copied on the device (no host sync). Without an optimizer, call it after
@@ -151,9 +152,9 @@ class Watcher:
         """
         if self._closed:
             return
-        if phase != "train":
-            if phase != "eval":
-                raise ValueError(f"phase must be 'train' or 'eval', got {phase!r}")
+        if phase != TRAIN:
+            if phase != EVAL:
+                raise ValueError(f"phase must be {TRAIN!r} or {EVAL!r}, got {phase!r}")
             self._send(self._capture.evaluation(max(self._step - 1, 0)), scalars)
             return
         if self.optimizer is not None:
@@ -275,7 +276,7 @@ class Watcher:
         scalars.update(captured.scalars)
         for i, name in enumerate(captured.tensor_scalars):
             scalars[name] = float(rows[-1][i])
-        lrs = [scalars.pop(f"lr/{i}", math.nan) for i in range(captured.lr_groups)]
+        lrs = [scalars.pop(lr_scalar(i), math.nan) for i in range(captured.lr_groups)]
         report = encode.step_report(self.run, self.rank, captured.step, captured.sequence, captured.capture_time,
                                     captured.phase, rows, captured.present, self._histogram, scalars, lrs)
         if self._burst is not None and captured.phase == report_pb2.PHASE_TRAIN and (

@@ -12,17 +12,14 @@ import logging
 import signal
 import sys
 import threading
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
-import redis
-from prometheus_client import CollectorRegistry, ProcessCollector
-
 from gradwatch.aggregator.config import DEFAULT_METRICS_LISTEN, DEFAULT_REDIS_URL, AggregatorConfig
-from gradwatch.aggregator.http.server import ListenError, serve
-from gradwatch.aggregator.http.snapshots import SnapshotStore
-from gradwatch.aggregator.http.views import alert_log
-from gradwatch.aggregator.service import Aggregator
 from gradwatch.settings import ConfigError, given_flags
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 log = logging.getLogger("gradwatch.aggregator")
 PROG = "gradwatch aggregator"
@@ -76,6 +73,15 @@ def run(config: AggregatorConfig, stop: threading.Event | None = None,
         registry: CollectorRegistry | None = None) -> int:
     """Runs until `stop` is set (or SIGINT/SIGTERM when called from the main thread); returns the exit
     status. For `gradwatch up`, which runs this in-process next to the other components."""
+    # Imported here, not at the top: a bad setting is refused before the aggregator's modules load.
+    import redis
+    from prometheus_client import CollectorRegistry, ProcessCollector
+
+    from gradwatch.aggregator.http.server import ListenError, serve
+    from gradwatch.aggregator.http.snapshots import SnapshotStore
+    from gradwatch.aggregator.http.views import alert_log
+    from gradwatch.aggregator.service import Aggregator
+
     try:
         config.validate()
         host, port = config.metrics_address()

@@ -9,10 +9,11 @@ from dataclasses import dataclass
 from typing import ClassVar
 from urllib.parse import urlsplit
 
+from gradwatch import endpoints
 from gradwatch.settings import FILE, ConfigError, Settings, env_var, host_port, integer, number, setting, url
 
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-DEFAULT_METRICS_LISTEN = "127.0.0.1:4772"
+DEFAULT_REDIS_URL = endpoints.REDIS_URL
+DEFAULT_METRICS_LISTEN = endpoints.AGGREGATOR
 DEFAULT_ALERTMANAGER_URL: str | None = None
 # XREADGROUP blocks this long when idle: short enough that stop() and new runs are noticed quickly.
 DEFAULT_BLOCK_MS = 200

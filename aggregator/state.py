@@ -19,6 +19,7 @@ from gradwatch.aggregator.config import AggregatorConfig
 from gradwatch.aggregator.counters import Counters
 from gradwatch.aggregator.ingest.sequence import SequenceTracker
 from gradwatch.aggregator.join import JoinedStep, StepJoin
+from gradwatch.names import EVAL, GRADCHECK_PASSED, GRADCHECK_PREFIX, NOT_USER_PREFIXES, TRAIN, UNITS_SUFFIX
 from gradwatch.v1 import report_pb2, run_pb2
 
 PARAMETER = run_pb2.TENSOR_KIND_PARAMETER
@@ -29,7 +30,6 @@ KIND_NAMES = {v: run_pb2.TensorKind.Name(v).removeprefix("TENSOR_KIND_").lower()
 # aggregator-local kind (no proto kind is negative), so rules and health that read module outputs never
 # mistake counts for outputs; DeadReLU and the layer health read them as the dead-unit fraction.
 UNITS = -1
-UNITS_SUFFIX = ":units"
 KIND_NAMES[UNITS] = "activation_units"
 # Tensors without a dictionary entry sort after every known one in forward order.
 UNKNOWN_ORDER = 1 << 32
@@ -127,7 +127,7 @@ class RunState:
         self.ranks: dict[int, RankState] = {}
         self.world_size = 0
         self.step = -1
-        self.phase = "train"
+        self.phase = TRAIN
         self.loss: float | None = None
         self.eval_loss: float | None = None
         self.learning_rate: float | None = None
@@ -177,7 +177,7 @@ def curve_scalars(scalars: dict[str, float]) -> dict[str, float]:
     MAX_CURVE_SCALARS of them."""
     if not scalars:
         return {}
-    return dict(itertools.islice(((k, v) for k, v in scalars.items() if not k.startswith(("labels/", "lr/"))),
+    return dict(itertools.islice(((k, v) for k, v in scalars.items() if not k.startswith(NOT_USER_PREFIXES)),
                                  MAX_CURVE_SCALARS))
 
 
@@ -278,7 +278,7 @@ class State:
         scalars = dict(report.scalars) if report.scalars else {}
         if step >= rs.step:  # a late redelivery must not move the gauges backwards
             rs.step = step
-            rs.phase = "train" if train else "eval"
+            rs.phase = TRAIN if train else EVAL
             if loss is not None:
                 if train:
                     rs.loss = loss
@@ -293,8 +293,8 @@ class State:
                 if train:
                     rs.scalars = scalars
                 else:  # a gradient check's verdict stays until the next check replaces it
-                    kept = {k: v for k, v in rs.eval_scalars.items() if k.startswith("gradcheck/")}
-                    rs.eval_scalars = {**kept, **scalars} if kept and "gradcheck/passed" not in scalars else scalars
+                    kept = {k: v for k, v in rs.eval_scalars.items() if k.startswith(GRADCHECK_PREFIX)}
+                    rs.eval_scalars = {**kept, **scalars} if kept and GRADCHECK_PASSED not in scalars else scalars
             if by_kind and train:
                 rs.tensors = by_kind  # a reference: layer health and histograms are derived at scrape time
         rs.last_seen = time.monotonic()

@@ -7,15 +7,16 @@ from dataclasses import dataclass
 from typing import ClassVar
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
-from gradwatch.limits import MAX_STRING_BYTES
+from gradwatch import endpoints
+from gradwatch.limits import MAX_MESSAGE_BYTES, MAX_STRING_BYTES
 from gradwatch.settings import FILE, ConfigError, Settings, host_port, integer, number, setting, url
 
-DEFAULT_LISTEN = "127.0.0.1:4770"
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_LISTEN = endpoints.COLLECTOR
+DEFAULT_REDIS_URL = endpoints.REDIS_URL
 # Entries per run stream (XADD MAXLEN ~): bounds Redis memory if no aggregator reads a run.
 DEFAULT_STREAM_MAXLEN = 100_000
 # gRPC's own receive limit; bigger messages are refused with RESOURCE_EXHAUSTED before we see them.
-DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+DEFAULT_MAX_MESSAGE_BYTES = MAX_MESSAGE_BYTES
 # Per Export call, for reports and (separately) registrations: bounds the work one call can cause.
 DEFAULT_MAX_REPORTS_PER_REQUEST = 10_000
 DEFAULT_MAX_TENSORS_PER_REPORT = 100_000
@@ -25,7 +26,7 @@ DEFAULT_MAX_STRING_BYTES = MAX_STRING_BYTES
 # (OTel memory_limiter) instead of growing until the OOM killer ends it.
 DEFAULT_MAX_INFLIGHT_BYTES = 64 * 1024 * 1024
 DEFAULT_TOKEN: str | None = None
-DEFAULT_METRICS_LISTEN = "127.0.0.1:4771"
+DEFAULT_METRICS_LISTEN = endpoints.COLLECTOR_METRICS
 DEFAULT_REDIS_TIMEOUT_S = 5.0
 # Off: --redis-url names one Redis. On: it names any node of a Redis Cluster, and the client follows the slots.
 DEFAULT_REDIS_CLUSTER = False
@@ -164,7 +165,8 @@ def parse_host_port(value: str, what: str = "address") -> tuple[str, int]:
     """Split "host:port" (IPv6 hosts in brackets); ConfigError with an example if it is not one."""
     host, sep, port = value.rpartition(":")
     if not sep or not host or not _PORT_RE.match(port) or int(port) > 65535:
-        raise ConfigError(f"{what} must be host:port (e.g. 127.0.0.1:4770 or [::]:4770), got {value!r}")
+        raise ConfigError(f"{what} must be host:port (e.g. {endpoints.COLLECTOR} or [::]:{endpoints.COLLECTOR_PORT}), "
+                          f"got {value!r}")
     if host.startswith("[") != host.endswith("]"):
         raise ConfigError(f"{what} has an unbalanced IPv6 bracket: {value!r}")
     return host.strip("[]"), int(port)

@@ -4,10 +4,11 @@
 `gradwatch up` (see README.md).
 
 This package holds the public entry point and the contracts every component shares, one home each
-(docs/architecture.md): `stats` (mergeable statistics), `streams` (the Redis key layout), `limits` (sizes
-agents may send), `rpc` (the gRPC push-back trailer), `settings` (the configuration mechanism). The
-components are gradwatch.agent, gradwatch.collector and gradwatch.aggregator; operations tooling (the
-`gradwatch` command, the one-machine stack, the demo, dashboards) lives in gradwatch.cli.
+(docs/architecture.md): `stats` (mergeable statistics), `streams` (the Redis key layout), `names` (reserved
+scalar and tensor names), `limits` (sizes agents may send), `endpoints` (default addresses), `rpc` (the gRPC
+push-back trailer), `settings` (the configuration mechanism). The components are gradwatch.agent,
+gradwatch.collector and gradwatch.aggregator; operations tooling (the `gradwatch` command, the one-machine
+stack, the demo, dashboards) lives in gradwatch.cli.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""Size limits of what agents send, shared by the agent (which truncates and downsamples to them) and the
-collector (which refuses anything bigger): strings, and on-demand snapshots, a picture for a page, never a
-tensor dump."""
+"""Size limits of what agents send, shared by the agent (which truncates, batches and downsamples to them) and
+the components that receive it (which refuse or leave out anything bigger): messages, strings, scalars, and
+on-demand snapshots, a picture for a page, never a tensor dump."""
 
 from __future__ import annotations
 
@@ -10,6 +10,15 @@ from gradwatch.v1.snapshot_pb2 import SnapshotKind
 
 # Names, labels and scalar keys: the collector's default max_string_bytes; the agent truncates to it.
 MAX_STRING_BYTES = 1024
+
+# One ExportRequest: the collector's default max_message_bytes (gRPC's own default receive limit). The agent's
+# default batch of reports is half of it, leaving room for the registration and snapshots in the same request.
+MAX_MESSAGE_BYTES = 4 << 20
+BATCH_BYTES = MAX_MESSAGE_BYTES // 2
+
+# User scalars per run and phase the aggregator exports on /metrics (aggregator/http/metrics.py); a gradient
+# check (agent/gradcheck.py) sends no more, so all of its scalars are shown.
+EXPORTED_SCALARS = 32
 
 HEATMAP_CELLS = 64          # a weight heatmap is at most 64 x 64 average-pooled cells
 FEATURE_MAPS = 16           # at most 16 channels of a module's output ...

@@ -33,6 +33,7 @@ AGGREGATOR_GROUP = "gradwatch-aggregator"
 RUN_ID_CHARS, RUN_ID_MAX_CHARS = "A-Za-z0-9_.:-", 128
 RUN_ID_RE = re.compile(rf"^[{RUN_ID_CHARS}]{{1,{RUN_ID_MAX_CHARS}}}$")
 RUN_ID_RULE = f"1-{RUN_ID_MAX_CHARS} characters of [{RUN_ID_CHARS}]"  # what a refusal tells the agent
+_NOT_RUN_ID_CHAR = re.compile(rf"[^{RUN_ID_CHARS}]")
 
 
 # Connection options for every gradwatch Redis client: no optional CLIENT SETINFO or MAINT_NOTIFICATIONS
@@ -72,3 +73,8 @@ SNAPSHOT_TTL_MS = 60 * 60 * 1000
 def valid_run_id(run_id: str) -> bool:
     """Run ids become parts of Redis keys and Prometheus label values: keep them short and plain."""
     return bool(RUN_ID_RE.match(run_id))
+
+
+def run_id_part(text: str, max_chars: int = RUN_ID_MAX_CHARS) -> str:
+    """`text` as (part of) a run id: each character the rule refuses becomes "-", then at most max_chars."""
+    return _NOT_RUN_ID_CHAR.sub("-", text)[:max_chars]

@@ -23,8 +23,9 @@ from collections.abc import Callable
 import torch
 
 from gradwatch.agent.capture.slots import TensorSlot
-from gradwatch.agent.capture.units import UNITS_SUFFIX, UnitActivity, is_rectifier
+from gradwatch.agent.capture.units import UnitActivity, is_rectifier
 from gradwatch.agent.stats.summarize import Summarizer
+from gradwatch.names import UNITS_SUFFIX
 from gradwatch.v1 import run_pb2
 
 # Under torch.compile the hooks run eagerly at a graph break of their own: tracing them would compile the

@@ -28,9 +28,9 @@ import torch
 from gradwatch.agent.capture.slots import TensorSlot
 from gradwatch.agent.stats.layout import NCOLS
 from gradwatch.agent.stats.summarize import Summarizer
+from gradwatch.names import INPUTS_MODULE, LABELS_OVERFLOW, channel_name, input_name, label_scalar
 from gradwatch.v1 import run_pb2
 
-INPUTS_MODULE = "(inputs)"
 MAX_INPUT_TENSORS = 32  # tensors of one batch that are watched; the rest of a huge batch dict is left out
 
 log = logging.getLogger("gradwatch.agent")
@@ -110,8 +110,9 @@ class InputObserver:
             return TensorSlot(id=-1, name=name, kind=run_pb2.TENSOR_KIND_INPUT, module_path=INPUTS_MODULE, order=0,
                               shape=shape, dtype=dtype, numel=0, partition=run_pb2.PARTITION_PER_RANK)
 
-        name = f"inputs.{key}"
-        slots = self._add_slots([slot(name)] + [slot(f"{name}[{c}]") for c in range(channels_of(t, self.max_channels))])
+        name = input_name(key)
+        slots = self._add_slots([slot(name)] + [slot(channel_name(name, c))
+                                                for c in range(channels_of(t, self.max_channels))])
         return slots[0], slots[1:]
 
     def _count(self, labels: object) -> None:
@@ -147,7 +148,7 @@ def label_scalars(counts, max_classes: int, highest_seen: int) -> tuple[dict[str
     seen = counts[:max_classes].nonzero()[0]
     if seen.size:
         highest_seen = max(highest_seen, int(seen[-1]))
-    scalars = {f"labels/{c}": float(counts[c]) for c in range(highest_seen + 1)}
+    scalars = {label_scalar(c): float(counts[c]) for c in range(highest_seen + 1)}
     if counts[max_classes]:
-        scalars["labels_overflow"] = float(counts[max_classes])
+        scalars[LABELS_OVERFLOW] = float(counts[max_classes])
     return scalars, highest_seen

@@ -31,6 +31,7 @@ from gradwatch.agent.config import AgentConfig
 from gradwatch.agent.export.counters import AgentCounters
 from gradwatch.agent.stats.layout import NCOLS
 from gradwatch.agent.stats.summarize import Summarizer
+from gradwatch.names import lr_scalar
 from gradwatch.v1 import report_pb2, run_pb2
 
 
@@ -159,8 +160,9 @@ class Capture:
             captured.host[n : n + len(counts)].copy_(counts, non_blocking=True)
             counts.zero_()  # queued after the copy: counting starts again for the next report
         if self.optimizer is not None:  # the learning rate this update used, not the scheduler's next one
-            captured.attach({f"lr/{i}": g.get("lr", float("nan")) for i, g in enumerate(self.optimizer.param_groups)})
-            captured.lr_groups = len(self.optimizer.param_groups)
+            groups = self.optimizer.param_groups
+            captured.attach({lr_scalar(i): g.get("lr", float("nan")) for i, g in enumerate(groups)})
+            captured.lr_groups = len(groups)
         captured.copied = True
 
     def drop(self, captured: CapturedStep) -> None:

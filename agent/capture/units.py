@@ -26,7 +26,6 @@ import torch
 from gradwatch.agent.capture.distributed import local
 
 RECTIFIERS = (torch.nn.ReLU, torch.nn.ReLU6)  # subclasses too
-UNITS_SUFFIX = ":units"
 # Autograd nodes that put units on dim 1 (convolutions, channel norms, pooling), or last (matmuls, token
 # norms, embeddings); read walking back from a 3-dim output, which can be N,C,L or B,T,F.
 _CHANNELS_FIRST = ("Convolution", "BatchNorm", "GroupNorm", "Pool", "Upsample")

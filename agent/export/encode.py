@@ -26,6 +26,7 @@ from gradwatch.agent.stats.layout import (
     COL_ZERO,
 )
 from gradwatch.limits import MAX_STRING_BYTES
+from gradwatch.names import LOSS
 from gradwatch.v1 import report_pb2, run_pb2
 
 
@@ -69,7 +70,7 @@ def step_report(run_id: str, rank: int, step: int, sequence: int, capture_time: 
     report = report_pb2.StepReport(run_id=run_id, rank=rank, step=step, sequence=sequence, capture_time=ts,
                                    phase=phase, learning_rates=learning_rates)
     for key, value in scalars.items():
-        if key == "loss":
+        if key == LOSS:
             report.loss = value
         else:
             report.scalars[key] = value

@@ -17,6 +17,7 @@ from __future__ import annotations
 from transformers import TrainerCallback
 
 import gradwatch
+from gradwatch.names import EVAL, LOSS
 
 _HYPERPARAMETERS = ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "max_grad_norm",
                     "weight_decay", "num_train_epochs", "max_steps", "seed", "lr_scheduler_type", "warmup_steps")
@@ -50,9 +51,9 @@ class GradwatchCallback(TrainerCallback):
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if self.watcher is None or not metrics:
             return
-        scalars = {("loss" if k == "eval_loss" else k.removeprefix("eval_")): v
+        scalars = {(LOSS if k == "eval_loss" else k.removeprefix("eval_")): v
                    for k, v in metrics.items() if _number(v)}
-        self.watcher.step(phase="eval", **scalars)
+        self.watcher.step(phase=EVAL, **scalars)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.watcher is not None:

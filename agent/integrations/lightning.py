@@ -20,6 +20,7 @@ from collections.abc import Mapping
 import torch
 
 import gradwatch
+from gradwatch.names import EVAL, LOSS
 
 try:
     from lightning.pytorch.callbacks import Callback
@@ -66,7 +67,7 @@ class GradwatchCallback(Callback):
         if self.watcher is None:
             return
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
-        self.watcher.step(**({"loss": loss} if isinstance(loss, (torch.Tensor, float, int)) else {}))
+        self.watcher.step(**({LOSS: loss} if isinstance(loss, (torch.Tensor, float, int)) else {}))
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if self.watcher is None or trainer.sanity_checking:
@@ -75,10 +76,10 @@ class GradwatchCallback(Callback):
         for key, value in trainer.callback_metrics.items():
             if not key.startswith("val") or not isinstance(value, (torch.Tensor, float, int)):
                 continue
-            name = "loss" if key in ("val_loss", "val/loss") else key.removeprefix("val_").removeprefix("val/")
+            name = LOSS if key in ("val_loss", "val/loss") else key.removeprefix("val_").removeprefix("val/")
             scalars[name] = value
         if scalars:
-            self.watcher.step(phase="eval", **scalars)
+            self.watcher.step(phase=EVAL, **scalars)
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         if self.watcher is not None and stage == "fit":

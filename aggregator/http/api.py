@@ -30,6 +30,7 @@ from gradwatch.aggregator.http.responses import backend, error, flag_arg, int_ar
 from gradwatch.aggregator.http.views import input_stats, num
 from gradwatch.aggregator.join import JoinedStep
 from gradwatch.aggregator.state import RunView
+from gradwatch.names import LABELS_PREFIX
 
 
 def metrics(request: Request) -> Response:
@@ -136,8 +137,8 @@ def run_detail(run: RunView, alerts: list[Alert]) -> dict:
                    for name, grad, param, kinds in run.layers],
         "hyperparameters": {k: num(v) if isinstance(v, float) else v for k, v in run.hyperparameters.items()},
         "labels": run.labels,
-        "scalars": {k: num(v) for k, v in sorted(run.scalars.items()) if not k.startswith("labels/")},
-        "eval_scalars": {k: num(v) for k, v in sorted(run.eval_scalars.items()) if not k.startswith("labels/")},
+        "scalars": {k: num(v) for k, v in sorted(run.scalars.items()) if not k.startswith(LABELS_PREFIX)},
+        "eval_scalars": {k: num(v) for k, v in sorted(run.eval_scalars.items()) if not k.startswith(LABELS_PREFIX)},
         "joined": joined_step(run.joined),
         "alerts": [a.to_dict() for a in alerts],
     }

@@ -27,6 +27,7 @@ from gradwatch.aggregator.http.responses import backend, error, int_arg, ok, que
 from gradwatch.aggregator.http.static import StaticFiles
 from gradwatch.aggregator.http.views import heatmap as heatmap_of
 from gradwatch.aggregator.http.views import nodegraph as nodegraph_of
+from gradwatch.names import TRAIN
 
 HEATMAP_CELLS = 60_000  # layers x steps of one heatmap answer, at most
 CLIENT_CHECK_S = 1.0  # how often an idle event stream looks whether its client hung up
@@ -102,7 +103,7 @@ def heatmap(request: Request) -> Response:
     rows = sources.history(run, first, None, limit) if sources.history else []
     graph = sources.topology(run) if sources.topology else None
     order = {n["id"]: n["order"] for n in graph["nodes"] if n.get("order") is not None} if graph else {}
-    return ok(heatmap_of(found, [r for r in rows or () if r["phase"] == "train"], order))
+    return ok(heatmap_of(found, [r for r in rows or () if r["phase"] == TRAIN], order))
 
 
 def histograms(request: Request) -> Response:

@@ -16,6 +16,8 @@ from gradwatch.aggregator.alerts.record import Alert
 from gradwatch.aggregator.counters import COUNTERS
 from gradwatch.aggregator.health import BOUNDS, layer_health, layer_histograms
 from gradwatch.aggregator.state import RunView
+from gradwatch.limits import EXPORTED_SCALARS
+from gradwatch.names import NOT_USER_PREFIXES
 
 
 @dataclass(frozen=True)
@@ -28,10 +30,6 @@ class AggregatorView:
     histogram_budget: int = 64  # (layer, kind) magnitude histograms exported, all runs together
 
 
-# User scalars exported per run, at most; label histograms (labels/<class>) and learning rates have
-# their own series or none.
-MAX_SCALARS = 32
-SKIP_SCALARS = ("labels/", "lr/")
 # Hyperparameters exported per run (the first by name), and the length of a text value's label.
 MAX_HYPERPARAMETERS = 32
 MAX_HYPERPARAMETER_TEXT = 64
@@ -108,7 +106,8 @@ class AggregatorCollector:
             if run.hyperparameters:
                 _hyperparameters(run, hyper, hyper_info)
             for family, values in ((scalar, run.scalars), (eval_scalar, run.eval_scalars)):
-                names = sorted(k for k in values if not k.startswith(SKIP_SCALARS))[:MAX_SCALARS]
+                # At most EXPORTED_SCALARS per run; label counts and learning rates have their own series or none.
+                names = sorted(k for k in values if not k.startswith(NOT_USER_PREFIXES))[:EXPORTED_SCALARS]
                 for name in names:
                     family.add_metric([run.run, name], values[name])
             if run.tensors:

@@ -8,18 +8,17 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import re
 import time
 
 from gradwatch.aggregator.alerts.record import json_number
 from gradwatch.aggregator.health import layer_health
 from gradwatch.aggregator.state import RunState, RunView
+from gradwatch.names import EVAL, TRAIN, split_channel
 from gradwatch.stats import summary_moments
 from gradwatch.streams import ALERTS_KEY, FIELD_ALERT
 from gradwatch.v1 import report_pb2, run_pb2
 
 ALERT_SCAN = 10_000  # alert-stream entries read for one run's transitions
-_CHANNEL = re.compile(r"^(.*)\[(\d+)\]$")  # the agent names channel c of inputs.<key> "inputs.<key>[c]"
 # Skewness from raw moments loses about (|mean| / std)^3 ulps: past this ratio it is noise, not sent.
 SKEW_MAX_MEAN_OVER_STD = 1e4
 
@@ -38,7 +37,7 @@ def history_rows(rs: RunState | None, first: int | None = None, last: int | None
     lo = -1 << 62 if first is None else first
     hi = 1 << 62 if last is None else last
     rows = [r for r in rs.history if lo <= r[0] <= hi][-limit:] if limit > 0 else []
-    return [{"step": step, "time": t, "phase": "train" if train else "eval", "loss": loss, "grad_norm": norm,
+    return [{"step": step, "time": t, "phase": TRAIN if train else EVAL, "loss": loss, "grad_norm": norm,
              "layers": dict(layers), "scalars": dict(curve)}
             for step, t, train, loss, norm, layers, curve in rows]
 
@@ -95,11 +94,10 @@ def input_stats(run: RunView) -> list[dict]:
     moment, or where std is 0 or too small beside the mean for the raw moments to tell)."""
     out = []
     for meta, s in run.tensors.get(run_pb2.TENSOR_KIND_INPUT, ()):
-        m = _CHANNEL.match(meta.name)
+        name, channel = split_channel(meta.name)
         mean, std, skew = mean_std_skew(s)
-        out.append({"name": m.group(1) if m else meta.name, "channel": int(m.group(2)) if m else None,
-                    "count": s.count, "mean": num(mean), "std": num(std), "skew": num(skew),
-                    "min": num(s.min), "max": num(s.max), "nan": s.nan_count, "inf": s.inf_count})
+        out.append({"name": name, "channel": channel, "count": s.count, "mean": num(mean), "std": num(std),
+                    "skew": num(skew), "min": num(s.min), "max": num(s.max), "nan": s.nan_count, "inf": s.inf_count})
     return out
 
 

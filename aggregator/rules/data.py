@@ -12,12 +12,12 @@ from collections import deque
 from gradwatch.aggregator.alerts.record import Alert, fmt, times
 from gradwatch.aggregator.rules.base import LayerFilter, Rule, Streaks, pct, where
 from gradwatch.aggregator.state import ReportView, TensorMeta
+from gradwatch.names import LABELS_PREFIX, split_channel
 from gradwatch.stats import moments, summary_moments
 from gradwatch.v1 import run_pb2
 
 INPUT = run_pb2.TENSOR_KIND_INPUT
 DATA_LAYER = "(data)"
-LABELS = "labels/"
 # Per run: at most this many classes and input tensors are followed (memory is bounded whatever is sent).
 MAX_CLASSES = 10_000
 MAX_INPUTS = 1_000
@@ -57,7 +57,8 @@ class ClassImbalance(Rule):
         scalars = view.scalars
         if not scalars or not view.train:
             return []
-        batch = {k[len(LABELS):]: v for k, v in scalars.items() if k.startswith(LABELS) and 0 <= v < math.inf}
+        batch = {k[len(LABELS_PREFIX):]: v for k, v in scalars.items()
+                 if k.startswith(LABELS_PREFIX) and 0 <= v < math.inf}
         if not batch:
             return []
         st = self.runs.get(view.run)
@@ -101,7 +102,7 @@ class ClassImbalance(Rule):
         else:
             sentence = (f"Class imbalance: class {most} has {times(ratio)}x the labels of class {least} ({hi:.0f} vs "
                         f"{lo:.0f} of {over}; limit {times(limit)}x): weight the loss or resample")
-        return self.alert(view, DATA_LAYER, LABELS + least, ratio, limit, sentence)
+        return self.alert(view, DATA_LAYER, LABELS_PREFIX + least, ratio, limit, sentence)
 
     @classmethod
     def check(cls, p):
@@ -270,13 +271,12 @@ class UnnormalizedInput(Rule):
         if not inputs:
             return []
         # Tensors with per-channel summaries (`name[c]`) are floating point: only they are judged.
-        floats = {name[:name.rindex("[")] for name in (m.name for m, _ in inputs) if name.endswith("]")}
+        floats = {whole for whole, channel in (split_channel(m.name) for m, _ in inputs) if channel is not None}
         top, floor, hits = self.p["max_value"], self.p["min_mean"], []
         for meta, s in inputs if floats else ():
             n, mean, _ = summary_moments(s)
             if n > 0 and s.min >= 0 and s.max <= top and mean > floor and self.names(meta.name):
-                name = meta.name
-                if (name[:name.rindex("[")] if name.endswith("]") else name) in floats:
+                if split_channel(meta.name)[0] in floats:
                     hits.append((meta, mean))
         streak = self.streaks[view.train].update(view.run, view.rank, [m.name for m, _ in hits])
         bad = [h for h in hits if streak[h[0].name] >= self.p["window"]]

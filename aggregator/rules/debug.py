@@ -7,9 +7,7 @@ import math
 from gradwatch.aggregator.alerts.record import FIRING, Alert, fmt, iso
 from gradwatch.aggregator.rules.base import CRITICAL, Rule
 from gradwatch.aggregator.state import ReportView
-
-PREFIX = "gradcheck/"
-SUMMARY_KEYS = ("gradcheck/passed", "gradcheck/max_relative_error")
+from gradwatch.names import GRADCHECK_MAX_RELATIVE_ERROR, GRADCHECK_PASSED, GRADCHECK_PREFIX, GRADCHECK_SUMMARY
 
 
 class GradientCheckFailed(Rule):
@@ -24,7 +22,7 @@ class GradientCheckFailed(Rule):
     RESOLVE_AFTER = 1
 
     def evaluate(self, view: ReportView) -> list[Alert]:
-        passed = view.scalars.get("gradcheck/passed")
+        passed = view.scalars.get(GRADCHECK_PASSED)
         if passed is None:
             return []  # no gradcheck in this report: no evidence either way
         if passed >= 1:
@@ -32,10 +30,10 @@ class GradientCheckFailed(Rule):
                 view.step, view.time, 0.0,
                 f"A gradient check passed at step {view.step}; it had failed at step {a.step} on {a.tensor} "
                 f"(run {view.run}, rank {view.rank})"))
-        errors = {k[len(PREFIX):]: v for k, v in view.scalars.items()
-                  if k.startswith(PREFIX) and k not in SUMMARY_KEYS}
+        errors = {k[len(GRADCHECK_PREFIX):]: v for k, v in view.scalars.items()
+                  if k.startswith(GRADCHECK_PREFIX) and k not in GRADCHECK_SUMMARY}
         tensor, worst = max(errors.items(), key=lambda kv: (math.isnan(kv[1]) or kv[1], kv[0]),
-                            default=("", view.scalars.get("gradcheck/max_relative_error", math.nan)))
+                            default=("", view.scalars.get(GRADCHECK_MAX_RELATIVE_ERROR, math.nan)))
 
         def fire() -> Alert:
             layer = tensor.rpartition(".")[0] or tensor or "(model)"

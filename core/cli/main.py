@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from gradwatch import __version__
+from gradwatch.names import GRADCHECK_PREFIX
 from gradwatch.settings import ConfigError
 
 
@@ -159,7 +160,7 @@ def cmd_gradcheck(args) -> int:
             watcher.close()
     print(report.table())
     if watcher is not None:
-        print(f"sent as evaluation scalars gradcheck/* of run {watcher.run!r}")
+        print(f"sent as evaluation scalars {GRADCHECK_PREFIX}* of run {watcher.run!r}")
     return 0 if report.passed else 1
 
 

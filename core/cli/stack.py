@@ -20,15 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+from gradwatch import endpoints
 from gradwatch.cli.processes import stop_process
 from gradwatch.cli.redis_server import RedisServer
 from gradwatch.settings import DIRECTORY, FILE, ConfigError, Settings, choice, host_port, setting, url
 
 log = logging.getLogger("gradwatch.up")
 
-DEFAULT_COLLECTOR_LISTEN = "127.0.0.1:4770"
-DEFAULT_COLLECTOR_METRICS_LISTEN = "127.0.0.1:4771"
-DEFAULT_AGGREGATOR_METRICS_LISTEN = "127.0.0.1:4772"
+DEFAULT_COLLECTOR_LISTEN = endpoints.COLLECTOR
+DEFAULT_COLLECTOR_METRICS_LISTEN = endpoints.COLLECTOR_METRICS
+DEFAULT_AGGREGATOR_METRICS_LISTEN = endpoints.AGGREGATOR
 DEFAULT_DATA_DIR = ".gradwatch"
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
@@ -41,7 +42,7 @@ class StackConfig(Settings):
     COMPONENT: ClassVar[str] = "up"
 
     redis_url: str | None = setting(None, "use this Redis instead of an embedded one", flag="--redis-url",
-                                    form=url("redis", "rediss", "unix", example="redis://127.0.0.1:6379/0"),
+                                    form=url("redis", "rediss", "unix", example=endpoints.REDIS_URL),
                                     shown="none: an embedded redis-server")
     data_dir: str = setting(DEFAULT_DATA_DIR, "where the embedded Redis keeps its append-only file",
                             flag="--data-dir", form=DIRECTORY, aliases=("GRADWATCH_DATA_DIR",))
