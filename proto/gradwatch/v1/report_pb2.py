@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19gradwatch/v1/report.proto\x12\x0cgradwatch.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa8\x03\n\nStepReport\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x10\n\x08sequence\x18\x04 \x01(\x04\x12\x30\n\x0c\x63\x61pture_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cstep_seconds\x18\x06 \x01(\x01\x12\"\n\x05phase\x18\x07 \x01(\x0e\x32\x13.gradwatch.v1.Phase\x12\x11\n\x04loss\x18\x08 \x01(\x01H\x00\x88\x01\x01\x12\x16\n\x0elearning_rates\x18\t \x03(\x01\x12\x36\n\x07scalars\x18\n \x03(\x0b\x32%.gradwatch.v1.StepReport.ScalarsEntry\x12,\n\x07tensors\x18\x0b \x03(\x0b\x32\x1b.gradwatch.v1.TensorSummary\x12\x17\n\x0f\x64ropped_reports\x18\x0c \x01(\x04\x12\r\n\x05\x66inal\x18\r \x01(\x08\x1a.\n\x0cScalarsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x07\n\x05_loss\"\xfa\x01\n\rTensorSummary\x12\x11\n\ttensor_id\x18\x01 \x01(\r\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\x12\x11\n\tnan_count\x18\x03 \x01(\x04\x12\x11\n\tinf_count\x18\x04 \x01(\x04\x12\x12\n\nzero_count\x18\x05 \x01(\x04\x12\x0b\n\x03sum\x18\x06 \x01(\x01\x12\x13\n\x0bsum_squares\x18\x07 \x01(\x01\x12\x0b\n\x03min\x18\x08 \x01(\x02\x12\x0b\n\x03max\x18\t \x01(\x02\x12\x11\n\thistogram\x18\n \x03(\x04\x12\x18\n\x10histogram_offset\x18\x0b \x01(\r\x12\x16\n\tsum_cubes\x18\x0c \x01(\x01H\x00\x88\x01\x01\x42\x0c\n\n_sum_cubes*?\n\x05Phase\x12\x15\n\x11PHASE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bPHASE_TRAIN\x10\x01\x12\x0e\n\nPHASE_EVAL\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19gradwatch/v1/report.proto\x12\x0cgradwatch.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe2\x03\n\nStepReport\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x10\n\x08sequence\x18\x04 \x01(\x04\x12\x30\n\x0c\x63\x61pture_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cstep_seconds\x18\x06 \x01(\x01\x12\"\n\x05phase\x18\x07 \x01(\x0e\x32\x13.gradwatch.v1.Phase\x12\x11\n\x04loss\x18\x08 \x01(\x01H\x00\x88\x01\x01\x12\x16\n\x0elearning_rates\x18\t \x03(\x01\x12\x36\n\x07scalars\x18\n \x03(\x0b\x32%.gradwatch.v1.StepReport.ScalarsEntry\x12,\n\x07tensors\x18\x0b \x03(\x0b\x32\x1b.gradwatch.v1.TensorSummary\x12\x17\n\x0f\x64ropped_reports\x18\x0c \x01(\x04\x12\r\n\x05\x66inal\x18\r \x01(\x08\x12\x38\n\x11nonfinite_origins\x18\x0e \x03(\x0b\x32\x1d.gradwatch.v1.NonFiniteOrigin\x1a.\n\x0cScalarsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x07\n\x05_loss\"\x87\x01\n\x0fNonFiniteOrigin\x12*\n\tdirection\x18\x01 \x01(\x0e\x32\x17.gradwatch.v1.Direction\x12\x0e\n\x06module\x18\x02 \x01(\t\x12\r\n\x05order\x18\x03 \x01(\r\x12\x10\n\x08observed\x18\x04 \x01(\t\x12\x17\n\x0fnonfinite_count\x18\x05 \x01(\x04\"\xfa\x01\n\rTensorSummary\x12\x11\n\ttensor_id\x18\x01 \x01(\r\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\x12\x11\n\tnan_count\x18\x03 \x01(\x04\x12\x11\n\tinf_count\x18\x04 \x01(\x04\x12\x12\n\nzero_count\x18\x05 \x01(\x04\x12\x0b\n\x03sum\x18\x06 \x01(\x01\x12\x13\n\x0bsum_squares\x18\x07 \x01(\x01\x12\x0b\n\x03min\x18\x08 \x01(\x02\x12\x0b\n\x03max\x18\t \x01(\x02\x12\x11\n\thistogram\x18\n \x03(\x04\x12\x18\n\x10histogram_offset\x18\x0b \x01(\r\x12\x16\n\tsum_cubes\x18\x0c \x01(\x01H\x00\x88\x01\x01\x42\x0c\n\n_sum_cubes*U\n\tDirection\x12\x19\n\x15\x44IRECTION_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44IRECTION_FORWARD\x10\x01\x12\x16\n\x12\x44IRECTION_BACKWARD\x10\x02*?\n\x05Phase\x12\x15\n\x11PHASE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bPHASE_TRAIN\x10\x01\x12\x0e\n\nPHASE_EVAL\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,12 +34,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_STEPREPORT_SCALARSENTRY']._loaded_options = None
   _globals['_STEPREPORT_SCALARSENTRY']._serialized_options = b'8\001'
-  _globals['_PHASE']._serialized_start=756
-  _globals['_PHASE']._serialized_end=819
+  _globals['_DIRECTION']._serialized_start=952
+  _globals['_DIRECTION']._serialized_end=1037
+  _globals['_PHASE']._serialized_start=1039
+  _globals['_PHASE']._serialized_end=1102
   _globals['_STEPREPORT']._serialized_start=77
-  _globals['_STEPREPORT']._serialized_end=501
-  _globals['_STEPREPORT_SCALARSENTRY']._serialized_start=446
-  _globals['_STEPREPORT_SCALARSENTRY']._serialized_end=492
-  _globals['_TENSORSUMMARY']._serialized_start=504
-  _globals['_TENSORSUMMARY']._serialized_end=754
+  _globals['_STEPREPORT']._serialized_end=559
+  _globals['_STEPREPORT_SCALARSENTRY']._serialized_start=504
+  _globals['_STEPREPORT_SCALARSENTRY']._serialized_end=550
+  _globals['_NONFINITEORIGIN']._serialized_start=562
+  _globals['_NONFINITEORIGIN']._serialized_end=697
+  _globals['_TENSORSUMMARY']._serialized_start=700
+  _globals['_TENSORSUMMARY']._serialized_end=950
 # @@protoc_insertion_point(module_scope)

@@ -10,17 +10,26 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class Direction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DIRECTION_UNSPECIFIED: _ClassVar[Direction]
+    DIRECTION_FORWARD: _ClassVar[Direction]
+    DIRECTION_BACKWARD: _ClassVar[Direction]
+
 class Phase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     PHASE_UNSPECIFIED: _ClassVar[Phase]
     PHASE_TRAIN: _ClassVar[Phase]
     PHASE_EVAL: _ClassVar[Phase]
+DIRECTION_UNSPECIFIED: Direction
+DIRECTION_FORWARD: Direction
+DIRECTION_BACKWARD: Direction
 PHASE_UNSPECIFIED: Phase
 PHASE_TRAIN: Phase
 PHASE_EVAL: Phase
 
 class StepReport(_message.Message):
-    __slots__ = ("run_id", "rank", "step", "sequence", "capture_time", "step_seconds", "phase", "loss", "learning_rates", "scalars", "tensors", "dropped_reports", "final")
+    __slots__ = ("run_id", "rank", "step", "sequence", "capture_time", "step_seconds", "phase", "loss", "learning_rates", "scalars", "tensors", "dropped_reports", "final", "nonfinite_origins")
     class ScalarsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +50,7 @@ class StepReport(_message.Message):
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     DROPPED_REPORTS_FIELD_NUMBER: _ClassVar[int]
     FINAL_FIELD_NUMBER: _ClassVar[int]
+    NONFINITE_ORIGINS_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     rank: int
     step: int
@@ -54,7 +64,22 @@ class StepReport(_message.Message):
     tensors: _containers.RepeatedCompositeFieldContainer[TensorSummary]
     dropped_reports: int
     final: bool
-    def __init__(self, run_id: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., sequence: _Optional[int] = ..., capture_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., step_seconds: _Optional[float] = ..., phase: _Optional[_Union[Phase, str]] = ..., loss: _Optional[float] = ..., learning_rates: _Optional[_Iterable[float]] = ..., scalars: _Optional[_Mapping[str, float]] = ..., tensors: _Optional[_Iterable[_Union[TensorSummary, _Mapping]]] = ..., dropped_reports: _Optional[int] = ..., final: _Optional[bool] = ...) -> None: ...
+    nonfinite_origins: _containers.RepeatedCompositeFieldContainer[NonFiniteOrigin]
+    def __init__(self, run_id: _Optional[str] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ..., sequence: _Optional[int] = ..., capture_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., step_seconds: _Optional[float] = ..., phase: _Optional[_Union[Phase, str]] = ..., loss: _Optional[float] = ..., learning_rates: _Optional[_Iterable[float]] = ..., scalars: _Optional[_Mapping[str, float]] = ..., tensors: _Optional[_Iterable[_Union[TensorSummary, _Mapping]]] = ..., dropped_reports: _Optional[int] = ..., final: _Optional[bool] = ..., nonfinite_origins: _Optional[_Iterable[_Union[NonFiniteOrigin, _Mapping]]] = ...) -> None: ...
+
+class NonFiniteOrigin(_message.Message):
+    __slots__ = ("direction", "module", "order", "observed", "nonfinite_count")
+    DIRECTION_FIELD_NUMBER: _ClassVar[int]
+    MODULE_FIELD_NUMBER: _ClassVar[int]
+    ORDER_FIELD_NUMBER: _ClassVar[int]
+    OBSERVED_FIELD_NUMBER: _ClassVar[int]
+    NONFINITE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    direction: Direction
+    module: str
+    order: int
+    observed: str
+    nonfinite_count: int
+    def __init__(self, direction: _Optional[_Union[Direction, str]] = ..., module: _Optional[str] = ..., order: _Optional[int] = ..., observed: _Optional[str] = ..., nonfinite_count: _Optional[int] = ...) -> None: ...
 
 class TensorSummary(_message.Message):
     __slots__ = ("tensor_id", "count", "nan_count", "inf_count", "zero_count", "sum", "sum_squares", "min", "max", "histogram", "histogram_offset", "sum_cubes")
