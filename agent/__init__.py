@@ -41,7 +41,9 @@ def watch(model, optimizer=None, *, run: str | None = None, collector: str | Non
     every: log every N-th optimizer step (default 1). schedule: a schedule spec instead, e.g.
     "dense:100,every:10+burst:50" (agent/capture/schedule.py). select: what to watch, e.g. "preset:business" or
     "exclude:*.bias,types:Linear" (agent/capture/select.py). After a local NaN/Inf the agent captures every step
-    for `burst_steps` (default 50) steps.
+    for `burst_steps` (default 50) steps. On every step, due or not, it also checks every leaf module's output
+    and output gradient on the device and reports where a NaN/Inf was born (agent/capture/origin.py; off with
+    select "origin:off" or GRADWATCH_AGENT_ORIGIN=0).
     """
     cfg = config or AgentConfig.from_env(collector=collector, every=every, token=token, select=select,
                                          schedule=schedule)

@@ -41,6 +41,8 @@ DEFAULT_INPUTS_MAX_CHANNELS = 64   # observe_inputs: per-channel statistics for 
 DEFAULT_LABELS_MAX_CLASSES = 1000  # observe_inputs: classes counted one by one; higher labels count as overflow
 DEFAULT_KERNELS = "auto"           # fused statistics kernels (agent/stats/kernels.py): auto | sync | torch
 DEFAULT_UNITS_MAX = 65536          # units (channels, features) per watched ReLU whose activity is counted (0: off)
+DEFAULT_ORIGIN = True              # check every leaf module's output and output gradient for NaN/Inf, every step
+DEFAULT_FLUSH_NONFINITE = True     # export a report with a NaN/Inf origin or loss at once, not at the next interval
 
 
 def _schedule_parser():
@@ -118,6 +120,11 @@ class AgentConfig(Settings):
                                       aliases=("GRADWATCH_LABELS_MAX_CLASSES",))
     units_max: int = setting(DEFAULT_UNITS_MAX, "units per watched ReLU module whose activity is counted for dead "
                              "units (0: off)", form=integer(ge=0), aliases=("GRADWATCH_UNITS_MAX",))
+    origin: bool = setting(DEFAULT_ORIGIN, "NaN/Inf origin check: every leaf module's output and its gradient, "
+                           "on every step, names where NaN/Inf was born (agent/capture/origin.py; also "
+                           "`origin:off` in `select`)")
+    flush_nonfinite: bool = setting(DEFAULT_FLUSH_NONFINITE, "export a report with a NaN/Inf origin or a "
+                                    "non-finite loss at once instead of at the next `export_interval_s`")
     kernels: str = setting(DEFAULT_KERNELS, "statistics kernels: `auto` builds the fused CPU kernel in the "
                            "background and uses plain torch ops until it is ready, `sync` waits for it at "
                            "`watch()`, `torch` never uses the fused kernels", form=choice("auto", "sync", "torch"),
@@ -130,12 +137,13 @@ class AgentConfig(Settings):
 
     def selection(self):
         """The effective Selection: `select` when given, else parameters and gradients with the
-        `histogram` and `activations` switches."""
+        `histogram` and `activations` switches; the origin check only where both `origin` and the
+        selection leave it on."""
         from gradwatch.agent.capture.select import Selection
 
-        if self.select:
-            return Selection.parse(self.select)
-        return Selection(histogram=self.histogram, activations=self.activations)
+        selection = Selection.parse(self.select) if self.select else Selection(histogram=self.histogram,
+                                                                                activations=self.activations)
+        return selection if self.origin else selection.replace(origin=False)
 
     def validate(self) -> AgentConfig:
         host, _, port = self.collector.rpartition(":")

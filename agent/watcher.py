@@ -5,7 +5,10 @@ the update (after backward, after GradScaler's unscale_, before zero_grad), and 
 what the update did (updates, optimizer state) and queues the one async copy of the step's statistics
 to pinned host memory. Without an optimizer, the user's `watcher.step()` call is the window.
 Integrations whose optimizer step runs forward and backward inside it (Lightning's closures) set
-`external_window` and call `capture_window()` where the gradients are final. Scalars passed to
+`external_window` and call `capture_window()` where the gradients are final. The window also ends the
+step's NaN/Inf origin checks (agent/capture/origin.py), which run on every step: a step that is not due
+goes to the reader too, and becomes a report (origins and loss) only when it found NaN/Inf. Sequence
+numbers are given on the reader thread, to reports only, in submission order. Scalars passed to
 `watcher.step()` later are copied straight into the same host slot; `watcher.step(phase="eval", ...)`
 sends an evaluation report of scalars only. Every public entry point swallows its own errors (counted):
 the agent must never raise into the training loop. The device side lives in agent/capture/step.py.
@@ -26,16 +29,17 @@ import torch
 
 from gradwatch.agent.capture.distributed import distributed_info
 from gradwatch.agent.capture.inputs import label_scalars
+from gradwatch.agent.capture.origin import on_zero_grad, origins
 from gradwatch.agent.capture.schedule import Burst, parse
 from gradwatch.agent.capture.snapshots import SnapshotTaker
-from gradwatch.agent.capture.step import Capture, CapturedStep
+from gradwatch.agent.capture.step import Capture, CapturedStep, CheckedStep
 from gradwatch.agent.capture.topology import ModelTopology
 from gradwatch.agent.config import AgentConfig
 from gradwatch.agent.export import encode
 from gradwatch.agent.export.batch import ReportPipeline
 from gradwatch.agent.export.counters import AgentCounters
 from gradwatch.agent.export.exporter import Exporter
-from gradwatch.names import EVAL, TRAIN, lr_scalar
+from gradwatch.names import EVAL, LOSS, TRAIN, lr_scalar
 from gradwatch.v1 import report_pb2
 
 log = logging.getLogger("gradwatch.agent")
@@ -46,6 +50,7 @@ class FinalMarker:
     """The end of the run for this rank: goes through the reader in order, after every captured step."""
 
     report: report_pb2.StepReport
+    lost: int = 0
 
     def release(self) -> None:
         pass
@@ -92,8 +97,10 @@ class Watcher:
         self._histogram = self.selection.histogram
         self._highest_label = -1  # reader thread: the highest class seen so far
         self._step = 0  # the optimizer step in progress (its forward, backward and update)
-        self._sequence = 0
+        self._sequence = 0  # reader thread: the last report's
+        self._lost = 0  # training thread: reports lost (no free host slot) since the last submission
         self._pending: CapturedStep | None = None  # captured at the optimizer step, waiting for step() scalars
+        self._checked: CheckedStep | None = None  # that step's origin checks, waiting likewise
         self._opt_stepped = False
         self._held_scalars: dict[str, object] = {}  # scalars of watcher.step() calls between optimizer steps
         self._closed = False
@@ -103,14 +110,28 @@ class Watcher:
             Exporter.from_config(config), self._encode, self._registration(), self.counters,
             queue_size=config.queue_size, batch_reports=config.batch_reports, batch_bytes=config.batch_bytes,
             export_interval_s=config.export_interval_s, queue_bytes=config.queue_bytes, snapshots=self._snapshots,
+            flush_nonfinite=config.flush_nonfinite,
         )
         # Flush at interpreter exit too (bounded by shutdown_timeout_s), without keeping the watcher alive.
         ref = weakref.ref(self)
         atexit.register(lambda: (w := ref()) and w.close())
         self._hooks = []
+        self._windowed = False  # a capture window opened since the optimizer's last zero_grad()
         if optimizer is not None:
             self._hooks.append(optimizer.register_step_pre_hook(self._before_optimizer_step))
             self._hooks.append(optimizer.register_step_post_hook(self._after_optimizer_step))
+            if self._capture.origin is not None:  # GradScaler's skipped steps: see _on_zero_grad
+                self._hooks.append(on_zero_grad(optimizer, self._on_zero_grad))
+
+    def _on_zero_grad(self) -> None:
+        """A zero_grad() with no capture window since the last one threw away the gradients of a step that was
+        never made (GradScaler skipped it for a loss-scale overflow): their Inf is no origin."""
+        try:
+            if not self._windowed and not self._closed:
+                self._capture.origin.abandon_backward()
+            self._windowed = False
+        except Exception:
+            self._hook_error()
 
     @property
     def slots(self):
@@ -165,6 +186,7 @@ class Watcher:
                 return
             self._submit(self._pending, {**self._held_scalars, **scalars})
             return
+        self._checked = self._capture.close_origin(self._step)
         captured = self._begin() if self._due() else None
         if captured is not None:
             self._capture.finish(captured, updated=False)
@@ -221,53 +243,96 @@ class Watcher:
     def _open_window(self) -> None:
         if self._opt_stepped:  # the user does not call watcher.step(): every optimizer step is a step
             self._submit(self._pending, self._held_scalars)
-        elif self._pending is not None:  # an external window whose optimizer step never came
-            self._capture.drop(self._pending)
-            self._pending = None
+        else:  # an external window whose optimizer step never came: given up, its checks too
+            if self._pending is not None:
+                self._capture.drop(self._pending)
+            self._pending = self._checked = None
+        self._checked = self._capture.close_origin(self._step)
+        self._windowed = True
         self._pending = self._begin() if self._due() else None
 
     def _begin(self) -> CapturedStep | None:
         self._snapshots.on_logged_step(self._step)  # requested snapshots: device work and async copies only
         captured = self._capture.begin(self._step)
         if captured is None:
-            self._sequence += 1  # no host slot free: a report lost, and the sequence gap shows it
+            self._lost += 1  # no host slot free: a report lost, and the sequence gap shows it
         return captured
 
     def _submit(self, captured: CapturedStep | None, scalars: Mapping[str, object]) -> None:
+        checked, self._checked = self._checked, None
         if captured is not None:
             if not captured.copied:
                 self._capture.finish(captured, updated=False)
+            captured.origin = checked.origin if checked is not None else None
             self._send(captured, scalars)
+        elif checked is not None:
+            self._send(checked, scalars)
         self._pending = None
         self._opt_stepped = False
         self._held_scalars = {}
 
-    def _send(self, captured: CapturedStep, scalars: Mapping[str, object]) -> None:
-        captured.attach(scalars)
-        self._sequence += 1
-        captured.sequence = self._sequence
-        self.counters.captured += 1
-        if captured.host.is_pinned():
-            captured.event = torch.cuda.Event()
-            captured.event.record()
-        self._pipeline.submit(captured)
+    def _send(self, item: CapturedStep | CheckedStep, scalars: Mapping[str, object]) -> None:
+        item.attach(scalars)
+        item.lost, self._lost = self._lost, 0
+        if isinstance(item, CapturedStep):
+            self.counters.captured += 1
+            pinned = item.host.is_pinned()
+        else:
+            pinned = item.origin.host.is_pinned()
+        if pinned:
+            item.event = torch.cuda.Event()
+            item.event.record()
+        self._pipeline.submit(item)
 
     def _settle(self) -> None:
         """Flush or close: submit the step waiting for scalars; give up a window whose step never came."""
-        if self._pending is None:
+        if self._pending is None and self._checked is None:
             return
         if self._opt_stepped:
             self._submit(self._pending, self._held_scalars)
         else:
-            self._capture.drop(self._pending)
-            self._pending = None
+            if self._pending is not None:
+                self._capture.drop(self._pending)
+            self._pending = self._checked = None
 
     # ---- reader thread -------------------------------------------------------------------------
 
-    def _encode(self, captured: CapturedStep | FinalMarker) -> report_pb2.StepReport:
-        if isinstance(captured, FinalMarker):
-            return captured.report
-        captured.wait()
+    def _encode(self, item: CapturedStep | CheckedStep | FinalMarker) -> report_pb2.StepReport | None:
+        """The item's report with its sequence number, or None (a checked step that found nothing)."""
+        self._sequence += item.lost
+        try:
+            report = self._report(item)
+        except Exception:
+            self._sequence += isinstance(item, CapturedStep)  # a report lost: the gap shows it
+            raise
+        if report is not None:
+            self._sequence += 1
+            report.sequence = self._sequence
+        return report
+
+    def _report(self, item: CapturedStep | CheckedStep | FinalMarker) -> report_pb2.StepReport | None:
+        if isinstance(item, FinalMarker):
+            return item.report
+        item.wait()
+        found = origins(item.origin, self._capture.activations.exec_order) if item.origin is not None else []
+        if isinstance(item, CheckedStep):
+            loss = item.origin.read_loss()
+            if not found and (loss is None or math.isfinite(loss)):
+                return None
+            self.counters.unscheduled += 1
+            report = encode.step_report(self.run, self.rank, item.step, 0, item.capture_time,
+                                        report_pb2.PHASE_TRAIN, None, [], False,
+                                        {} if loss is None else {LOSS: loss}, [])
+        else:
+            report = self._captured_report(item)
+        report.nonfinite_origins.extend(found)
+        if self._burst is not None and report.phase == report_pb2.PHASE_TRAIN and (
+                found or any(t.nan_count or t.inf_count for t in report.tensors)
+                or (report.HasField("loss") and not math.isfinite(report.loss))):
+            self._burst.trigger(report.step)  # capture every step for a while, from the next due() on
+        return report
+
+    def _captured_report(self, captured: CapturedStep) -> report_pb2.StepReport:
         rows = captured.host.numpy()  # sync: reader thread, after the copy's event completed
         scalars = {}
         if captured.label_row is not None:
@@ -277,13 +342,8 @@ class Watcher:
         for i, name in enumerate(captured.tensor_scalars):
             scalars[name] = float(rows[-1][i])
         lrs = [scalars.pop(lr_scalar(i), math.nan) for i in range(captured.lr_groups)]
-        report = encode.step_report(self.run, self.rank, captured.step, captured.sequence, captured.capture_time,
-                                    captured.phase, rows, captured.present, self._histogram, scalars, lrs)
-        if self._burst is not None and captured.phase == report_pb2.PHASE_TRAIN and (
-                any(t.nan_count or t.inf_count for t in report.tensors)
-                or (report.HasField("loss") and not math.isfinite(report.loss))):
-            self._burst.trigger(captured.step)  # capture every step for a while, from the next due() on
-        return report
+        return encode.step_report(self.run, self.rank, captured.step, 0, captured.capture_time, captured.phase,
+                                  rows, captured.present, self._histogram, scalars, lrs)
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
@@ -298,11 +358,10 @@ class Watcher:
             return
         try:
             self._settle()
-            self._sequence += 1
             final = report_pb2.StepReport(run_id=self.run, rank=self.rank, step=max(self._step - 1, 0),
-                                          sequence=self._sequence, phase=report_pb2.PHASE_TRAIN, final=True)
+                                          phase=report_pb2.PHASE_TRAIN, final=True)
             final.capture_time.GetCurrentTime()
-            self._pipeline.submit(FinalMarker(final))
+            self._pipeline.submit(FinalMarker(final, self._lost))
             self._closed = True
             for h in self._hooks:
                 h.remove()

@@ -8,7 +8,10 @@ Variants:
   base               no telemetry
   item_sync          hand-rolled per-tensor norm / absmax / isfinite with .item() (3 host syncs per tensor)
   gradwatch          gradwatch.watch(model, opt): full statistics + log2 histogram, every step, exported
-                     over gRPC to an in-process collector stub on 127.0.0.1
+                     over gRPC to an in-process collector stub on 127.0.0.1; the NaN/Inf origin check off
+                     (GRADWATCH_AGENT_ORIGIN=0), as every gradwatch_* variant below but one
+  gradwatch_origin   the same with the origin check on (the default: every leaf module's output and output
+                     gradient, every step): its cost is this variant's median over gradwatch's
   gradwatch_torch    the same with the plain-torch statistics path instead of the fused CPU kernel
                      (GRADWATCH_KERNELS=torch: what a machine without a C++ compiler gets)
   gradwatch_nohist   the same without histograms
@@ -139,7 +142,8 @@ class Variant:
             # "sync": the fused kernel is built (or loaded from the cache) before the first step, not during them.
             agent = AgentConfig(collector=target, every=10 if name.endswith("every10") else 1,
                                 histogram=not name.endswith("nohist"),
-                                kernels="torch" if name.endswith("_torch") else "sync")
+                                kernels="torch" if name.endswith("_torch") else "sync",
+                                origin=name.endswith("_origin"))
             self.watcher = gradwatch.watch(self.model, self.opt, run=f"bench-{name}", config=agent)
 
     def run(self, n):
@@ -180,7 +184,8 @@ def main() -> int:
     size.add_argument("--small", action="store_true", help="small model (default on a CPU)")
     size.add_argument("--full", action="store_true", help="GPT-2-small shape (default on a GPU)")
     ap.add_argument("--variants",
-                    default="base,item_sync,gradwatch,gradwatch_torch,gradwatch_nohist,gradwatch_every10,tb_hist,wandb_all")
+                    default="base,item_sync,gradwatch,gradwatch_origin,gradwatch_torch,gradwatch_nohist,gradwatch_every10,"
+                            "tb_hist,wandb_all")
     ap.add_argument("--burst", type=int, default=4, help="steps per variant and round (a third for tb/wandb)")
     ap.add_argument("--rounds", type=int, default=30, help="interleaved rounds over all variants")
     ap.add_argument("--out")
@@ -242,6 +247,10 @@ def main() -> int:
         if gw and k not in ("gradwatch", "base") and gw - base > 0:
             ratio = f"   {(r['median_ms'] - base) / (gw - base):6.1f}x gradwatch's added cost"
         print(f"{k:18s} overhead {r['overhead_pct']:8.1f} %{ratio}")
+    origin = res["variants"].get("gradwatch_origin", {}).get("median_ms")
+    if gw and origin:
+        res["origin_check_pct"] = 100 * (origin - gw) / gw
+        print(f"origin check: gradwatch_origin over gradwatch {res['origin_check_pct']:+.2f} % median step time")
     if a.out:
         with open(a.out, "w") as f:
             json.dump(res, f, indent=1)

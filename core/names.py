@@ -24,6 +24,11 @@ gives a meaning and the aggregator reads back; both spell them only through this
                                  its channel c
   <module>:units                 ACTIVATION tensor: per-unit  capture/activations.py,  state.py (its own kind:
                                  activity counts              capture/units.py         dead units, not outputs)
+  <module>:output,               a module's output and the    capture/activations.py,  rules/nonfinite.py
+  <module>:output.grad           gradient with respect to it  capture/origin.py        (NonFiniteOrigin.observed)
+  (loss)                         NonFiniteOrigin.module when  capture/origin.py        rules/nonfinite.py
+                                 the loss's own gradient was
+                                 already non-finite
   train, eval                    a report's phase             watcher.step(phase=)     the JSON API's `phase`
 """
 
@@ -94,3 +99,12 @@ def split_channel(name: str) -> tuple[str, int | None]:
 
 # Per-unit activity counts of a rectifier module: an ACTIVATION tensor "<module>:units".
 UNITS_SUFFIX = ":units"
+
+# A module's output and the gradient with respect to it: ACTIVATION and ACTIVATION_GRADIENT tensor names, and
+# what a NonFiniteOrigin observed.
+OUTPUT_SUFFIX = ":output"
+OUTPUT_GRAD_SUFFIX = ":output.grad"
+
+# The NonFiniteOrigin module of a backward pass whose first gradient checked (the model output's, from the
+# loss) was non-finite already.
+LOSS_MODULE = "(loss)"

@@ -22,10 +22,11 @@ from collections.abc import Callable
 
 import torch
 
+from gradwatch.agent.capture.origin import leaf_modules
 from gradwatch.agent.capture.slots import TensorSlot
 from gradwatch.agent.capture.units import UnitActivity, is_rectifier
 from gradwatch.agent.stats.summarize import Summarizer
-from gradwatch.names import UNITS_SUFFIX
+from gradwatch.names import OUTPUT_GRAD_SUFFIX, OUTPUT_SUFFIX, UNITS_SUFFIX
 from gradwatch.v1 import run_pb2
 
 # Under torch.compile the hooks run eagerly at a graph break of their own: tracing them would compile the
@@ -49,9 +50,9 @@ class ActivationHooks:
         """Order hooks on every leaf module; statistics of the `capture` modules' outputs (`outputs`) and of
         the gradients with respect to them (`gradients`); with `outputs` and `max_units` > 0, unit activity
         of the rectifiers among them. Slots: every output, then every gradient, then every rectifier's units."""
-        kinds = [(run_pb2.TENSOR_KIND_ACTIVATION, ":output")] if outputs else []
+        kinds = [(run_pb2.TENSOR_KIND_ACTIVATION, OUTPUT_SUFFIX)] if outputs else []
         if gradients:
-            kinds.append((run_pb2.TENSOR_KIND_ACTIVATION_GRADIENT, ":output.grad"))
+            kinds.append((run_pb2.TENSOR_KIND_ACTIVATION_GRADIENT, OUTPUT_GRAD_SUFFIX))
         self.slots = [
             TensorSlot(id=start_id + len(capture) * k + i, name=path + suffix, kind=kind, module_path=path, order=i,
                        shape=(), dtype="", numel=0, partition=run_pb2.PARTITION_PER_RANK)
@@ -72,7 +73,7 @@ class ActivationHooks:
                         module_path=path, order=i, shape=(), dtype="float32", numel=0,
                         partition=run_pb2.PARTITION_PER_RANK))
         slot_of = {path: i for i, (path, _) in enumerate(capture)}
-        leaves = [(path, m) for path, m in model.named_modules() if path and next(m.children(), None) is None]
+        leaves = leaf_modules(model)  # with nn.MultiheadAttention, whose own child never runs
         self.exec_order: dict[str, int] = {}
         self.present: dict[int, TensorSlot] = {}  # this step's activation rows, with their element counts
         self.errors = 0  # exceptions swallowed in hooks; the watcher moves them into its counters

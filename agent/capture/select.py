@@ -80,6 +80,7 @@ class Selection:
     histogram: bool = True              # log2-magnitude histograms on top of the scalar statistics
     leaf_modules_only: bool = True      # activation hooks on modules without children only
     max_tensors: int | None = None      # None: no budget
+    origin: bool = True                 # the always-on NaN/Inf origin check of every leaf module (capture/origin.py)
 
     def __post_init__(self):
         for name in _PATTERN_FIELDS:
@@ -123,8 +124,9 @@ class Selection:
 
         Comma-separated `key:value` items; `|` separates several values. Keys: `preset`, `include`,
         `exclude`, `types`, `max_tensors`, and the on/off switches `parameters`, `gradients`, `activations`,
-        `activation_gradients`, `updates`, `optimizer_state`, `histogram`, `leaf_modules_only` (1/0,
-        true/false, yes/no, on/off).
+        `activation_gradients`, `updates`, `optimizer_state`, `histogram`, `leaf_modules_only`, `origin` (1/0,
+        true/false, yes/no, on/off). `origin:off` turns off the NaN/Inf origin check, which include, exclude
+        and types do not narrow: it checks every leaf module.
         A bare preset name is short for `preset:NAME`. The preset applies first wherever it is written;
         an empty spec gives `Selection()`.
         """
@@ -231,7 +233,7 @@ def _parse_value(key: str, value: str) -> object:
 
 # parse() key -> Selection field ("types" is the short spelling of module_types).
 _PARSE_KEYS = {"preset": "preset", "include": "include", "exclude": "exclude", "types": "module_types",
-               "max_tensors": "max_tensors", **{k: k for k in (*_KIND_FIELDS, "leaf_modules_only")}}
+               "max_tensors": "max_tensors", **{k: k for k in (*_KIND_FIELDS, "leaf_modules_only", "origin")}}
 
 # Least to most expensive (as cockpit's "economy" | "business" | "full"); each captures a superset of the
 # one before it. Per step, economy costs two tensors per parameter, business adds one per leaf module and

@@ -1,8 +1,10 @@
 """The device side of a watcher: the tensor dictionary, the statistics buffer, and one step's capture.
 
 `Capture` owns the slots (one buffer row each), the hooks and observers that fill rows during a step
-(activations and their gradients, inputs and labels), the update and optimizer-state captures, and the
-pool of host slots that the statistics are copied into. The Watcher decides when (`begin` at the
+(activations and their gradients, inputs and labels), the update and optimizer-state captures, the
+pool of host slots that the statistics are copied into, and the NaN/Inf origin check that runs on every
+step (agent/capture/origin.py): a step that is not captured still hands its checks to the reader as a
+`CheckedStep`, reported only when it found NaN/Inf. The Watcher decides when (`begin` at the
 capture window, `finish` after the update); everything here is device work queued on the training
 thread, with one async copy per captured step.
 
@@ -24,6 +26,7 @@ import torch
 
 from gradwatch.agent.capture.activations import ActivationHooks
 from gradwatch.agent.capture.inputs import InputObserver
+from gradwatch.agent.capture.origin import OriginCheck, OriginWindow
 from gradwatch.agent.capture.select import Selection
 from gradwatch.agent.capture.slots import TensorSlot, build_slots
 from gradwatch.agent.capture.updates import OptimizerStates, Updates
@@ -31,7 +34,7 @@ from gradwatch.agent.config import AgentConfig
 from gradwatch.agent.export.counters import AgentCounters
 from gradwatch.agent.stats.layout import NCOLS
 from gradwatch.agent.stats.summarize import Summarizer
-from gradwatch.names import lr_scalar
+from gradwatch.names import LOSS, lr_scalar
 from gradwatch.v1 import report_pb2, run_pb2
 
 
@@ -48,13 +51,14 @@ class CapturedStep:
     host: torch.Tensor  # statistics rows (one per slot id), then the class counts, then a row for scalars
     present: list
     phase: int = report_pb2.PHASE_TRAIN
-    sequence: int = 0              # given at submission, so sequences follow submission order
     event: object | None = None
     copied: bool = False           # the copy of the statistics into `host` is queued
     label_row: int | None = None   # first host row of the class counts, when labels were observed
     lr_groups: int = 0             # scalars lr/0 .. lr/{n-1} are the learning rates
     scalars: dict = field(default_factory=dict)        # Python floats
     tensor_scalars: list = field(default_factory=list)  # names of scalar-row slots, in slot order
+    origin: OriginWindow | None = None  # the step's NaN/Inf checks
+    lost: int = 0                       # reports lost on the training thread just before this one
     release: Callable[[], None] = _nothing
 
     def wait(self) -> None:
@@ -73,6 +77,29 @@ class CapturedStep:
                 self.tensor_scalars.append(name)
             elif isinstance(value, (int, float)):
                 self.scalars[name] = float(value)
+
+
+@dataclass
+class CheckedStep:
+    """A step that was not captured, with its NaN/Inf checks: the reader reports it (origins and loss)
+    only when it holds an origin or a non-finite loss."""
+
+    step: int
+    capture_time: float
+    origin: OriginWindow
+    event: object | None = None
+    lost: int = 0
+
+    def wait(self) -> None:
+        if self.event is not None:
+            self.event.synchronize()  # sync: reader thread waits for the async device->host copy
+
+    def attach(self, scalars) -> None:
+        if LOSS in scalars:
+            self.origin.attach_loss(scalars[LOSS])
+
+    def release(self) -> None:
+        pass
 
 
 class Capture:
@@ -100,6 +127,10 @@ class Capture:
         self.summarizer = Summarizer(len(self.slots), device, sel.histogram, config.chunk_elements,
                                      config.kernels)
         self.activations.bind(self.summarizer, due)
+        self.origin = OriginCheck(model) if sel.origin else None
+        if self.origin is not None and not self.origin.paths:  # a bare module: nothing to check, nothing to send
+            self.origin.remove()
+            self.origin = None
         self.inputs = InputObserver(self.summarizer, self.add_slots, config.inputs_max_channels,
                                     config.labels_max_classes)
         self.pin = device.type == "cuda"
@@ -136,6 +167,16 @@ class Capture:
         captured = CapturedStep(step, time.time(), host, present)
         captured.release = lambda: self._release(captured.host)
         return captured
+
+    def close_origin(self, step: int) -> CheckedStep | None:
+        """The NaN/Inf checks of the step in progress, ended at its capture window (device work only)."""
+        if self.origin is None:
+            return None
+        if self.origin.errors or self.origin.unchecked:  # swallowed in hooks, counted here
+            self.counters.internal_errors += self.origin.errors
+            self.counters.origin_unchecked += self.origin.unchecked
+            self.origin.errors = self.origin.unchecked = 0
+        return CheckedStep(step, time.time(), self.origin.close())
 
     def finish(self, captured: CapturedStep, updated: bool) -> None:
         """After the update (`updated`): updates and optimizer state join. Then the one async copy of the
@@ -234,3 +275,5 @@ class Capture:
 
     def remove_hooks(self) -> None:
         self.activations.remove()
+        if self.origin is not None:
+            self.origin.remove()

@@ -7,9 +7,11 @@ The report queue has two bounds, a count (queue_size) and a memory budget (queue
 size of the reports held, waiting or in the batch being exported); exceeding either drops the oldest.
 
 submit() never blocks. The reader waits for each step's device->host copy (an event, off the training
-thread) and encodes it; the exporter batches reports, retries under one deadline and puts a batch
-back at the front of the queue when the collector is unreachable, so a short outage loses nothing
-while a long one costs the oldest reports, counted.
+thread) and encodes it (an item may make no report: a step whose NaN/Inf check found nothing). The
+exporter batches reports, retries under one deadline and puts a batch back at the front of the queue
+when the collector is unreachable, so a short outage loses nothing while a long one costs the oldest
+reports, counted. A report with a NaN/Inf origin or a non-finite loss wakes the exporter at once
+(`flush_nonfinite`): an alert must not wait for the batch to fill or the interval to pass.
 """
 
 from __future__ import annotations
@@ -32,6 +34,14 @@ from gradwatch.v1 import ingest_service_pb2, report_pb2, run_pb2
 log = logging.getLogger("gradwatch.agent")
 
 
+def _nonfinite(report: report_pb2.StepReport) -> bool:
+    """Where NaN/Inf was born, a non-finite loss, or NaN/Inf in a watched tensor: what an alert is raised on.
+    The last one matters on multi-rank runs: a rank whose gradients turned NaN in the all-reduce has no
+    origin of its own, and the aggregator judges the step only once every rank's report is in."""
+    if report.nonfinite_origins or (report.HasField("loss") and not math.isfinite(report.loss)):
+        return True
+    return any(t.nan_count or t.inf_count for t in report.tensors)
+
 
 def _steps(items) -> int:
     """How many of these are step reports: the agent's final end-of-run marker is not one."""
@@ -42,7 +52,7 @@ class ReportPipeline:
     def __init__(self, exporter: Exporter, encode: Callable[[object], report_pb2.StepReport],
                  registration: run_pb2.RunRegistration, counters: AgentCounters, *, queue_size: int,
                  batch_reports: int, batch_bytes: int, export_interval_s: float,
-                 queue_bytes: int = DEFAULT_QUEUE_BYTES, snapshots=None):
+                 queue_bytes: int = DEFAULT_QUEUE_BYTES, snapshots=None, flush_nonfinite: bool = True):
         self._exporter = exporter
         self._snapshots = snapshots  # agent/capture/snapshots.py SnapshotTaker: requests in, captured snapshots out
         self._encode = encode
@@ -54,6 +64,7 @@ class ReportPipeline:
         self._batch_reports = batch_reports
         self._batch_bytes = batch_bytes
         self._interval = export_interval_s
+        self._flush_nonfinite = flush_nonfinite
         self._pending: deque = deque()
         self._reports: deque[tuple[report_pb2.StepReport, int]] = deque()  # (report, its encoded size)
         self._waiting_bytes = 0   # sum of the sizes in _reports
@@ -106,7 +117,9 @@ class ReportPipeline:
                     captured = self._pending.popleft()
                     self._busy += 1
                 try:
-                    self._offer(self._encode(captured))
+                    report = self._encode(captured)
+                    if report is not None:
+                        self._offer(report)
                 except Exception:
                     self.counters.internal_errors += 1
                     log.exception("gradwatch: could not encode a step report")
@@ -130,7 +143,7 @@ class ReportPipeline:
             self._waiting_bytes += size
             self._enforce_bounds()
             full = len(self._reports) >= self._batch_reports
-        if full:
+        if full or (self._flush_nonfinite and _nonfinite(report)):
             self._wake_exporter.set()
 
     def _enforce_bounds(self) -> None:

@@ -17,3 +17,5 @@ class AgentCounters:
     export_errors: int = 0     # Export calls that failed after their retries
     internal_errors: int = 0   # agent bugs caught before they reached the training loop
     updates_over_budget: int = 0  # parameters whose updates are not watched: beyond updates_max_bytes (at watch)
+    unscheduled: int = 0       # reports of steps that were not due, sent for their NaN/Inf origin or loss
+    origin_unchecked: int = 0  # tensors the NaN/Inf origin check left out: past its per-step bound
