@@ -9,7 +9,7 @@ Statistics merge by their partition (run.proto): SHARDED tensors (FSDP, tensor p
 sums of squares over ranks; REPLICATED tensors (DDP parameters, all-reduced gradients) must agree
 across ranks and count once; PER_RANK tensors (activations) stay per rank. Only the small per-rank
 values the cross-rank rules need are kept: each replicated tensor's sum of squares, each rank's loss
-and gradient norm.
+and gradient norm, and its NaN/Inf evidence (non-finite tensors and origins, empty when healthy).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from gradwatch.v1 import run_pb2
 
 if TYPE_CHECKING:
-    from gradwatch.aggregator.state import ReportView, TensorMeta
+    from gradwatch.aggregator.state import Origin, ReportView, TensorMeta
 
 PARAMETER = run_pb2.TENSOR_KIND_PARAMETER
 GRADIENT = run_pb2.TENSOR_KIND_GRADIENT
@@ -43,6 +43,8 @@ class RankPart:
     metas: tuple[TensorMeta, ...]
     values: tuple[float, ...]
     time: float
+    nonfinite: list[tuple[TensorMeta, int]] = field(default_factory=list)  # the report's, as ReportView has them
+    origins: tuple[Origin, ...] = ()
 
     @property
     def grad_norm(self) -> float:
@@ -159,4 +161,5 @@ def part_of(view: ReportView) -> RankPart:
             values.append(sq)
             if kind == GRADIENT:
                 replicated_sq += sq
-    return RankPart(view.loss, sharded, replicated_sq, tuple(keys), tuple(metas), tuple(values), view.time)
+    return RankPart(view.loss, sharded, replicated_sq, tuple(keys), tuple(metas), tuple(values), view.time,
+                    view.nonfinite, view.origins)

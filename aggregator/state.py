@@ -1,7 +1,9 @@
 """Per-run state built from registrations and step reports: what /metrics shows and what rules see.
 
 Each report is applied on its own (cross-rank joins come later), at most once per (run, rank,
-sequence), within a fixed budget of layer series, and runs that stop reporting expire.
+sequence), within a fixed budget of layer series, and runs that stop reporting expire. A report may
+hold no tensors (a step that was not due, sent for its NaN/Inf origins): it moves the step, the loss
+and the rules on, and leaves the tensor gauges and the latest summaries as they were.
 """
 
 from __future__ import annotations
@@ -61,6 +63,29 @@ def unknown_tensor(tensor_id: int) -> TensorMeta:
     return TensorMeta.of(name, run_pb2.TENSOR_KIND_UNSPECIFIED, name, UNKNOWN_ORDER)
 
 
+FORWARD, BACKWARD = "forward", "backward"
+_DIRECTIONS = {report_pb2.DIRECTION_FORWARD: FORWARD, report_pb2.DIRECTION_BACKWARD: BACKWARD}
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where the agent's always-on check saw NaN/Inf born on one rank in one step (report.proto's
+    NonFiniteOrigin): the first leaf module whose output held NaN/Inf in forward, or the module whose
+    backward turned a finite output gradient into a non-finite one ("(loss)": the loss's own gradient)."""
+
+    direction: str   # FORWARD or BACKWARD
+    module: str      # the blamed leaf module's path
+    order: int       # its forward execution index in the step
+    observed: str    # the tensor that held the values: "<module>:output" or "<module>:output.grad"
+    count: int       # NaN and Inf elements of `observed`
+
+
+def origins_of(report: report_pb2.StepReport) -> tuple[Origin, ...]:
+    """The report's origins; one of a direction this aggregator does not know is skipped."""
+    return tuple(Origin(d, o.module, o.order, o.observed, o.nonfinite_count) for o in report.nonfinite_origins
+                 if (d := _DIRECTIONS.get(o.direction)) is not None)
+
+
 @dataclass(slots=True)
 class ReportView:
     """What the rules see of one applied report. `tensors` holds the report's summaries as they came
@@ -84,6 +109,11 @@ class ReportView:
     applied_at: float = 0.0                # this aggregator's clock when the report was applied
     final: bool = False                    # the rank's end-of-run marker: only StalledTraining looks at it
     scalars: dict[str, float] = field(default_factory=dict)  # the report's user scalars (accuracy, labels/<c>)
+    origins: tuple[Origin, ...] = ()       # where the agent saw NaN/Inf born (at most one per direction)
+    # A training report of a multi-rank run: `joined` when the cross-rank join took it (rules that judge
+    # across ranks wait for its step to close), `late` when that step had already closed without it.
+    joined: bool = False
+    late: bool = False
 
     def of_kind(self, kind: int) -> list[tuple[TensorMeta, report_pb2.TensorSummary]]:
         return self.by_kind.get(kind, [])
@@ -326,8 +356,9 @@ class State:
         if dropped:
             self.counters.add("series_dropped", dropped)
         lr = max(report.learning_rates) if report.learning_rates else None
+        origins = origins_of(report) if report.nonfinite_origins else ()
         view = ReportView(run, report.rank, step, t, loss, grad_norms, global_norm, bad, rank.layer_order, by_kind,
-                          train, lr, now, scalars=scalars)
+                          train, lr, now, scalars=scalars, origins=origins)
         if rs.world_size > 1 and train:
             self._join(rs, view)
         if report.rank == 0 or report.rank == min(rs.ranks):  # the lowest rank's reports
@@ -340,7 +371,10 @@ class State:
         late = rs.join.late
         self._closed(rs, rs.join.add(view, rs.world_size))
         if rs.join.late > late:
+            view.late = True
             self.counters.add("late_reports")
+        else:
+            view.joined = True
 
     def _closed(self, rs: RunState, steps: list[JoinedStep]) -> None:
         for joined in steps:

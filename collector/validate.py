@@ -1,7 +1,7 @@
 """Checks of one decoded StepReport, RunRegistration or Snapshot: a reason string when it must be refused, else None.
 
 Only what would break Redis keys, the aggregator or dashboards is refused. NaN and Inf inside statistics
-are data, never a reason.
+are data, never a reason; a report without tensors (a step sent only for its NaN/Inf origins) is valid.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from gradwatch.limits import BOUNDS, KINDS, LABEL_BYTES, REQUEST_ID_RE, REQUEST_ID_RULE
+from gradwatch.names import OUTPUT_GRAD_SUFFIX
 from gradwatch.stats import HIST_BUCKETS
 from gradwatch.streams import RUN_ID_RULE, valid_run_id
 from gradwatch.v1.report_pb2 import StepReport
@@ -28,6 +29,12 @@ def report_problem(report: StepReport, max_tensors: int, max_string_bytes: int) 
     too_long = _too_long(report.scalars, max_string_bytes)
     if too_long is not None:
         return f"scalar name {too_long}"
+    # NaN/Inf origins: a module path, and the tensor seen, "<module>:output" or "<module>:output.grad".
+    origins = report.nonfinite_origins
+    too_long = (_too_long((o.module for o in origins), max_string_bytes)
+                or _too_long((o.observed for o in origins), max_string_bytes + len(OUTPUT_GRAD_SUFFIX)))
+    if too_long is not None:
+        return f"NaN/Inf origin {too_long}"
     for summary in report.tensors:
         # A histogram past the last bucket cannot be merged with anyone else's: it is a broken agent.
         if summary.histogram_offset + len(summary.histogram) > HIST_BUCKETS:

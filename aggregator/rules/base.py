@@ -12,6 +12,7 @@ from gradwatch.aggregator.alerts.record import FIRING, Alert, Hysteresis, iso
 from gradwatch.aggregator.config import AggregatorConfig
 from gradwatch.aggregator.counters import Counters
 from gradwatch.aggregator.state import ReportView, TensorMeta
+from gradwatch.names import LOSS_MODULE
 from gradwatch.v1 import run_pb2
 
 CRITICAL = "critical"
@@ -19,7 +20,7 @@ WARNING = "warning"
 INFO = "info"
 SEVERITIES = (INFO, WARNING, CRITICAL)
 GLOBAL_LAYER = "(global)"
-LOSS_LAYER = "(loss)"
+LOSS_LAYER = LOSS_MODULE  # the loss, where an alert names a layer
 RUN_LAYER = "(run)"
 KINDS = {"parameter": run_pb2.TENSOR_KIND_PARAMETER, "gradient": run_pb2.TENSOR_KIND_GRADIENT,
          "activation": run_pb2.TENSOR_KIND_ACTIVATION, "input": run_pb2.TENSOR_KIND_INPUT,

@@ -21,8 +21,9 @@ from gradwatch.aggregator.rules.activations import DeadReLU, SaturatedActivation
 from gradwatch.aggregator.rules.base import KINDS, SEVERITIES, Rule, RuleSettings
 from gradwatch.aggregator.rules.data import ClassImbalance, InputDataDrift, UnnormalizedInput
 from gradwatch.aggregator.rules.debug import GradientCheckFailed
-from gradwatch.aggregator.rules.gradients import ExplodingGradient, NonFinite, VanishingGradient
+from gradwatch.aggregator.rules.gradients import ExplodingGradient, VanishingGradient
 from gradwatch.aggregator.rules.loss import LossNotDecreasing, LossSpike, StalledTraining
+from gradwatch.aggregator.rules.nonfinite import NonFinite
 from gradwatch.aggregator.rules.ranks import RankDivergence
 from gradwatch.aggregator.rules.tensors import AllZero, PoorWeightInitialization, TensorVariance, UnchangedTensor
 from gradwatch.aggregator.rules.training import Overfit, Overtraining, WeightUpdateRatio

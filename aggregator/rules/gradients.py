@@ -1,5 +1,6 @@
-"""Gradient rules, evaluated on every applied report: pure classes that turn ReportViews into alert
-transitions (firing / resolved). No I/O here: the consumer writes what they return."""
+"""Gradient-norm rules, evaluated on every applied report: pure classes that turn ReportViews into alert
+transitions (firing / resolved). No I/O here: the consumer writes what they return. NaN/Inf is
+NonFinite's (rules/nonfinite.py)."""
 
 from __future__ import annotations
 
@@ -9,72 +10,13 @@ from collections import deque
 
 from gradwatch.aggregator.alerts.record import FIRING, Alert, fmt, iso, times
 from gradwatch.aggregator.config import AggregatorConfig
-from gradwatch.aggregator.rules.base import CRITICAL, GLOBAL_LAYER, LOSS_LAYER, WARNING, Rule, Streaks, where
-from gradwatch.aggregator.state import UNKNOWN_ORDER, ReportView, TensorMeta
+from gradwatch.aggregator.rules.base import CRITICAL, GLOBAL_LAYER, WARNING, Rule, Streaks, where
+from gradwatch.aggregator.state import UNKNOWN_ORDER, ReportView
 from gradwatch.stats import summary_moments
 from gradwatch.v1 import run_pb2
 
-# Inputs come before every module in the forward pass; a parameter is the cause, its module's
-# activation the effect, so it wins a tie within one layer.
-_FORWARD = (run_pb2.TENSOR_KIND_INPUT, run_pb2.TENSOR_KIND_PARAMETER, run_pb2.TENSOR_KIND_ACTIVATION)
-_BACKWARD = (run_pb2.TENSOR_KIND_GRADIENT, run_pb2.TENSOR_KIND_ACTIVATION_GRADIENT)
 CRITICAL_FACTOR = 1000.0
 _where = where
-
-
-class NonFinite(Rule):
-    """NaN/Inf in any watched tensor, or a non-finite loss. Names the tensor where it started: the
-    first in forward execution order among inputs, parameters and activations, else the first in
-    backward order (highest forward order) among gradients. Always critical."""
-
-    name = "NonFinite"
-
-    def evaluate(self, view: ReportView) -> list[Alert]:
-        key = (view.run, self.name)
-        loss_bad = view.loss is not None and not math.isfinite(view.loss)
-        bad = view.nonfinite
-        if bad and not self.layers.everything:
-            bad = [b for b in bad if self.layers(b[0].layer)]
-        if bad or loss_bad:
-            alert = self.incidents.bad(key, view, lambda: self._fire(view, bad, loss_bad))
-        else:
-            alert = self.incidents.clear(key, view, lambda a: a.resolve(
-                view.step, view.time, 0.0,
-                f"No NaN/Inf for at least {self.incidents.resolve_after} consecutive reports up to step {view.step}; "
-                f"the incident began at step {a.step} in layer {a.layer} {_where(view)}"))
-        return [alert] if alert else []
-
-    @staticmethod
-    def origin(bad: list[tuple[TensorMeta, int]]) -> tuple[TensorMeta, int, str] | None:
-        forward = [b for b in bad if b[0].kind in _FORWARD]
-        if forward:
-            meta, n = min(forward, key=lambda b: (b[0].kind != _FORWARD[0], b[0].order, b[0].kind != _FORWARD[1]))
-            return meta, n, "forward"
-        backward = [b for b in bad if b[0].kind in _BACKWARD]
-        if backward:
-            meta, n = max(backward, key=lambda b: b[0].order)  # max() keeps the first of equals
-            return meta, n, "backward"
-        if bad:  # updates, optimizer state, unknown tensors: earliest module first
-            meta, n = min(bad, key=lambda b: b[0].order)
-            return meta, n, "forward"
-        return None
-
-    def _fire(self, view: ReportView, bad: list[tuple[TensorMeta, int]], loss_bad: bool) -> Alert:
-        found = self.origin(bad)
-        loss_note = f"; the loss is {view.loss}" if loss_bad else ""
-        if found is None:
-            layer, tensor, value = LOSS_LAYER, "loss", float(view.loss)
-            summary = f"Loss is {view.loss} at step {view.step} while every watched tensor is finite {_where(view)}"
-        else:
-            meta, n, direction = found
-            layer, tensor, value = meta.layer, meta.name, float(n)
-            others = len(bad) - 1
-            spread = f"; {others} more tensor{'s' if others != 1 else ''} non-finite" if others else ""
-            summary = (f"NaN/Inf at step {view.step} started in layer {layer}: {n} non-finite values in "
-                       f"{meta.kind_name} {tensor}, the first non-finite tensor in {direction} order"
-                       f"{spread}{loss_note} {_where(view)}")
-        return Alert(self.name, FIRING, view.run, view.step, view.rank, layer, tensor, value, 0.0,
-                     self.settings.severity or CRITICAL, summary, iso(view.time))
 
 
 class _Window:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 import threading
 import time
@@ -22,6 +23,8 @@ DEFAULT_STEPS = 300
 DEFAULT_BLOWUP_STEP = 200
 DEFAULT_BLOWUP_FACTOR = 1e6
 ALERT_WAIT_S = 20.0  # generous: a loaded 2-core CI machine must not make the demo flaky
+# NonFinite's summary names the pass where the NaN/Inf started (aggregator/rules/nonfinite.py).
+_PASS = re.compile(r" in the (forward|backward) pass: ")
 
 
 @dataclass
@@ -70,14 +73,25 @@ class AlertPrinter(threading.Thread):
                     if alert.get("run") != self.run_id:
                         continue
                     self.alerts.append(alert)
-                    mark = "ALERT" if alert.get("status") == "firing" else "resolved"
-                    print(f"  >>> {mark} [{alert.get('severity')}] {alert.get('rule')} at step {alert.get('step')}, "
-                          f"layer {alert.get('layer')}: {alert.get('summary')}", file=self.out, flush=True)
+                    print(alert_line(alert), file=self.out, flush=True)
 
     def wait_for(self, rules: set[str], timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and not rules <= {a.get("rule") for a in self.alerts}:
             time.sleep(0.1)
+
+
+def where(alert: dict) -> str:
+    """Where an alert points: the layer, for NonFinite the pass (forward or backward) and the tensor, the
+    rank and the step."""
+    found = _PASS.search(alert.get("summary") or "") if alert.get("rule") == "NonFinite" else None
+    detail = f" in the {found.group(1)} pass ({alert.get('tensor')})" if found else ""
+    return f"layer {alert.get('layer')}{detail}, rank {alert.get('rank')}, step {alert.get('step')}"
+
+
+def alert_line(alert: dict) -> str:
+    mark = "ALERT" if alert.get("status") == "firing" else "resolved"
+    return f"  >>> {mark} [{alert.get('severity')}] {alert.get('rule')} at {where(alert)}: {alert.get('summary')}"
 
 
 def train(watcher_factory, steps: int, blowup_step: int, factor: float, out=sys.stdout) -> object:
@@ -155,8 +169,7 @@ def print_summary(result: DemoResult, out=sys.stdout) -> bool:
     print(f"  run {result.run}: {result.steps} steps, {c.exported} reports exported, {c.dropped} dropped, "
           f"{c.skipped_busy} skipped, {c.internal_errors} agent errors", file=out)
     for a in firing:
-        print(f"  alert {a.get('rule')} ({a.get('severity')}) at step {a.get('step')} names layer "
-              f"{a.get('layer')!r}", file=out)
+        print(f"  alert {a.get('rule')} ({a.get('severity')}): {where(a)}", file=out)
     if result.metrics_sample:
         print("  a few of the series Prometheus would scrape:", file=out)
         for line in result.metrics_sample[:6]:

@@ -9,7 +9,7 @@ import pytest
 from gradwatch.aggregator.config import AggregatorConfig
 from gradwatch.aggregator.counters import Counters
 from gradwatch.aggregator.state import State
-from gradwatch.v1 import report_pb2
+from gradwatch.v1 import report_pb2, run_pb2
 
 
 @pytest.fixture
@@ -70,3 +70,25 @@ def test_failed_registration_lookup_is_retried(build):
     assert calls == [0, 0] and "fc2" in view.grad_norms
     s.apply("demo", build.report(2))
     assert calls == [0, 0]  # once known, never asked again
+
+
+def test_an_origin_only_report_moves_the_step_and_keeps_the_tensor_gauges(state, build):
+    """A step that was not due, sent for its NaN/Inf origin: no tensors, a loss, one origin."""
+    state.apply("demo", build.report(10, loss=1.0, grad=5.0))
+    view = state.apply("demo", build.report(11, loss=math.nan, tensors=False, origins={"forward": "fc1"}))
+    assert view.origins[0].direction == "forward" and view.origins[0].module == "fc1"
+    assert (view.origins[0].observed, view.origins[0].count, view.nonfinite, view.by_kind) == ("fc1:output", 7, [], {})
+    assert view.global_grad_norm is None and view.grad_norms == {}
+    (run,) = state.views()
+    assert run.step == 11 and math.isnan(run.loss)
+    assert run.grad_norm == pytest.approx(10.0)  # the last gradients' norm stays: this step had none
+    assert dict((n, g) for n, g, _, _ in run.layers)["fc1"] == pytest.approx(5.0)
+    assert len(run.tensors[run_pb2.TENSOR_KIND_PARAMETER]) == 4  # the latest summaries: step 10's
+    state.apply("demo", build.report(9, seq=50, tensors=False, origins={"backward": "fc2"}))  # late: no step back
+    assert state.views()[0].step == 11
+
+
+def test_an_origin_of_an_unknown_direction_is_skipped(state, build):
+    report = build.report(3, tensors=False, origins={"forward": "fc1"})
+    report.nonfinite_origins.add(direction=7, module="fc2", observed="fc2:output", nonfinite_count=1)
+    assert [o.module for o in state.apply("demo", report).origins] == ["fc1"]

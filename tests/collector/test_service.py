@@ -15,7 +15,7 @@ from gradwatch.cli.redis_server import RedisServer
 from gradwatch.streams import FIELD_REGISTRATION, FIELD_REPORT, RUNS_KEY, registrations_key, reports_key
 from gradwatch.v1.ingest_service_pb2 import ExportRequest, ExportResponse
 from gradwatch.v1.ingest_service_pb2_grpc import IngestServiceStub
-from gradwatch.v1.report_pb2 import StepReport, TensorSummary
+from gradwatch.v1.report_pb2 import DIRECTION_BACKWARD, DIRECTION_FORWARD, NonFiniteOrigin, StepReport, TensorSummary
 from gradwatch.v1.run_pb2 import RunRegistration, TensorInfo
 
 RUN = "run-1"
@@ -116,6 +116,8 @@ def test_empty_request_is_ok(stub, redis_client):
     (report(tensors=[TensorSummary(tensor_id=i) for i in range(3)]), "3 tensors, more than the limit of 2"),
     (report(scalars={"n" * 65: 1.0}), "longer than 64 bytes"),
     (report(tensors=[TensorSummary(histogram=[1, 1], histogram_offset=63)]), "runs past bucket 64"),
+    (report(nonfinite_origins=[NonFiniteOrigin(direction=DIRECTION_FORWARD, module="m" * 65)]), "NaN/Inf origin"),
+    (report(nonfinite_origins=[NonFiniteOrigin(module="m", observed="m" * 77)]), "longer than 76 bytes"),
 ])
 def test_invalid_report_is_refused_alone(start_collector, redis_client, bad, reason):
     collector = start_collector(max_tensors_per_report=2, max_string_bytes=64)
@@ -130,6 +132,21 @@ def test_invalid_report_is_refused_alone(start_collector, redis_client, bad, rea
     assert entries(redis_client) == [{FIELD_REPORT: good.SerializeToString()}]
     assert collector.metrics.value("gradwatch_collector_refused_total", reason="invalid_report") == 1
     assert collector.metrics.value("gradwatch_collector_reports_total") == 1
+
+
+def test_a_report_of_origins_and_no_tensors_is_accepted(start_collector, redis_client):
+    """A step that was not due, sent for its NaN/Inf origins: a loss and origins, no tensors."""
+    collector = start_collector(max_string_bytes=64)
+    module = "m" * 64
+    origins = [NonFiniteOrigin(direction=DIRECTION_FORWARD, module=module, order=3, observed=f"{module}:output",
+                               nonfinite_count=5),
+               NonFiniteOrigin(direction=DIRECTION_BACKWARD, module="(loss)", order=9, observed=f"{module}:output.grad",
+                               nonfinite_count=1)]
+    only = report(3, tensors=[], loss=math.nan, nonfinite_origins=origins)
+    with grpc.insecure_channel(collector.target) as channel:
+        response = IngestServiceStub(channel).Export(ExportRequest(reports=[only]), timeout=5)
+    assert response.partial_success.rejected_reports == 0, response.partial_success.error_message
+    assert entries(redis_client) == [{FIELD_REPORT: only.SerializeToString()}]
 
 
 @pytest.mark.parametrize(("bad", "reason"), [

@@ -1,8 +1,8 @@
-"""Rule tables: sequences of reports in, alert transitions out (no Redis: rules are pure)."""
+"""Rule tables for the gradient-norm rules: sequences of reports in, alert transitions out (no Redis: rules are
+pure). NonFinite's are in test_nonfinite.py."""
 
 from __future__ import annotations
 
-import json
 import math
 import random
 
@@ -15,7 +15,7 @@ from gradwatch.aggregator.state import State
 
 LAYERS = ("embed", "fc1", "fc2", "head")
 F, R = "firing", "resolved"
-XG, NF = "ExplodingGradient", "NonFinite"
+XG = "ExplodingGradient"
 
 
 def steady(step: int, layer: str) -> float:
@@ -87,49 +87,6 @@ def test_exploding_gradient(build, steps, grad, expected):
     assert [(a.step, a.status, a.rule, a.layer) for a in alerts] == expected
 
 
-NAN_GRADS = {("fc1", "gradient"): 5, ("fc2", "gradient"): 3, ("embed", "gradient"): 1}
-NAN_FORWARD = {("fc2", "parameter"): 2, ("head", "parameter"): 4, ("head", "activation"): 9, ("embed", "gradient"): 7}
-
-NONFINITE = [
-    pytest.param({20: NAN_GRADS}, {}, [(20, F, NF, "fc2"), (25, R, NF, "fc2")],
-                 id="NaN in gradients: the first in backward order"),
-    pytest.param({20: NAN_FORWARD}, {}, [(20, F, NF, "fc2"), (25, R, NF, "fc2")],
-                 id="NaN in parameters: the first in forward order"),
-    pytest.param({20: {("fc1", "activation"): 1, ("head", "parameter"): 1}}, {},
-                 [(20, F, NF, "fc1"), (25, R, NF, "fc1")], id="an activation before a later parameter"),
-    pytest.param({}, {20: math.nan}, [(20, F, NF, "(loss)"), (25, R, NF, "(loss)")], id="non-finite loss only"),
-    pytest.param({s: NAN_GRADS for s in range(20, 100)}, {}, [(20, F, NF, "fc2")], id="persisting NaN: one alert"),
-    pytest.param({20: NAN_GRADS, 22: NAN_GRADS, 24: NAN_GRADS}, {}, [(20, F, NF, "fc2"), (29, R, NF, "fc2")],
-                 id="intermittent NaN: one incident"),
-    pytest.param({20: NAN_GRADS, 40: NAN_GRADS}, {}, [(20, F, NF, "fc2"), (25, R, NF, "fc2")],
-                 id="recurrence within the cooldown is suppressed"),
-    pytest.param({20: NAN_GRADS, 80: NAN_GRADS}, {},
-                 [(20, F, NF, "fc2"), (25, R, NF, "fc2"), (80, F, NF, "fc2"), (85, R, NF, "fc2")],
-                 id="recurrence after the cooldown is a new incident"),
-    pytest.param({}, {}, [], id="finite training"),
-]
-
-
-@pytest.mark.parametrize(("nonfinite", "loss", "expected"), NONFINITE)
-def test_nonfinite(build, nonfinite, loss, expected):
-    alerts, _, _ = run_rules(build, 100, grad=steady, nonfinite=nonfinite, loss=loss)
-    assert [(a.step, a.status, a.rule, a.layer) for a in alerts] == expected
-
-
-def test_nonfinite_alert_fields(build):
-    alerts, engine, counters = run_rules(build, 100, nonfinite={20: NAN_GRADS, 40: NAN_GRADS})
-    firing, resolved = alerts
-    assert (firing.tensor, firing.value, firing.threshold, firing.severity, firing.rank) == (
-        "fc2.weight.grad", 3.0, 0.0, "critical", 0)
-    assert "started in layer fc2" in firing.summary and "backward order" in firing.summary
-    assert "(run demo, rank 0)" in firing.summary
-    assert firing.starts_at.endswith("Z") and firing.ends_at is None
-    assert resolved.starts_at == firing.starts_at and resolved.ends_at is not None
-    assert counters.get("alerts_suppressed") == 1
-    assert engine.firing() == []
-    assert json.loads(firing.to_json())["value"] == 3.0
-
-
 def test_exploding_alert_fields(build):
     alerts, _, _ = run_rules(build, 60, grad=spikes(flat, {30: {"fc2": 540}}))
     firing = alerts[0]
@@ -141,22 +98,6 @@ def test_exploding_alert_fields(build):
 def test_exploding_over_1000x_is_critical(build):
     alerts, _, _ = run_rules(build, 40, grad=spikes(flat, {30: {"fc1": 5000}}))
     assert alerts[0].severity == "critical" and "5000x" in alerts[0].summary
-
-
-def test_a_rank_still_bad_keeps_the_incident_open(build):
-    """Hysteresis counts clear reports per rank: rank 1 being fine does not resolve rank 0's NaN."""
-    config = AggregatorConfig(keep_firing_s=0)
-    state, engine = State(config, Counters()), RuleEngine(config)
-    for rank in (0, 1):
-        reg = build.registration(rank=rank)
-        state.register("demo", reg)
-    alerts = []
-    for step in range(40):
-        for rank in (0, 1):
-            bad = rank == 0 and 10 <= step < 20
-            view = state.apply("demo", build.report(step, rank=rank, nonfinite=NAN_GRADS if bad else None))
-            alerts.extend((a.step, a.rank, a.status) for a in engine.evaluate(view))
-    assert alerts == [(10, 0, F), (24, 0, R)]
 
 
 def test_nan_norm_and_eval_steps_do_not_break_exploding(build):
