@@ -9,10 +9,7 @@ every step, because DDP all-reduces them before the optimizer step the agent hoo
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-import time
 from datetime import timedelta
 
 import pytest
@@ -20,8 +17,8 @@ import torch
 from torch import nn
 
 import gradwatch
-from gradwatch.cli.redis_server import free_port
 from gradwatch.v1 import run_pb2
+from tests.scenarios.distributed.ranks import run_ranks
 
 WORLD_SIZE = 2
 STEPS = 5
@@ -65,27 +62,7 @@ def worker(rank: int, world_size: int, port: int, collector: str, steps: int) ->
 
 
 def test_ddp_ranks_report_consistent_names_and_equal_gradients(ingest, tmp_path):
-    port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if sys.platform == "linux":
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # containers whose hostname does not resolve
-    procs, logs = [], [tmp_path / f"rank{rank}.log" for rank in range(WORLD_SIZE)]
-    try:
-        for rank in range(WORLD_SIZE):
-            with open(logs[rank], "w") as out:
-                procs.append(subprocess.Popen(
-                    [sys.executable, __file__, str(rank), str(WORLD_SIZE), str(port), ingest.target, str(STEPS)],
-                    stdout=out, stderr=subprocess.STDOUT, env=env))
-        deadline = time.monotonic() + JOB_TIMEOUT_S
-        for proc in procs:
-            proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
-    finally:
-        for proc in procs:  # on a timeout or an error: no child outlives the test
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
-    for rank, proc in enumerate(procs):
-        assert proc.returncode == 0, f"rank {rank} exited {proc.returncode}:\n{logs[rank].read_text()[-4000:]}"
+    run_ranks(__file__, WORLD_SIZE, tmp_path, JOB_TIMEOUT_S, lambda rank: [ingest.target, str(STEPS)])
 
     registrations = [reg for req in ingest.requests for reg in req.registrations]
     assert sorted((r.rank, r.world_size, r.run_id) for r in registrations) == [(0, 2, RUN), (1, 2, RUN)]

@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
 import sys
-import time
 from datetime import timedelta
 
 import pytest
@@ -28,6 +25,7 @@ from gradwatch.aggregator.counters import Counters
 from gradwatch.aggregator.state import State
 from gradwatch.cli.redis_server import free_port
 from gradwatch.v1 import run_pb2
+from tests.scenarios.distributed.ranks import run_ranks
 
 WORLD_SIZE = 2
 STEPS = 3
@@ -110,28 +108,8 @@ def worker(rank: int, world_size: int, port: int, collector: str, out: str) -> N
 
 
 def run_job(ingest, tmp_path) -> list[dict]:
-    port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if sys.platform == "linux":
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    procs, logs = [], [tmp_path / f"rank{rank}.log" for rank in range(WORLD_SIZE)]
     outs = [tmp_path / f"rank{rank}.json" for rank in range(WORLD_SIZE)]
-    try:
-        for rank in range(WORLD_SIZE):
-            with open(logs[rank], "w") as log:
-                procs.append(subprocess.Popen(
-                    [sys.executable, __file__, str(rank), str(WORLD_SIZE), str(port), ingest.target, str(outs[rank])],
-                    stdout=log, stderr=subprocess.STDOUT, env=env))
-        deadline = time.monotonic() + JOB_TIMEOUT_S
-        for proc in procs:
-            proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
-    for rank, proc in enumerate(procs):
-        assert proc.returncode == 0, f"rank {rank} exited {proc.returncode}:\n{logs[rank].read_text()[-4000:]}"
+    run_ranks(__file__, WORLD_SIZE, tmp_path, JOB_TIMEOUT_S, lambda rank: [ingest.target, str(outs[rank])])
     return [json.loads(out.read_text()) for out in outs]
 
 

@@ -10,10 +10,7 @@ rank runs this file as a script, as test_ddp.py does.
 from __future__ import annotations
 
 import math
-import os
-import subprocess
 import sys
-import time
 from datetime import timedelta
 
 import pytest
@@ -21,8 +18,8 @@ import torch
 from torch import nn
 
 import gradwatch
-from gradwatch.cli.redis_server import free_port
 from gradwatch.v1 import report_pb2, run_pb2
+from tests.scenarios.distributed.ranks import run_ranks
 
 WORLD_SIZE = 2
 STEPS, BAD_STEP, BAD_RANK = 3, 2, 1
@@ -107,27 +104,7 @@ def worker(rank: int, world_size: int, port: int, collector: str, mode: str) -> 
 
 
 def run_job(ingest, tmp_path, mode: str) -> None:
-    port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if sys.platform == "linux":
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # containers whose hostname does not resolve
-    procs, logs = [], [tmp_path / f"rank{rank}.log" for rank in range(WORLD_SIZE)]
-    try:
-        for rank in range(WORLD_SIZE):
-            with open(logs[rank], "w") as out:
-                procs.append(subprocess.Popen(
-                    [sys.executable, __file__, str(rank), str(WORLD_SIZE), str(port), ingest.target, mode],
-                    stdout=out, stderr=subprocess.STDOUT, env=env))
-        deadline = time.monotonic() + JOB_TIMEOUT_S
-        for proc in procs:
-            proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
-    finally:
-        for proc in procs:  # on a timeout or an error: no child outlives the test
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
-    for rank, proc in enumerate(procs):
-        assert proc.returncode == 0, f"rank {rank} exited {proc.returncode}:\n{logs[rank].read_text()[-4000:]}"
+    run_ranks(__file__, WORLD_SIZE, tmp_path, JOB_TIMEOUT_S, lambda rank: [ingest.target, mode])
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without distributed")
