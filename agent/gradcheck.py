@@ -159,7 +159,7 @@ def _coordinates(numel: int, k: int, generator) -> list[int]:
         picked = torch.randperm(numel, generator=generator)[:k]
     else:  # no permutation of a huge embedding: draw, drop repeats
         picked = torch.randint(numel, (2 * k,), generator=generator).unique()[:k]
-    return sorted(picked.tolist())
+    return sorted(picked.tolist())  # sync: gradcheck is a debugging run on a model copy, not a training step
 
 
 def gradcheck(model, loss_fn: Callable, batch: object, *, eps: float = DEFAULT_EPS, samples: int = DEFAULT_SAMPLES,
@@ -199,12 +199,13 @@ def gradcheck(model, loss_fn: Callable, batch: object, *, eps: float = DEFAULT_E
         p.grad = None
     loss = evaluate(True)
     loss.backward()
+    # sync: host reads below are gradcheck's job (finite differences on a float64 copy, off any training step)
     j = loss.item()
     floor = tiny * max(abs(j), 1.0)
     report = GradcheckReport(loss=j, eps=eps, tolerance=tolerance, samples=samples)
     generator = torch.Generator().manual_seed(seed)
     for name, p in params:
-        analytic = (p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1).cpu()
+        analytic = (p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1).cpu()  # sync: as above
         flat = p.data.view(-1) if p.data.is_contiguous() else None
         worst = (-1.0, 0.0, 0, 0.0, 0.0)  # (relative, absolute, index, analytic, numeric)
         max_abs = 0.0
@@ -212,15 +213,15 @@ def gradcheck(model, loss_fn: Callable, batch: object, *, eps: float = DEFAULT_E
         for i in coords:
             at = tuple(int(x) for x in np.unravel_index(i, tuple(p.shape))) if flat is None else None
             with torch.no_grad():
-                original = (flat[i] if flat is not None else p.data[at]).item()
+                original = (flat[i] if flat is not None else p.data[at]).item()  # sync: as above
                 up, down = original + eps, original - eps
                 _set(p, flat, i, at, up)
-                plus = evaluate(False).item()
+                plus = evaluate(False).item()  # sync: as above
                 _set(p, flat, i, at, down)
-                minus = evaluate(False).item()
+                minus = evaluate(False).item()  # sync: as above
                 _set(p, flat, i, at, original)
             numeric = (plus - minus) / (up - down)  # the step actually taken, after rounding
-            a = analytic[i].item()
+            a = analytic[i].item()  # sync: as above
             err = abs(a - numeric)
             rel = err / max(abs(a), abs(numeric), floor)
             if not math.isfinite(rel):

@@ -276,10 +276,7 @@ class Watcher:
         item.lost, self._lost = self._lost, 0
         if isinstance(item, CapturedStep):
             self.counters.captured += 1
-            pinned = item.host.is_pinned()
-        else:
-            pinned = item.origin.host.is_pinned()
-        if pinned:
+        if item.host.is_pinned():
             item.event = torch.cuda.Event()
             item.event.record()
         self._pipeline.submit(item)

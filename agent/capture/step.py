@@ -90,6 +90,10 @@ class CheckedStep:
     event: object | None = None
     lost: int = 0
 
+    @property
+    def host(self) -> torch.Tensor:
+        return self.origin.host
+
     def wait(self) -> None:
         if self.event is not None:
             self.event.synchronize()  # sync: reader thread waits for the async device->host copy
