@@ -29,7 +29,7 @@ from starlette.routing import Route
 from gradwatch.aggregator.http import api, live_routes, snapshots
 from gradwatch.aggregator.http.live import LiveHub
 from gradwatch.aggregator.http.metrics import AggregatorView
-from gradwatch.aggregator.http.middleware import Compress, Guard, HeaderCase, RoutePath, TokenAuth, refuse
+from gradwatch.aggregator.http.middleware import Compress, Guard, RoutePath, TokenAuth, refuse
 from gradwatch.aggregator.http.responses import error, raw_path
 from gradwatch.aggregator.http.snapshots import SnapshotStore
 from gradwatch.logs import DedupLog
@@ -83,7 +83,7 @@ def build_app(backend: Backend) -> Starlette:
               middleware=[Middleware(AuthenticationMiddleware, backend=TokenAuth(), on_error=refuse)]),
         Route(f"{RUN}/snapshots/{{id}}", snapshots.one),
     ]
-    middleware = [Middleware(HeaderCase), Middleware(Guard), Middleware(RoutePath), Middleware(Compress)]
+    middleware = [Middleware(Guard), Middleware(RoutePath), Middleware(Compress)]
     app = Starlette(routes=routes, middleware=middleware, exception_handlers={404: _not_found, 405: _not_allowed})
     app.router.redirect_slashes = False  # RoutePath ignores trailing slashes already: never a redirect
     app.state.backend = backend

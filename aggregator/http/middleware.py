@@ -1,6 +1,5 @@
 """What every answer of the HTTP port passes through, outermost first (app.py puts them in this order):
 
-    HeaderCase  header names written as the former server wrote them (Content-Type, ETag)
     Guard       an endpoint's bug answers 500 and is logged once a minute per path; a client that hangs up
                 mid-answer is no error
     RoutePath   routes match the path as sent, trailing slash ignored
@@ -23,25 +22,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gradwatch.aggregator.http.responses import backend, error
 
 GZIP_MIN_BYTES = 16 << 10
-# Names str.title() would spell otherwise.
-_HEADER_NAMES = {b"etag": b"ETag", b"www-authenticate": b"WWW-Authenticate"}
-
-
-class HeaderCase:
-    """Starlette writes header names in lower case. HTTP lets clients ignore the case, but scripts that put
-    the headers in a plain dict (the tests among them) look up "Content-Type", as this port always wrote it."""
-
-    def __init__(self, app: ASGIApp):
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async def cased(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [(_HEADER_NAMES.get(name) or name.title(), value)
-                                      for name, value in message.get("headers", ())]
-            await send(message)
-
-        await self.app(scope, receive, cased if scope["type"] == "http" else send)
 
 
 class Guard:

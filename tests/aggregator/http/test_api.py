@@ -8,6 +8,7 @@ import json
 import socket
 import urllib.error
 import urllib.request
+from email.message import Message
 
 import numpy as np
 import pytest
@@ -36,13 +37,13 @@ def api(make_aggregator, build, publish, run_all):
     thread.join(5)
 
 
-def request(url: str, method: str = "GET", headers: dict | None = None) -> tuple[int, dict, bytes]:
+def request(url: str, method: str = "GET", headers: dict | None = None) -> tuple[int, Message, bytes]:
     req = urllib.request.Request(url, method=method, headers=headers or {})
     try:
         with urllib.request.urlopen(req, timeout=5) as resp:
-            return resp.status, dict(resp.headers), resp.read()
+            return resp.status, resp.headers, resp.read()  # header names: any case
     except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), e.read()
+        return e.code, e.headers, e.read()
 
 
 def get_json(url: str) -> tuple[int, dict]:

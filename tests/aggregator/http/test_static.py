@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import urllib.error
 import urllib.request
+from email.message import Message
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -29,13 +30,13 @@ class NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
-def request(url: str, headers: dict | None = None, follow: bool = True) -> tuple[int, dict, bytes]:
+def request(url: str, headers: dict | None = None, follow: bool = True) -> tuple[int, Message, bytes]:
     opener = urllib.request.build_opener(*([] if follow else [NoRedirect()]))
     try:
         with opener.open(urllib.request.Request(url, headers=headers or {}), timeout=5) as resp:
-            return resp.status, dict(resp.headers), resp.read()
+            return resp.status, resp.headers, resp.read()  # header names: any case
     except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), e.read()
+        return e.code, e.headers, e.read()
 
 
 def test_root_and_ui_redirect_to_the_page(base):
