@@ -8,8 +8,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from gradwatch.aggregator.report import UNITS
 from gradwatch.aggregator.rules.activations import saturated_fraction
-from gradwatch.aggregator.state import UNITS
 from gradwatch.stats import HIST_BUCKETS, HIST_MIN_EXPONENT, moments
 from gradwatch.v1 import run_pb2
 

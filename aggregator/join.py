@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from gradwatch.v1 import run_pb2
 
 if TYPE_CHECKING:
-    from gradwatch.aggregator.state import Origin, ReportView, TensorMeta
+    from gradwatch.aggregator.report import Origin, ReportView, TensorMeta
 
 PARAMETER = run_pb2.TENSOR_KIND_PARAMETER
 GRADIENT = run_pb2.TENSOR_KIND_GRADIENT

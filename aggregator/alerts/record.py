@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from gradwatch.aggregator.state import ReportView
+    from gradwatch.aggregator.report import ReportView
 
 FIRING = "firing"
 RESOLVED = "resolved"

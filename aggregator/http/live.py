@@ -17,7 +17,8 @@ from gradwatch.aggregator.alerts.record import Alert
 from gradwatch.aggregator.http.events import EventStream, sse
 from gradwatch.aggregator.http.metrics import AggregatorView
 from gradwatch.aggregator.http.views import layer_stats, num
-from gradwatch.aggregator.state import KIND_NAMES, RunView
+from gradwatch.aggregator.report import KIND_NAMES
+from gradwatch.aggregator.state import RunView
 from gradwatch.logs import DedupLog
 
 log = logging.getLogger("gradwatch.aggregator.http.live")

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import math
 
+from gradwatch.aggregator.report import UNITS, ReportView, TensorMeta
 from gradwatch.aggregator.rules.base import WARNING, TensorRule, pct
-from gradwatch.aggregator.state import UNITS, ReportView, TensorMeta
 from gradwatch.stats import HIST_MIN_EXPONENT, summary_moments
 from gradwatch.v1 import run_pb2
 

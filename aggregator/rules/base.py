@@ -11,7 +11,7 @@ from typing import ClassVar
 from gradwatch.aggregator.alerts.record import FIRING, Alert, Hysteresis, iso
 from gradwatch.aggregator.config import AggregatorConfig
 from gradwatch.aggregator.counters import Counters
-from gradwatch.aggregator.state import ReportView, TensorMeta
+from gradwatch.aggregator.report import ReportView, TensorMeta
 from gradwatch.names import LOSS_MODULE
 from gradwatch.v1 import run_pb2
 

@@ -17,6 +17,7 @@ from gradwatch.aggregator.alerts.record import Alert
 from gradwatch.aggregator.config import AggregatorConfig, env_name
 from gradwatch.aggregator.counters import Counters
 from gradwatch.aggregator.join import JoinedStep
+from gradwatch.aggregator.report import ReportView
 from gradwatch.aggregator.rules.activations import DeadReLU, SaturatedActivation
 from gradwatch.aggregator.rules.base import KINDS, SEVERITIES, Rule, RuleSettings
 from gradwatch.aggregator.rules.data import ClassImbalance, InputDataDrift, UnnormalizedInput
@@ -27,7 +28,6 @@ from gradwatch.aggregator.rules.nonfinite import NonFinite
 from gradwatch.aggregator.rules.ranks import RankDivergence
 from gradwatch.aggregator.rules.tensors import AllZero, PoorWeightInitialization, TensorVariance, UnchangedTensor
 from gradwatch.aggregator.rules.training import Overfit, Overtraining, WeightUpdateRatio
-from gradwatch.aggregator.state import ReportView
 from gradwatch.settings import ConfigError
 
 # Evaluation order: the causes (NaN, explosion, bad inputs) before their consequences.

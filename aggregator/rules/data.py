@@ -10,8 +10,8 @@ import math
 from collections import deque
 
 from gradwatch.aggregator.alerts.record import Alert, fmt, times
+from gradwatch.aggregator.report import ReportView, TensorMeta
 from gradwatch.aggregator.rules.base import LayerFilter, Rule, Streaks, pct, where
-from gradwatch.aggregator.state import ReportView, TensorMeta
 from gradwatch.names import LABELS_PREFIX, split_channel
 from gradwatch.stats import moments, summary_moments
 from gradwatch.v1 import run_pb2

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 
 from gradwatch.aggregator.alerts.record import FIRING, Alert, fmt, iso
+from gradwatch.aggregator.report import ReportView
 from gradwatch.aggregator.rules.base import CRITICAL, Rule
-from gradwatch.aggregator.state import ReportView
 from gradwatch.names import GRADCHECK_MAX_RELATIVE_ERROR, GRADCHECK_PASSED, GRADCHECK_PREFIX, GRADCHECK_SUMMARY
 
 

@@ -10,8 +10,8 @@ from collections import deque
 
 from gradwatch.aggregator.alerts.record import FIRING, Alert, fmt, iso, times
 from gradwatch.aggregator.config import AggregatorConfig
+from gradwatch.aggregator.report import UNKNOWN_ORDER, ReportView
 from gradwatch.aggregator.rules.base import CRITICAL, GLOBAL_LAYER, WARNING, Rule, Streaks, where
-from gradwatch.aggregator.state import UNKNOWN_ORDER, ReportView
 from gradwatch.stats import summary_moments
 from gradwatch.v1 import run_pb2
 

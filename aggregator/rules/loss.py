@@ -10,8 +10,8 @@ from collections import deque
 from dataclasses import dataclass
 
 from gradwatch.aggregator.alerts.record import FIRING, Alert, fmt, iso, times
+from gradwatch.aggregator.report import ReportView
 from gradwatch.aggregator.rules.base import LOSS_LAYER, RUN_LAYER, WARNING, Rule
-from gradwatch.aggregator.state import ReportView
 
 
 def _train_loss(view: ReportView) -> float | None:

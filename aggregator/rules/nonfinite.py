@@ -30,8 +30,8 @@ from typing import NamedTuple
 
 from gradwatch.aggregator.alerts.record import FIRING, Alert, iso
 from gradwatch.aggregator.join import JoinedStep
+from gradwatch.aggregator.report import BACKWARD, FORWARD, Origin, ReportView, TensorMeta
 from gradwatch.aggregator.rules.base import CRITICAL, LOSS_LAYER, Rule
-from gradwatch.aggregator.state import BACKWARD, FORWARD, Origin, ReportView, TensorMeta
 from gradwatch.names import LOSS_MODULE
 from gradwatch.v1 import run_pb2
 

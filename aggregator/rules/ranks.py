@@ -6,8 +6,8 @@ import math
 
 from gradwatch.aggregator.alerts.record import FIRING, Alert, fmt, iso
 from gradwatch.aggregator.join import JoinedStep
+from gradwatch.aggregator.report import ReportView, TensorMeta
 from gradwatch.aggregator.rules.base import CRITICAL, Rule
-from gradwatch.aggregator.state import ReportView, TensorMeta
 
 TINY = 1e-30
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import math
 
 from gradwatch.aggregator.alerts.record import Alert, fmt
+from gradwatch.aggregator.report import ReportView, TensorMeta
 from gradwatch.aggregator.rules.base import WARNING, Rule, TensorRule, pct
-from gradwatch.aggregator.state import ReportView, TensorMeta
 from gradwatch.stats import summary_moments
 from gradwatch.v1 import run_pb2
 

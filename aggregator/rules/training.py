@@ -9,8 +9,8 @@ from collections import deque
 from dataclasses import dataclass
 
 from gradwatch.aggregator.alerts.record import Alert, fmt, times
+from gradwatch.aggregator.report import UNKNOWN_ORDER, ReportView
 from gradwatch.aggregator.rules.base import LOSS_LAYER, Rule, Streaks, pct, where
-from gradwatch.aggregator.state import UNKNOWN_ORDER, ReportView
 from gradwatch.v1 import run_pb2
 
 PARAMETER = run_pb2.TENSOR_KIND_PARAMETER

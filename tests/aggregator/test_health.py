@@ -10,7 +10,8 @@ import pytest
 from gradwatch.aggregator.config import AggregatorConfig
 from gradwatch.aggregator.counters import Counters
 from gradwatch.aggregator.health import BOUNDS, layer_health, layer_histograms, merge_histograms
-from gradwatch.aggregator.state import UNITS, State, TensorMeta
+from gradwatch.aggregator.report import UNITS, TensorMeta
+from gradwatch.aggregator.state import State
 from gradwatch.v1 import report_pb2, run_pb2
 from tests.aggregator.rules.test_tensors import rounded_constant
 
