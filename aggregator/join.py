@@ -45,6 +45,9 @@ class RankPart:
     time: float
     nonfinite: list[tuple[TensorMeta, int]] = field(default_factory=list)  # the report's, as ReportView has them
     origins: tuple[Origin, ...] = ()
+    # TensorSummary.checksum of each of `keys` (None where the agent sent none: agents before it), for exact
+    # replica comparison (RankDivergence)
+    checksums: tuple[int | None, ...] = ()
 
     @property
     def grad_norm(self) -> float:
@@ -147,6 +150,7 @@ def part_of(view: ReportView) -> RankPart:
     keys: list[tuple[int, str]] = []
     metas: list[TensorMeta] = []
     values: list[float] = []
+    checksums: list[int | None] = []
     for kind in (PARAMETER, GRADIENT):
         for meta, s in view.of_kind(kind):
             if meta.partition == PER_RANK:
@@ -159,7 +163,8 @@ def part_of(view: ReportView) -> RankPart:
             keys.append((kind, meta.name))
             metas.append(meta)
             values.append(sq)
+            checksums.append(s.checksum if s.HasField("checksum") else None)
             if kind == GRADIENT:
                 replicated_sq += sq
     return RankPart(view.loss, sharded, replicated_sq, tuple(keys), tuple(metas), tuple(values), view.time,
-                    view.nonfinite, view.origins)
+                    view.nonfinite, view.origins, checksums=tuple(checksums))

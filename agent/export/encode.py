@@ -24,10 +24,15 @@ from gradwatch.agent.stats.layout import (
     COL_SUM,
     COL_SUMSQ,
     COL_ZERO,
+    checksum_of,
 )
 from gradwatch.limits import MAX_STRING_BYTES
 from gradwatch.names import LOSS
 from gradwatch.v1 import report_pb2, run_pb2
+
+# Kinds whose summaries carry the checksum: the replicated ones RankDivergence compares exactly (DDP parameters
+# and all-reduced gradients). 9 bytes a summary on the wire; other kinds have no replicas to compare.
+CHECKSUM_KINDS = frozenset({run_pb2.TENSOR_KIND_PARAMETER, run_pb2.TENSOR_KIND_GRADIENT})
 
 
 def _short(value: object) -> str:
@@ -84,6 +89,8 @@ def step_report(run_id: str, rank: int, step: int, sequence: int, capture_time: 
         )
         if slot.kind == run_pb2.TENSOR_KIND_INPUT:  # the only rows summarized with cubes (agent/capture/inputs.py)
             summary.sum_cubes = float(r[COL_CUBE])
+        elif slot.kind in CHECKSUM_KINDS:
+            summary.checksum = checksum_of(r)
         if histogram:
             hist = r[COL_HIST:]
             nonzero = np.flatnonzero(hist)

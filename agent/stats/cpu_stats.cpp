@@ -2,10 +2,12 @@
 // statistic of a summary row (agent/stats/summarize.py). The plain-torch path needs about a dozen passes and as
 // many temporaries per tensor; this is the CPU twin of the Triton kernel (agent/stats/triton_stats.py).
 //
-// Row layout (checked from Python against gradwatch.agent.summarize at load):
-//   nan, inf, zero, sum, sum of squares, min, max, sum of cubes, histogram[64]
+// Row layout (checked from Python against gradwatch.agent.stats.layout at load):
+//   nan, inf, zero, sum, sum of squares, min, max, sum of cubes, checksum low, checksum high, histogram[64]
 // Sums in float64 over finite values; the histogram counts finite non-zero values by floor(log2|x|),
-// read from the IEEE exponent bits, denormals in the underflow bucket 0.
+// read from the IEEE exponent bits, denormals in the underflow bucket 0. The checksum is the wrapping
+// 64-bit sum of every element's bits read as a signed integer of its width (uint64 adds: defined wrap),
+// kept as two exact float64 halves: low in [0, 2^32), high in [-2^31, 2^31).
 //
 // Plain pybind11 (no torch headers, so the build takes seconds): Python passes data pointers, element
 // counts and dtype codes, and the output row buffer's address. One thread, the GIL released. No OpenMP:
@@ -29,7 +31,7 @@ namespace py = pybind11;
 namespace {
 
 constexpr int kColNan = 0, kColInf = 1, kColZero = 2, kColSum = 3, kColSumSq = 4, kColMin = 5, kColMax = 6,
-              kColCube = 7, kColHist = 8;
+              kColCube = 7, kColCheckLo = 8, kColCheckHi = 9, kColHist = 10;
 constexpr int kHistBuckets = 64;
 constexpr int kHistMinExponent = -40;
 constexpr int kCols = kColHist + kHistBuckets;
@@ -40,12 +42,14 @@ enum Dtype { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kFloat16 = 3 };
 
 struct Partial {
   int64_t nan = 0, zero = 0;
+  uint64_t checksum = 0;  // wraps modulo 2^64
   double sum = 0, sumsq = 0, cube = 0, min = kInf, max = -kInf;  // min/max of nothing: the empty fold
   std::vector<int64_t> counts;  // per biased exponent; the top one holds NaN and Inf
 
   void merge(const Partial& p) {
     nan += p.nan;
     zero += p.zero;
+    checksum += p.checksum;
     sum += p.sum;
     sumsq += p.sumsq;
     cube += p.cube;
@@ -82,7 +86,9 @@ struct Format {
 using F32 = Format<uint32_t, 23, 0xFF>;
 using F64 = Format<uint64_t, 52, 0x7FF>;
 
-template <typename Fmt, bool Cubes>
+// Check: whether the scan sums the bits it reads into the checksum; not for widened 16-bit blocks, whose
+// checksum is of their original 16 bits (scan_tensor).
+template <typename Fmt, bool Cubes, bool Check = true>
 void scan(const typename Fmt::bits_t* bits, int64_t n, Partial& out) {
   using B = typename Fmt::bits_t;
   using V = std::conditional_t<sizeof(B) == 8, double, float>;
@@ -93,6 +99,7 @@ void scan(const typename Fmt::bits_t* bits, int64_t n, Partial& out) {
   // Independent accumulators per lane: consecutive elements never wait on each other's add or histogram
   // increment. Lanes fold in a fixed order, so results are deterministic.
   int64_t nan[kLanes] = {0}, zero[kLanes] = {0};
+  uint64_t check = 0;  // one accumulator: an integer add waits on nothing slow (lanes of it measured slower)
   double sum[kLanes] = {0}, sumsq[kLanes] = {0}, cube[kLanes] = {0};
   V lo[kLanes], hi[kLanes];
   std::fill(lo, lo + kLanes, std::numeric_limits<V>::infinity());
@@ -103,6 +110,7 @@ void scan(const typename Fmt::bits_t* bits, int64_t n, Partial& out) {
     bool finite = e != Fmt::mask;
     nan[l] += !finite && (b & kMantissa) != 0;
     zero[l] += (b & kMagnitude) == 0;
+    if constexpr (Check) check += uint64_t(int64_t(std::make_signed_t<B>(b)));  // sign-extended
     V v;
     std::memcpy(&v, &b, sizeof(V));
     double d = finite ? double(v) : 0.0;  // non-finite values are counted, never summed
@@ -117,6 +125,7 @@ void scan(const typename Fmt::bits_t* bits, int64_t n, Partial& out) {
     for (int l = 0; l < kLanes; ++l) step(l, bits[i + l]);
   for (; i < n; ++i) step(0, bits[i]);
   Partial part;
+  part.checksum = check;
   part.counts.assign(bins, 0);
   for (int l = 0; l < kLanes; ++l) {
     part.nan += nan[l];
@@ -147,7 +156,9 @@ void scan_tensor(const void* data, int64_t n, int dtype, bool cubes, Partial& ou
   std::vector<uint32_t> wide(std::min(n, kBlock));
   for (int64_t off = 0; off < n; off += kBlock) {
     int64_t len = std::min(kBlock, n - off);
+    uint64_t check = 0;
     for (int64_t i = 0; i < len; ++i) {
+      check += uint64_t(int64_t(int16_t(p[off + i])));  // the 16-bit pattern, sign-extended
       if (dtype == kBFloat16) {
         wide[i] = uint32_t(p[off + i]) << 16;
       } else {
@@ -156,7 +167,8 @@ void scan_tensor(const void* data, int64_t n, int dtype, bool cubes, Partial& ou
       }
     }
     Partial part;
-    cubes ? scan<F32, true>(wide.data(), len, part) : scan<F32, false>(wide.data(), len, part);
+    cubes ? scan<F32, true, false>(wide.data(), len, part) : scan<F32, false, false>(wide.data(), len, part);
+    part.checksum = check;
     out.merge(part);
   }
 }
@@ -166,8 +178,10 @@ void write_row(double* row, const Partial& total, bool histogram, bool accumulat
   // Widened 16-bit formats carry float32 exponents, which are their true exponents (a bf16 denormal keeps
   // exponent 0; a half denormal becomes a float32 normal), as torch's path reads them.
   const int mask = int(total.counts.size()) - 1, bias = mask / 2;
+  const int64_t high = int64_t(total.checksum) >> 32;  // arithmetic shift: the signed high half
   double values[kCols] = {double(total.nan), double(total.counts[mask] - total.nan), double(total.zero),
-                          total.sum, total.sumsq, total.min, total.max, total.cube};
+                          total.sum, total.sumsq, total.min, total.max, total.cube,
+                          double(total.checksum & 0xFFFFFFFFu), double(high)};
   if (histogram) {
     values[kColHist] = double(total.counts[0] - total.zero);  // denormals: the underflow bucket
     for (int e = 1; e < mask; ++e)
@@ -207,5 +221,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "gradwatch fused CPU statistics kernel (agent/stats/cpu_stats.cpp)";
   m.def("summarize_many", &summarize_many, py::arg("buffer"), py::arg("rows"), py::arg("addrs"),
         py::arg("numels"), py::arg("dtypes"), py::arg("histogram"), py::arg("accumulate"), py::arg("cubes"));
-  m.def("layout", [] { return py::make_tuple(kColHist, kHistBuckets, kHistMinExponent); });
+  m.def("layout", [] { return py::make_tuple(kColCheckLo, kColCheckHi, kColHist, kHistBuckets, kHistMinExponent); });
 }

@@ -76,11 +76,11 @@ class _CpuKernel:
 
     def _build(self) -> None:
         try:
-            from gradwatch.agent.stats.layout import COL_HIST
+            from gradwatch.agent.stats.layout import COL_CHECK_HI, COL_CHECK_LO, COL_HIST
             from gradwatch.stats import HIST_BUCKETS, HIST_MIN_EXPONENT
 
             module = self._load()
-            if tuple(module.layout()) != (COL_HIST, HIST_BUCKETS, HIST_MIN_EXPONENT):
+            if tuple(module.layout()) != (COL_CHECK_LO, COL_CHECK_HI, COL_HIST, HIST_BUCKETS, HIST_MIN_EXPONENT):
                 raise RuntimeError(f"built kernel's row layout {module.layout()} does not match this gradwatch")
             self.module = module
         except Exception as err:  # no compiler, no ninja, a read-only cache: the plain path still works

@@ -2,15 +2,15 @@
 
 Each watched tensor owns a row of `buffer` (float64, on the model's device):
 
-  nan, inf, zero, sum, sum of squares, min, max, sum of cubes, histogram[64]
+  nan, inf, zero, sum, sum of squares, min, max, sum of cubes, checksum (two halves), histogram[64]
 
-over its finite values (the row layout: agent/stats/layout.py; buckets: gradwatch.stats). The sum of cubes
-(skewness) is computed for input rows only (`cubes=True`); every other row holds 0 there, so parameters and
-gradients pay no extra pass. Everything here is device work queued on the training thread's stream; nothing
-reads a value back to the host. The fused kernels (agent/stats/kernels.py) do the work where they are ready:
-on the CPU one compiled pass per tensor, on CUDA one Triton launch per dtype for a whole `summarize_many`. The
-plain-torch path below is the fallback and the reference: a dozen ops per tensor, chunked so temporaries stay
-bounded.
+over its finite values, the checksum over all of its bits (the row layout: agent/stats/layout.py; buckets:
+gradwatch.stats). The sum of cubes (skewness) is computed for input rows only (`cubes=True`); every other
+row holds 0 there, so parameters and gradients pay no extra pass. Everything here is device work queued on
+the training thread's stream; nothing reads a value back to the host. The fused kernels
+(agent/stats/kernels.py) do the work where they are ready: on the CPU one compiled pass per tensor, on CUDA
+one Triton launch per dtype for a whole `summarize_many`. The plain-torch path below is the fallback and the
+reference: a dozen ops per tensor, chunked so temporaries stay bounded.
 Rows merge (`accumulate`) the way the aggregator merges summaries: counts and sums add, min/max fold.
 """
 
@@ -25,6 +25,7 @@ from gradwatch.agent.stats.layout import (
     COL_MAX,
     COL_MIN,
     NCOLS,
+    checksum,
     flat_elements,
     merge,
 )
@@ -156,6 +157,9 @@ class Summarizer:
         target.copy_(result.reshape(target.shape), non_blocking=True)
 
     def _row(self, x: torch.Tensor, cubes: bool) -> torch.Tensor:
+        # The checksum reads the bits as they are, before half or integers become float32 below.
+        sums = checksum(x)
+        high = sums >> 32
         spec = _EXPONENT_BITS.get(x.dtype)
         if spec is None:
             x = x.float()  # half (5-bit exponent: denormals matter), integers, fp8: a bounded temporary
@@ -176,6 +180,7 @@ class Summarizer:
             torch.nan_to_num(x, nan=_INF, posinf=_INF, neginf=_INF).amin(),
             torch.nan_to_num(x, nan=-_INF, posinf=-_INF, neginf=-_INF).amax(),
             torch.dot(cd * cd, cd) if cubes else self._zero,
+            sums - (high << 32), high,  # the checksum's halves (layout.checksum_halves)
         ]).double()
         if not self.histogram:
             return torch.cat([head, head.new_zeros(HIST_BUCKETS)])
@@ -210,6 +215,7 @@ class Summarizer:
             torch.nan_to_num(x, nan=_INF, posinf=_INF, neginf=_INF).amin(dims),
             torch.nan_to_num(x, nan=-_INF, posinf=-_INF, neginf=-_INF).amax(dims),
             squares.mul_(cd).sum(dims) if cubes else self._zero.expand(channels),
+            self._zero.expand(channels), self._zero.expand(channels),  # no checksums for input channels
         ], dim=1).double()
         if not self.histogram:
             return torch.cat([head, head.new_zeros(channels, HIST_BUCKETS)], dim=1)

@@ -7,9 +7,12 @@ Launches per call: one per element type present (float32, bfloat16, float64; flo
 dtype is read as a float32 copy, as `_row` does), whatever the tensor count. Each launch covers every block
 of every tensor of its type: a block table maps a program to (tensor, first element), and the tensors'
 base addresses travel as an int64 table that the kernel casts to pointers. A program writes one partial
-row (counts, float64 sums, finite min and max, log2 histogram) to a scratch tensor; then a fixed handful
-of torch ops fold the partials into rows and write them into the buffer (index_add_, scatter_reduce_ for
-min and max, index_copy_).
+row (counts, float64 sums, finite min and max, the checksum's two halves, log2 histogram) to a scratch
+tensor; then a fixed handful of torch ops fold the partials into rows and write them into the buffer
+(index_add_, scatter_reduce_ for min and max, index_copy_; the checksum's halves add over blocks like the
+sums, layout.py). The checksum is summed in the same read as everything else (int64 lanes: wrapping adds);
+tensors read as a float32 copy (float16, integers) get theirs from their own bits, one torch sum each
+(layout.checksum), written over the copy's.
 
 Memory: the scratch rows (576 bytes per block of 16384 elements: under 1% of what is read), float32 copies
 of float16 and other tensors, contiguous copies of strided ones (rare), and the small tables.
@@ -31,6 +34,8 @@ from dataclasses import dataclass
 import torch
 
 from gradwatch.agent.stats.layout import (
+    COL_CHECK_HI,
+    COL_CHECK_LO,
     COL_CUBE,
     COL_HIST,
     COL_INF,
@@ -41,6 +46,8 @@ from gradwatch.agent.stats.layout import (
     COL_SUMSQ,
     COL_ZERO,
     NCOLS,
+    checksum,
+    checksum_halves,
     flat_elements,
 )
 from gradwatch.stats import HIST_BUCKETS, HIST_MIN_EXPONENT
@@ -50,6 +57,8 @@ from gradwatch.stats import HIST_BUCKETS, HIST_MIN_EXPONENT
 # an H100's 132 SMs; the loop stops at the tensor's end, so a bias costs one short program. SUB over 8
 # warps is 4 lanes a thread (one 16-byte float32 load): 76 registers with the histogram (float64: 97;
 # ptxas, sm_90), 3 programs per SM. 8 lanes a thread took 130-180 registers and halved the warps in flight.
+# Those counts predate the checksum's int64 accumulator (4 lanes a thread: about 8 more registers), not
+# measured on a GPU since: above 85 registers a thread, float32 would drop to 2 programs per SM.
 BLOCK = 16384
 SUB = 1024
 NUM_WARPS = 8
@@ -60,7 +69,8 @@ _FORMATS = {
     torch.bfloat16: ("bfloat16", "float32", "int16", 7, 0xFF, 127),
     torch.float64: ("float64", "float64", "int64", 52, 0x7FF, 1023),
 }
-_COLS = (COL_NAN, COL_INF, COL_ZERO, COL_SUM, COL_SUMSQ, COL_MIN, COL_MAX, COL_CUBE, COL_HIST, NCOLS)
+_COLS = (COL_NAN, COL_INF, COL_ZERO, COL_SUM, COL_SUMSQ, COL_MIN, COL_MAX, COL_CUBE, COL_HIST, NCOLS, COL_CHECK_LO,
+         COL_CHECK_HI)
 
 
 def _interpreting() -> bool:
@@ -91,8 +101,8 @@ tl = None
 _fold = None
 
 
-def _fold_fn(s1, q1, lo1, hi1, c1, s2, q2, lo2, hi2, c2):
-    return s1 + s2, q1 + q2, tl.minimum(lo1, lo2), tl.maximum(hi1, hi2), c1 + c2
+def _fold_fn(s1, q1, lo1, hi1, c1, k1, s2, q2, lo2, hi2, c2, k2):
+    return s1 + s2, q1 + q2, tl.minimum(lo1, lo2), tl.maximum(hi1, hi2), c1 + c2, k1 + k2
 
 
 def _fused_stats(addrs, numels, block_tensor, block_start, partials, block_base,
@@ -100,7 +110,8 @@ def _fused_stats(addrs, numels, block_tensor, block_start, partials, block_base,
                  MASK: tl.constexpr, BIAS: tl.constexpr, HIST: tl.constexpr, BLOCK: tl.constexpr,
                  SUB: tl.constexpr, COLS: tl.constexpr, BUCKETS: tl.constexpr, MIN_EXPONENT: tl.constexpr):
     """The partial row block_base + program id of `partials`: one block of one tensor. COLS: the buffer's
-    columns (nan, inf, zero, sum, sum of squares, min, max, cube, histogram) and its width."""
+    columns (nan, inf, zero, sum, sum of squares, min, max, cube, histogram), its width, then the columns of
+    the checksum's low and high halves."""
     b = block_base + tl.program_id(0)
     t = tl.load(block_tensor + b)
     start = tl.load(block_start + b)
@@ -114,13 +125,16 @@ def _fused_stats(addrs, numels, block_tensor, block_start, partials, block_base,
     squares = tl.full([SUB], 0, tl.float64)
     lo = tl.full([SUB], float("inf"), EXTREMES)
     hi = tl.full([SUB], float("-inf"), EXTREMES)
+    check = tl.full([SUB], 0, tl.int64)  # the checksum: wrapping int64 adds of the sign-extended bits
     hist = tl.full([BUCKETS], 0, tl.int32)
     for i in range(0, (end - start + SUB - 1) // SUB):
         offs = start + i * SUB + lanes
         inside = offs < end
         bits = tl.load(x_ptr + offs, mask=inside, other=0)
         # The biased exponent from the bits, as _row reads it: all ones is NaN/Inf, zero is 0 or denormal.
-        exponent = ((bits.to(BITS, bitcast=True) >> SHIFT) & MASK).to(tl.int32)
+        ints = bits.to(BITS, bitcast=True)
+        exponent = ((ints >> SHIFT) & MASK).to(tl.int32)
+        check += ints.to(tl.int64)  # lanes past the end loaded 0: nothing added
         x = bits.to(EXTREMES)  # compared as float32 at least: the interpreter compares bfloat16 bit patterns
         finite = exponent != MASK
         keep = inside & finite
@@ -137,7 +151,7 @@ def _fused_stats(addrs, numels, block_tensor, block_start, partials, block_base,
             # NaN/Inf and lanes past the end are left out by the mask, never by an out-of-range bin.
             bucket = tl.minimum(tl.maximum(exponent - (BIAS + MIN_EXPONENT), 0), BUCKETS - 1)
             hist += tl.histogram(bucket, BUCKETS, mask=keep & (x != 0))
-    total, squares, lo, hi, counts = tl.reduce((total, squares, lo, hi, counts), 0, _fold)
+    total, squares, lo, hi, counts, check = tl.reduce((total, squares, lo, hi, counts, check), 0, _fold)
     nan = counts & 0x1FFFFF
     row = partials + b * COLS[9]
     tl.store(row + COLS[0], nan.to(tl.float64))
@@ -149,6 +163,9 @@ def _fused_stats(addrs, numels, block_tensor, block_start, partials, block_base,
     tl.store(row + COLS[6], hi.to(tl.float64))
     tl.store(row + COLS[7], 0.0)
     tl.store(row + COLS[8] + tl.arange(0, BUCKETS), hist.to(tl.float64))
+    high = check >> 32  # arithmetic: the signed high half; the low half in [0, 2^32) without a wide mask constant
+    tl.store(row + COLS[10], (check - (high << 32)).to(tl.float64))
+    tl.store(row + COLS[11], high.to(tl.float64))
 
 
 @functools.cache
@@ -181,6 +198,8 @@ class _Layout:
     rows: torch.Tensor
     block_tensor: torch.Tensor
     block_start: torch.Tensor
+    converted: list[int]  # positions of the tensors read as a float32 copy: their checksums come from torch
+    converted_index: torch.Tensor  # the same positions, on the device
 
 
 class FusedStats:
@@ -206,10 +225,11 @@ class FusedStats:
             return
         if buffer.is_cuda and _interpreting():  # the table's addresses would be read on the host
             raise RuntimeError("Triton's interpreter reads CPU tensors only")
-        flats = [_flat(t) for t in tensors]
-        key = (tuple(rows), tuple((f.dtype, f.numel()) for f in flats))
+        originals = [flat_elements(t) for t in tensors]
+        flats = [_readable(o) for o in originals]
+        key = (tuple(rows), tuple((o.dtype, o.numel()) for o in originals))
         if key != self._layout_key:
-            self._layout, self._layout_key = self._build_layout(rows, flats), key
+            self._layout, self._layout_key = self._build_layout(rows, originals, flats), key
             self._addrs_key = None  # the address table follows the layout's order
         layout = self._layout
         addrs_key = tuple(flats[i].data_ptr() for i in layout.order)
@@ -230,9 +250,12 @@ class FusedStats:
         # Folds that start from the empty fold, so a tensor without blocks (empty) gets +inf / -inf.
         out[:, COL_MIN].fill_(float("inf")).scatter_reduce_(0, index, partials[:, COL_MIN], "amin")
         out[:, COL_MAX].fill_(float("-inf")).scatter_reduce_(0, index, partials[:, COL_MAX], "amax")
+        if layout.converted:  # float16, integers: the checksum of their own bits, not of the float32 copy's
+            sums = torch.stack([checksum(originals[layout.order[p]]) for p in layout.converted])
+            out[:, COL_CHECK_LO: COL_CHECK_HI + 1].index_copy_(0, layout.converted_index, checksum_halves(sums))
         buffer.index_copy_(0, layout.rows, out)
 
-    def _build_layout(self, rows: Sequence[int], flats: list[torch.Tensor]) -> _Layout:
+    def _build_layout(self, rows: Sequence[int], originals: list[torch.Tensor], flats: list[torch.Tensor]) -> _Layout:
         by_dtype: dict[torch.dtype, list[int]] = {}
         for i, f in enumerate(flats):
             by_dtype.setdefault(f.dtype, []).append(i)
@@ -251,9 +274,12 @@ class FusedStats:
         first_block = torch.cumsum(per_tensor, 0) - per_tensor
         block_start = (torch.arange(len(block_tensor)) - first_block[block_tensor]) * self.block
         numels = torch.tensor(sizes, dtype=torch.int64)
-        table = self._upload(torch.cat([numels, torch.tensor([rows[i] for i in order]), block_tensor, block_start]))
+        converted = [p for p, i in enumerate(order) if originals[i].dtype != flats[i].dtype]
+        table = self._upload(torch.cat([numels, torch.tensor([rows[i] for i in order]), block_tensor, block_start,
+                                        torch.tensor(converted, dtype=torch.int64)]))
         n, b = len(order), len(block_tensor)
-        return _Layout(order, groups, b, table[:n], table[n: 2 * n], table[2 * n: 2 * n + b], table[2 * n + b:])
+        return _Layout(order, groups, b, table[:n], table[n: 2 * n], table[2 * n: 2 * n + b],
+                       table[2 * n + b: 2 * n + 2 * b], converted, table[2 * n + 2 * b:])
 
     def _upload(self, host: torch.Tensor) -> torch.Tensor:
         if self.device.type != "cuda":
@@ -262,10 +288,9 @@ class FusedStats:
         return host.pin_memory().to(self.device, non_blocking=True)
 
 
-def _flat(t: torch.Tensor) -> torch.Tensor:
-    """`t`'s elements (flat_elements) as a contiguous tensor of a dtype the kernel reads: a view unless a copy
-    is unavoidable."""
-    t = flat_elements(t)
+def _readable(t: torch.Tensor) -> torch.Tensor:
+    """A tensor's elements (`t`: flat_elements) as a contiguous tensor of a dtype the kernel reads: a view
+    unless a copy is unavoidable."""
     if t.dtype not in _FORMATS:
         t = t.float()  # float16 (its denormals would be ours to find), integers, fp8: as _row does
     return t.contiguous()

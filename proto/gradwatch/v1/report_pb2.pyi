@@ -82,7 +82,7 @@ class NonFiniteOrigin(_message.Message):
     def __init__(self, direction: _Optional[_Union[Direction, str]] = ..., module: _Optional[str] = ..., order: _Optional[int] = ..., observed: _Optional[str] = ..., nonfinite_count: _Optional[int] = ...) -> None: ...
 
 class TensorSummary(_message.Message):
-    __slots__ = ("tensor_id", "count", "nan_count", "inf_count", "zero_count", "sum", "sum_squares", "min", "max", "histogram", "histogram_offset", "sum_cubes")
+    __slots__ = ("tensor_id", "count", "nan_count", "inf_count", "zero_count", "sum", "sum_squares", "min", "max", "histogram", "histogram_offset", "sum_cubes", "checksum")
     TENSOR_ID_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
     NAN_COUNT_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +95,7 @@ class TensorSummary(_message.Message):
     HISTOGRAM_FIELD_NUMBER: _ClassVar[int]
     HISTOGRAM_OFFSET_FIELD_NUMBER: _ClassVar[int]
     SUM_CUBES_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     tensor_id: int
     count: int
     nan_count: int
@@ -107,4 +108,5 @@ class TensorSummary(_message.Message):
     histogram: _containers.RepeatedScalarFieldContainer[int]
     histogram_offset: int
     sum_cubes: float
-    def __init__(self, tensor_id: _Optional[int] = ..., count: _Optional[int] = ..., nan_count: _Optional[int] = ..., inf_count: _Optional[int] = ..., zero_count: _Optional[int] = ..., sum: _Optional[float] = ..., sum_squares: _Optional[float] = ..., min: _Optional[float] = ..., max: _Optional[float] = ..., histogram: _Optional[_Iterable[int]] = ..., histogram_offset: _Optional[int] = ..., sum_cubes: _Optional[float] = ...) -> None: ...
+    checksum: int
+    def __init__(self, tensor_id: _Optional[int] = ..., count: _Optional[int] = ..., nan_count: _Optional[int] = ..., inf_count: _Optional[int] = ..., zero_count: _Optional[int] = ..., sum: _Optional[float] = ..., sum_squares: _Optional[float] = ..., min: _Optional[float] = ..., max: _Optional[float] = ..., histogram: _Optional[_Iterable[int]] = ..., histogram_offset: _Optional[int] = ..., sum_cubes: _Optional[float] = ..., checksum: _Optional[int] = ...) -> None: ...

@@ -16,10 +16,11 @@ import torch
 from gradwatch.agent.capture.slots import TensorSlot
 from gradwatch.agent.export.encode import step_report
 from gradwatch.agent.stats import kernels
-from gradwatch.agent.stats.layout import COL_CUBE, NCOLS
+from gradwatch.agent.stats.layout import COL_CUBE, NCOLS, checksum_of
 from gradwatch.agent.stats.summarize import Summarizer
 from gradwatch.cli.processes import wait_until
 from gradwatch.stats import HIST_BUCKETS, HIST_MIN_EXPONENT, Stats
+from gradwatch.v1 import run_pb2
 
 
 def reference(x: np.ndarray) -> dict:
@@ -89,6 +90,53 @@ def test_statistics_match_float64_reference(dtype, chunk, mode):
     assert stats.min == pytest.approx(np.float32(ref["min"]), rel=1e-6)
     assert stats.max == pytest.approx(np.float32(ref["max"]), rel=1e-6)
     np.testing.assert_array_equal(stats.hist, ref["hist"])
+
+
+def checksum_reference(x: torch.Tensor) -> int:
+    """TensorSummary.checksum from numpy's own reading of the bits: each element's pattern as a signed integer
+    of its width, summed exactly in Python, modulo 2^64. bfloat16 (which numpy lacks) is the top half of its
+    exact float32 widening."""
+    if x.dtype == torch.bfloat16:
+        bits = (x.float().numpy().view(np.uint32) >> 16).astype(np.uint16).view(np.int16)
+    else:
+        bits = x.numpy().view({2: np.int16, 4: np.int32, 8: np.int64}[x.element_size()])
+    return sum(int(b) for b in bits.ravel()) % 2**64
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [1 << 22, 1000])
+def test_checksum_matches_numpy_bit_patterns(dtype, chunk, mode):
+    """NaN, ±Inf, ±0, denormals and huge values all count by their bits; chunks (summed halves) fold back."""
+    x = nasty(10_007, seed=11).to(dtype)
+    x[:3] = torch.tensor([-0.0, float("nan"), -float("inf")], dtype=dtype)
+    rows = summarize([x, x.neg(), torch.empty(0, dtype=dtype)], chunk, mode=mode)
+    assert [checksum_of(r) for r in rows] == [checksum_reference(x), checksum_reference(x.neg()), 0]
+    slots = [TensorSlot(i, f"t{i}", run_pb2.TENSOR_KIND_GRADIENT, "m", 0, (t.numel(),), "float32", t.numel())
+             for i, t in enumerate([x, x.neg()])]
+    report = step_report("r", 0, 0, 1, 0.0, 1, rows, slots, True, {}, [])
+    assert [s.checksum for s in report.tensors] == [checksum_reference(x), checksum_reference(x.neg())]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_one_sign_flip_changes_the_checksum_not_the_sum_of_squares(dtype, mode):
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(4096, generator=g).to(dtype)
+    flipped = x.clone()
+    flipped[1234] = -flipped[1234]
+    a, b = summarize([x, flipped], mode=mode)
+    assert checksum_of(a) != checksum_of(b)
+    assert (checksum_of(a), checksum_of(b)) == (checksum_reference(x), checksum_reference(flipped))
+    (sa, sb) = to_stats(np.stack([a, b]), [x, flipped])
+    assert sa.sum_squares == sb.sum_squares  # what RankDivergence compared before checksums
+
+
+def test_checksum_is_sent_for_parameters_and_gradients_only():
+    x = torch.randn(100)
+    kinds = [run_pb2.TENSOR_KIND_PARAMETER, run_pb2.TENSOR_KIND_GRADIENT, run_pb2.TENSOR_KIND_ACTIVATION,
+             run_pb2.TENSOR_KIND_INPUT, run_pb2.TENSOR_KIND_UPDATE]
+    slots = [TensorSlot(i, f"t{i}", kind, "m", 0, (100,), "float32", 100) for i, kind in enumerate(kinds)]
+    report = step_report("r", 0, 0, 1, 0.0, 1, summarize([x] * len(kinds)), slots, True, {}, [])
+    assert [s.HasField("checksum") for s in report.tensors] == [True, True, False, False, False]
 
 
 def test_all_nonfinite_and_empty_rows_merge_as_identity(mode):

@@ -10,13 +10,26 @@ import torch
 
 pytest.importorskip("triton")
 
-from gradwatch.agent.stats.layout import COL_CUBE, COL_HIST, COL_MAX, COL_MIN, COL_NAN, COL_SUM, COL_SUMSQ, NCOLS
+from gradwatch.agent.stats.layout import (
+    COL_CHECK_HI,
+    COL_CHECK_LO,
+    COL_CUBE,
+    COL_HIST,
+    COL_MAX,
+    COL_MIN,
+    COL_NAN,
+    COL_SUM,
+    COL_SUMSQ,
+    NCOLS,
+    checksum_of,
+)
 from gradwatch.agent.stats.summarize import Summarizer
 from gradwatch.agent.stats.triton_stats import BLOCK, SUB, FusedStats, available
 
 # Squares of 1e300 overflow to inf in the interpreter's numpy as in the plain path: the same row, no news.
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
-EXACT = [c for c in range(NCOLS) if c not in (COL_SUM, COL_SUMSQ)]  # counts, min, max, cube, histogram
+# counts, min, max, cube, histogram; the checksum is exact too, compared folded (its halves add over blocks)
+EXACT = [c for c in range(NCOLS) if c not in (COL_SUM, COL_SUMSQ, COL_CHECK_LO, COL_CHECK_HI)]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 # Blocks of SMALL_BLOCK elements in SMALL_SUB-lane steps keep the interpreter quick: its reductions run an
 # element at a time in Python. Sizes: several blocks ending mid-block after several steps, exactly one
@@ -64,6 +77,7 @@ def fused(tensors, stats: FusedStats) -> torch.Tensor:
 def assert_rows_match(got: torch.Tensor, want: torch.Tensor) -> None:
     torch.testing.assert_close(got[:, EXACT], want[:, EXACT], rtol=0, atol=0)
     torch.testing.assert_close(got[:, [COL_SUM, COL_SUMSQ]], want[:, [COL_SUM, COL_SUMSQ]], rtol=1e-9, atol=0)
+    assert [checksum_of(r) for r in got.numpy()] == [checksum_of(r) for r in want.numpy()]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
