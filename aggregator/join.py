@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from gradwatch.aggregator.report import sum_squares
 from gradwatch.v1 import run_pb2
 
 if TYPE_CHECKING:
@@ -48,6 +49,7 @@ class RankPart:
     # TensorSummary.checksum of each of `keys` (None where the agent sent none: agents before it), for exact
     # replica comparison (RankDivergence)
     checksums: tuple[int | None, ...] = ()
+    view: ReportView | None = None  # the whole report, for the merged picture (aggregator/merge.py)
 
     @property
     def grad_norm(self) -> float:
@@ -70,6 +72,7 @@ class JoinedStep:
     reason: str                          # "complete", "watermark", "timeout" or "overflow"
     rank: int = -1                       # the rank an alert names; rules set it
     layer_order: dict[str, int] = field(default_factory=dict)
+    merged: ReportView | None = None    # every rank's report merged by partition (State sets it at close)
 
     @property
     def missing(self) -> tuple[int, ...]:
@@ -109,7 +112,8 @@ class StepJoin:
         if parts is None:
             parts = self.open[step] = {}
             self.opened[step] = time.monotonic()
-        parts[rank] = part_of(view)
+        part = parts[rank] = part_of(view)
+        part.view = view
         return self._close_ready(world_size, view.layer_order)
 
     def expire(self, world_size: int, timeout_s: float, now: float | None = None) -> list[JoinedStep]:
@@ -155,7 +159,7 @@ def part_of(view: ReportView) -> RankPart:
         for meta, s in view.of_kind(kind):
             if meta.partition == PER_RANK:
                 continue
-            sq = s.sum_squares
+            sq = sum_squares(s)
             if meta.partition == SHARDED:
                 if kind == GRADIENT:
                     sharded += sq

@@ -4,6 +4,7 @@ order), grouped by kind, and where the agent saw NaN/Inf born. aggregator/state.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -64,6 +65,17 @@ class Origin:
     count: int       # NaN and Inf elements of `observed`
 
 
+def sum_squares(s: report_pb2.TensorSummary) -> float:
+    """The tensor's sum of squares as a norm must read it: NaN when it holds a NaN, +Inf when it holds an
+    Inf, else the agent's sum over its (all finite) values. The agent sums finite values only, so reading
+    `s.sum_squares` alone would show a tensor full of NaN as norm 0."""
+    if s.nan_count:
+        return math.nan
+    if s.inf_count:
+        return math.inf
+    return s.sum_squares
+
+
 def origins_of(report: report_pb2.StepReport) -> tuple[Origin, ...]:
     """The report's origins; one of a direction this aggregator does not know is skipped."""
     return tuple(Origin(d, o.module, o.order, o.observed, o.nonfinite_count) for o in report.nonfinite_origins
@@ -98,6 +110,7 @@ class ReportView:
     # across ranks wait for its step to close), `late` when that step had already closed without it.
     joined: bool = False
     late: bool = False
+    host: str = ""                         # the rank's host, from its registration ("" when unknown)
 
     def of_kind(self, kind: int) -> list[tuple[TensorMeta, report_pb2.TensorSummary]]:
         return self.by_kind.get(kind, [])

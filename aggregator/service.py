@@ -263,10 +263,19 @@ class Aggregator:
         with self._lock:
             alerts = self.rules.evaluate_idle(time.time())
             self.state.expire_joins()  # steps still waiting for a rank after join_timeout_s
-            for joined in self.state.take_closed():
-                alerts += self.rules.evaluate_joined(joined)
+            alerts += self._joined()
         if alerts:
             self._commit(_Batch(alerts=alerts))
+
+    def _joined(self) -> list[Alert]:
+        """The steps the join closed (under the lock): their merged tensors become snapshot frames, and the
+        rules judge them."""
+        alerts: list[Alert] = []
+        for joined in self.state.take_closed():
+            if joined.merged is not None and joined.merged.by_kind:
+                self.frames.add(joined.run, joined.step, joined.merged.by_kind)
+            alerts += self.rules.evaluate_joined(joined)
+        return alerts
 
     # -- entries ------------------------------------------------------------------------------------
 
@@ -296,12 +305,12 @@ class Aggregator:
                 applied.reports += 1
                 applied.summaries += len(item.tensors)
                 applied.ranks.add(item.rank)
-                if view.train and (view.rank == 0 or view.rank == min(self.state.runs[run].ranks)):  # one rank's
-                    self.frames.add(run, view.step, view.by_kind)
+                if view.train and not view.joined and not view.late and (
+                        view.rank == 0 or view.rank == min(self.state.runs[run].ranks)):
+                    self.frames.add(run, view.step, view.by_kind)  # a single-rank run's (or an unjoined) step
                 alerts = self.rules.evaluate(view)
                 if self.state.closed:  # steps of a multi-rank run this report completed
-                    for joined in self.state.take_closed():
-                        alerts += self.rules.evaluate_joined(joined)
+                    alerts += self._joined()
                 return alerts
             self.state.register(run, item)
             return []

@@ -9,7 +9,6 @@ and the rules on, and leaves the tensor gauges and the latest summaries as they 
 from __future__ import annotations
 
 import itertools
-import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -21,7 +20,8 @@ from gradwatch.aggregator.config import AggregatorConfig
 from gradwatch.aggregator.counters import Counters
 from gradwatch.aggregator.ingest.sequence import SequenceTracker
 from gradwatch.aggregator.join import JoinedStep, StepJoin
-from gradwatch.aggregator.report import GRADIENT, PARAMETER, UNITS, ReportView, TensorMeta, origins_of, unknown_tensor
+from gradwatch.aggregator.merge import Figures, figures, merge_reports, root
+from gradwatch.aggregator.report import ReportView, TensorMeta, origins_of, unknown_tensor
 from gradwatch.names import EVAL, GRADCHECK_PASSED, GRADCHECK_PREFIX, NOT_USER_PREFIXES, TRAIN
 from gradwatch.v1 import report_pb2, run_pb2
 
@@ -30,7 +30,7 @@ MAX_CURVE_SCALARS = 16  # user scalars kept per history row (the live view's acc
 
 
 class RankState:
-    __slots__ = ("dictionary", "layer_order", "start_ns", "fetched", "seq", "rate")
+    __slots__ = ("dictionary", "layer_order", "start_ns", "fetched", "seq", "rate", "host")
 
     def __init__(self) -> None:
         self.dictionary: dict[int, TensorMeta] | None = None
@@ -39,6 +39,7 @@ class RankState:
         self.fetched = False
         self.seq = SequenceTracker()
         self.rate: deque[tuple[float, int]] = deque(maxlen=RATE_WINDOW)
+        self.host = ""  # from the registration: what rank-health alerts name
 
     def steps_per_second(self) -> float | None:
         if len(self.rate) < 2:
@@ -74,10 +75,11 @@ class RunState:
         self.scalars: dict[str, float] = {}       # user scalars of the latest training report
         self.eval_scalars: dict[str, float] = {}  # ... and of the latest evaluation report
         self.tensors: dict[int, list[tuple[TensorMeta, report_pb2.TensorSummary]]] = {}  # latest training report
-        # Recent reports of the lowest rank, for step-range queries: (step, capture time, train, loss,
-        # global grad norm, layer -> grad norm, curve scalars such as accuracy)
+        # Recent steps, for step-range queries: the reports of a single-rank run (the lowest rank's evaluation
+        # reports too), the joined, merged steps of a multi-rank run: (step, capture time, train, loss, global
+        # grad norm, layer -> grad norm, curve scalars such as accuracy, layer -> param norm)
         self.history: deque[tuple[int, float, bool, float | None, float | None, dict[str, float],
-                                  dict[str, float]]] = deque(maxlen=history)
+                                  dict[str, float], dict[str, float]]] = deque(maxlen=history)
         self.topology: run_pb2.ModelGraph | None = None  # the module graph, when an agent sent one
         self.hyperparameters: dict[str, float | int | str | bool | None] = {}  # from the registration
         self.labels: dict[str, str] = {}
@@ -117,8 +119,8 @@ def curve_scalars(scalars: dict[str, float]) -> dict[str, float]:
                                  MAX_CURVE_SCALARS))
 
 
-def _sqrt(x: float) -> float:
-    return math.sqrt(x) if x > 0 else (0.0 if x <= 0 else math.nan)
+def _roots(squares: dict[str, float]) -> dict[str, float]:
+    return {layer: root(sq) for layer, sq in squares.items()}
 
 
 class State:
@@ -152,6 +154,7 @@ class State:
         for meta in rank.dictionary.values():
             order[meta.layer] = min(order.get(meta.layer, meta.order), meta.order)
         rank.layer_order = order
+        rank.host = reg.host
         rank.fetched = True
         rs.world_size = max(rs.world_size, reg.world_size)
         if reg.HasField("topology") and reg.topology.nodes and (rs.topology is None or reg.rank == 0):
@@ -180,10 +183,6 @@ class State:
             self.counters.add("unregistered_reports")
             dictionary = {}
 
-        grad_sq: dict[str, float] = {}
-        param_sq: dict[str, float] = {}
-        nonfinite: dict[str, dict[str, int]] = {}
-        bad: list[tuple[TensorMeta, int]] = []
         by_kind: dict[int, list[tuple[TensorMeta, report_pb2.TensorSummary]]] = {}
         for s in report.tensors:
             meta = dictionary.get(s.tensor_id) or unknown_tensor(s.tensor_id)
@@ -191,38 +190,29 @@ class State:
             if group is None:
                 group = by_kind[meta.kind] = []
             group.append((meta, s))
-            if meta.kind == UNITS:
-                continue  # counts, never non-finite: no per-layer series of their own
-            if meta.kind == GRADIENT:
-                grad_sq[meta.layer] = grad_sq.get(meta.layer, 0.0) + s.sum_squares
-            elif meta.kind == PARAMETER:
-                param_sq[meta.layer] = param_sq.get(meta.layer, 0.0) + s.sum_squares
-            n = s.nan_count + s.inf_count
-            if n:
-                bad.append((meta, n))
-            kinds = nonfinite.get(meta.layer)
-            if kinds is None:
-                kinds = nonfinite[meta.layer] = {}
-            kinds[meta.kind_name] = kinds.get(meta.kind_name, 0) + n
+        f = figures(by_kind)
+        # A training report of a multi-rank run is one rank's part of a step: the per-layer picture (norms,
+        # tensors, loss, history) moves when the join closes the step, merged over every rank (_closed).
+        part = rs.world_size > 1 and report.phase != report_pb2.PHASE_EVAL
 
         step = report.step
         now = time.time()
         t = report.capture_time.seconds + report.capture_time.nanos * 1e-9 if report.HasField("capture_time") else now
         train = report.phase != report_pb2.PHASE_EVAL
-        global_norm = _sqrt(math.fsum(grad_sq.values())) if grad_sq else None
+        global_norm = f.global_grad_norm
         loss = report.loss if report.HasField("loss") else None
         scalars = dict(report.scalars) if report.scalars else {}
         if step >= rs.step:  # a late redelivery must not move the gauges backwards
             rs.step = step
             rs.phase = TRAIN if train else EVAL
-            if loss is not None:
+            if loss is not None and not part:
                 if train:
                     rs.loss = loss
                 else:
                     rs.eval_loss = loss
             if report.learning_rates:
                 rs.learning_rate = report.learning_rates[0]
-            if global_norm is not None:
+            if global_norm is not None and not part:
                 rs.grad_norm = global_norm
             rs.last_report_time = t
             if scalars:
@@ -231,16 +221,31 @@ class State:
                 else:  # a gradient check's verdict stays until the next check replaces it
                     kept = {k: v for k, v in rs.eval_scalars.items() if k.startswith(GRADCHECK_PREFIX)}
                     rs.eval_scalars = {**kept, **scalars} if kept and GRADCHECK_PASSED not in scalars else scalars
-            if by_kind and train:
+            if by_kind and train and not part:
                 rs.tensors = by_kind  # a reference: layer health and histograms are derived at scrape time
         rs.last_seen = time.monotonic()
         if train and (not rank.rate or step > rank.rate[-1][1]):
             rank.rate.append((t, step))
         self.counters.add("reports")
 
+        grad_norms = f.grad_norms if part else self._layers(rs, step, f)
+        lr = max(report.learning_rates) if report.learning_rates else None
+        origins = origins_of(report) if report.nonfinite_origins else ()
+        view = ReportView(run, report.rank, step, t, loss, grad_norms, global_norm, f.bad, rank.layer_order, by_kind,
+                          train, lr, now, scalars=scalars, origins=origins, host=rank.host)
+        if part:
+            self._join(rs, view)
+        elif report.rank == 0 or report.rank == min(rs.ranks):  # the lowest rank's reports
+            rs.history.append((step, t, train, loss, global_norm, grad_norms, curve_scalars(scalars),
+                               _roots(f.param_sq)))
+        return view
+
+    def _layers(self, rs: RunState, step: int, f: Figures) -> dict[str, float]:
+        """Moves the run's per-layer series to this step's figures (a single rank's report, or a joined
+        step's merge), within the layer-series budget; returns layer -> gradient norm of the layers kept."""
         grad_norms: dict[str, float] = {}
         dropped = 0
-        for layer, kinds in nonfinite.items():
+        for layer, kinds in f.nonfinite.items():
             ls = rs.layers.get(layer)
             if ls is None:
                 if self.layer_series >= self.config.max_layer_series:
@@ -248,28 +253,20 @@ class State:
                     continue
                 ls = rs.layers[layer] = LayerState()
                 self.layer_series += 1
-            sq = grad_sq.get(layer)
+            sq = f.grad_sq.get(layer)
             if sq is not None:
-                grad_norms[layer] = _sqrt(sq)
+                grad_norms[layer] = root(sq)
             if step < ls.step:
                 continue
             ls.step = step
             if sq is not None:
                 ls.grad_norm = grad_norms[layer]
-            if layer in param_sq:
-                ls.param_norm = _sqrt(param_sq[layer])
+            if layer in f.param_sq:
+                ls.param_norm = root(f.param_sq[layer])
             ls.nonfinite.update(kinds)
         if dropped:
             self.counters.add("series_dropped", dropped)
-        lr = max(report.learning_rates) if report.learning_rates else None
-        origins = origins_of(report) if report.nonfinite_origins else ()
-        view = ReportView(run, report.rank, step, t, loss, grad_norms, global_norm, bad, rank.layer_order, by_kind,
-                          train, lr, now, scalars=scalars, origins=origins)
-        if rs.world_size > 1 and train:
-            self._join(rs, view)
-        if report.rank == 0 or report.rank == min(rs.ranks):  # the lowest rank's reports
-            rs.history.append((step, t, train, loss, global_norm, grad_norms, curve_scalars(scalars)))
-        return view
+        return grad_norms
 
     def _join(self, rs: RunState, view: ReportView) -> None:
         if rs.join is None:
@@ -287,11 +284,23 @@ class State:
             self.counters.add("steps_joined")
             if joined.reason != "complete":
                 self.counters.add("steps_incomplete")
+            views = [p.view for _, p in sorted(joined.parts.items()) if p.view is not None]
+            if not views:
+                continue
+            merged, f = merge_reports(views)
+            joined.merged = merged
+            grad_norms = self._layers(rs, joined.step, f)
             if rs.last_joined is None or joined.step >= rs.last_joined.step:
                 rs.last_joined = joined
                 norm = joined.global_grad_norm
                 if norm is not None:
                     rs.grad_norm = norm  # sharded gradients: the norm over every rank's shard
+                if merged.loss is not None:
+                    rs.loss = merged.loss
+                if merged.by_kind:
+                    rs.tensors = merged.by_kind
+            rs.history.append((joined.step, merged.time, True, merged.loss, joined.global_grad_norm, grad_norms,
+                               curve_scalars(merged.scalars), _roots(f.param_sq)))
         self.closed.extend(steps)
 
     def expire_joins(self, now: float | None = None) -> None:

@@ -9,7 +9,11 @@ scrape takes (copied under the aggregator's lock, encoded without it, on Starlet
                                  saturated fractions, log2-magnitude histograms
     GET /api/v1/runs/{run}/inputs  latest per-input statistics (whole tensor and per channel): count, mean,
                                  std, skew, min, max, NaN and Inf counts
-    GET /api/v1/runs/{run}/steps[?from=&to=&limit=&layers=0]  recent steps: loss, grad norm, per-layer norms
+    GET /api/v1/runs/{run}/steps[?from=&to=&limit=&layers=0]  recent steps: loss, grad norm, per-layer
+                                 gradient norms ("layers") and parameter norms ("param_norms"); a multi-rank
+                                 run's joined steps, merged over its ranks
+    GET /api/v1/runs/{run}/ranks  runs of several ranks: each rank's own part of the latest joined step (loss,
+                                 gradient norm, per-layer norms of the shards it holds), unmerged
     GET /api/v1/runs/{run}/topology  the module graph (nodes with their tensors, data-flow edges)
     GET /api/v1/alerts[?run=]    firing alerts, as the gradwatch:alerts stream holds them
 
@@ -29,6 +33,7 @@ from gradwatch.aggregator.health import layer_health, merge_histograms
 from gradwatch.aggregator.http.responses import backend, error, flag_arg, int_arg, ok, query, run_of, unknown
 from gradwatch.aggregator.http.views import input_stats, num
 from gradwatch.aggregator.join import JoinedStep
+from gradwatch.aggregator.merge import figures, root
 from gradwatch.aggregator.state import RunView
 from gradwatch.names import LABELS_PREFIX
 
@@ -96,11 +101,30 @@ def steps(request: Request) -> Response:
         row["loss"], row["grad_norm"] = num(row["loss"]), num(row["grad_norm"])
         if with_layers:
             row["layers"] = {k: num(v) for k, v in row["layers"].items()}
+            row["param_norms"] = {k: num(v) for k, v in row["param_norms"].items()}
         else:
-            del row["layers"]
+            del row["layers"], row["param_norms"]
         if "scalars" in row:
             row["scalars"] = {k: num(v) for k, v in row["scalars"].items()}
     return ok({"steps": rows})
+
+
+def ranks(request: Request) -> Response:
+    name = run_of(request)
+    found = next((r for r in backend(request).view().runs if r.run == name), None)
+    if found is None:
+        return unknown(name)
+    j = found.joined
+    if j is None:
+        return ok({"step": None, "ranks": []})
+    out = []
+    for rank, part in sorted(j.parts.items()):
+        f = figures(part.view.by_kind) if part.view is not None else None
+        layers = {layer: {"grad_norm": num(root(f.grad_sq[layer])) if layer in f.grad_sq else None,
+                          "param_norm": num(root(f.param_sq[layer])) if layer in f.param_sq else None}
+                  for layer in f.nonfinite} if f else {}
+        out.append({"rank": rank, "loss": num(part.loss), "grad_norm": num(part.grad_norm), "layers": layers})
+    return ok({"step": j.step, "reason": j.reason, "missing_ranks": list(j.missing), "ranks": out})
 
 
 def topology(request: Request) -> Response:

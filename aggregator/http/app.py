@@ -73,6 +73,7 @@ def build_app(backend: Backend) -> Starlette:
         Route(f"{RUN}/layers", api.layers),
         Route(f"{RUN}/inputs", api.inputs),
         Route(f"{RUN}/steps", api.steps),
+        Route(f"{RUN}/ranks", api.ranks),
         Route(f"{RUN}/topology", api.topology),
         Route(f"{RUN}/heatmap", live_routes.heatmap),
         Route(f"{RUN}/histograms", live_routes.histograms),

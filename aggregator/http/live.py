@@ -205,7 +205,7 @@ class LiveHub:
 
     def _update(self, run: RunView, firing: list[Alert]) -> dict | None:
         """What changed in `run` since the last tick: None when nothing did."""
-        sent = self._sent.setdefault(run.run, {"step": None, "layers": {}, "alerts": None})
+        sent = self._sent.setdefault(run.run, {"step": None, "row": None, "layers": {}, "alerts": None})
         alerts = sorted(a.to_json() for a in firing)
         if run.step == sent["step"] and alerts == sent["alerts"]:
             return None
@@ -213,7 +213,9 @@ class LiveHub:
         changed = {name: v for name, v in stats.items() if sent["layers"].get(name) != v}
         rows: list[dict] = []
         if self.history is not None and run.step != sent["step"]:
-            first = None if sent["step"] is None else sent["step"] + 1
+            # After the last row sent, not the last step: a multi-rank run's rows are its joined steps,
+            # which come after the step its latest report moved to.
+            first = None if sent["row"] is None else sent["row"] + 1
             for row in self.history(run.run, first, None, MAX_STEP_ROWS) or ():
                 rows.append({"step": row["step"], "time": row["time"], "phase": row["phase"],
                              "loss": num(row["loss"]), "grad_norm": num(row["grad_norm"]),
@@ -224,7 +226,7 @@ class LiveHub:
                   "layers": changed, "steps": rows}
         if alerts != sent["alerts"]:
             update["alerts"] = [a.to_dict() for a in firing]
-        sent.update(step=run.step, layers=stats, alerts=alerts)
+        sent.update(step=run.step, layers=stats, alerts=alerts, row=rows[-1]["step"] if rows else sent["row"])
         return update
 
     # -- histogram frames ---------------------------------------------------------------------------

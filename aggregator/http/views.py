@@ -31,15 +31,16 @@ def num(x: float | None) -> float | str | None:
 
 def history_rows(rs: RunState | None, first: int | None = None, last: int | None = None,
                  limit: int = 1000) -> list[dict] | None:
-    """The run's recent reports with first <= step <= last (the latest `limit`); None for an unknown run."""
+    """The run's recent steps with first <= step <= last (the latest `limit`); None for an unknown run. A
+    multi-rank run's rows are its joined steps, merged over ranks (aggregator/merge.py)."""
     if rs is None:
         return None
     lo = -1 << 62 if first is None else first
     hi = 1 << 62 if last is None else last
     rows = [r for r in rs.history if lo <= r[0] <= hi][-limit:] if limit > 0 else []
     return [{"step": step, "time": t, "phase": TRAIN if train else EVAL, "loss": loss, "grad_norm": norm,
-             "layers": dict(layers), "scalars": dict(curve)}
-            for step, t, train, loss, norm, layers, curve in rows]
+             "layers": dict(layers), "param_norms": dict(params), "scalars": dict(curve)}
+            for step, t, train, loss, norm, layers, curve, params in rows]
 
 
 def topology(rs: RunState | None) -> dict | None:

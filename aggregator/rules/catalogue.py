@@ -144,12 +144,21 @@ class RuleEngine:
             # An end-of-run marker is no evidence of health: it must not count towards resolving an alert.
             if view.final and not getattr(rule, "SEES_FINAL", False):
                 continue
+            # One rank's part of a step: the rules that judge single reports see the whole step, merged over
+            # ranks, when the join closes it (evaluate_joined), never one rank's shard; a part that came after
+            # its step closed (late, counted) is NonFinite's evidence only.
+            if (view.joined or view.late) and not getattr(rule, "JOINED", False):
+                continue
             out.extend(rule.evaluate(view))
         return out
 
     def evaluate_joined(self, joined: JoinedStep) -> list[Alert]:
-        """Cross-rank rules, on a step the join closed."""
-        return [a for rule in self.joined for a in rule.evaluate_joined(joined)]
+        """On a step the join closed: cross-rank rules on the ranks' parts, every other rule on the merge."""
+        out = [a for rule in self.joined for a in rule.evaluate_joined(joined)]
+        if joined.merged is not None:
+            single = (rule for rule in self.rules if not getattr(rule, "JOINED", False))
+            out += [a for rule in single for a in rule.evaluate(joined.merged)]
+        return out
 
     def evaluate_idle(self, now: float) -> list[Alert]:
         """Time-driven rules (StalledTraining); the consumer calls it at its discovery interval."""

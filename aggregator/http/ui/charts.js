@@ -139,7 +139,7 @@ export class Heatmap {
   render() {
     const finite = [];
     const bad = [];
-    const zero = [];  // a norm over finite values only: 0 when the layer's gradient was zero or all NaN/Inf
+    const zero = [];  // a gradient of exactly zero (a NaN/Inf one reads NaN or +Inf: red, in `bad`)
     let lo = Infinity, hi = -Infinity;
     this.values.forEach((row, x) => row.forEach((raw, y) => {
       const v = num(raw);
@@ -170,7 +170,7 @@ export class Heatmap {
       animation: false,
       tooltip: {
         formatter: (p) => {
-          const v = p.seriesId === 'nonfinite' ? p.data[3] : p.seriesId === 'zero' ? '0 (zero, or no finite value)' : fmt(10 ** p.data[3]);
+          const v = p.seriesId === 'nonfinite' ? p.data[3] : p.seriesId === 'zero' ? '0' : fmt(10 ** p.data[3]);
           return `<b>${esc(this.layers[p.data[1]])}</b><br>step ${this.steps[p.data[0]]}: gradient norm ${v}`;
         },
       },

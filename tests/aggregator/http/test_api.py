@@ -296,3 +296,36 @@ def central_skew(values: np.ndarray) -> float:
     """Population skewness of the finite values, from central moments (the API uses raw ones)."""
     f = values[np.isfinite(values)]
     return float(((f - f.mean()) ** 3).mean() / f.std() ** 3)
+
+
+def test_a_sharded_run_shows_merged_layers_and_each_rank_apart(api, build, publish, run_all):
+    """Two FSDP-like ranks each hold half of fc1: the API shows the whole layer (norms over both shards)
+    for every joined step, and /ranks each rank's own shard."""
+    base, agg, _ = api
+    for rank in (0, 1):
+        reg = build.registration(run="fsdp", rank=rank)
+        reg.world_size = 2
+        for t in reg.tensors:
+            t.partition = (run_pb2.PARTITION_PER_RANK if t.kind == run_pb2.TENSOR_KIND_ACTIVATION else
+                           run_pb2.PARTITION_SHARDED if t.module_path == "fc1" else run_pb2.PARTITION_REPLICATED)
+        publish.registration(reg)
+    for step in (0, 1):
+        for rank, (g, w) in enumerate(((3.0, 5.0), (4.0, 12.0))):
+            publish.report(build.report(step, run="fsdp", rank=rank, grad={"fc1": g * (step + 1)}, param={"fc1": w},
+                                        loss=1.0 + rank))
+    run_all(agg)
+    run = get_json(f"{base}/api/v1/runs/fsdp")[1]["data"]
+    layers = {entry["layer"]: entry for entry in run["layers"]}
+    assert layers["fc1"]["grad_norm"] == pytest.approx(10.0) and layers["fc1"]["param_norm"] == pytest.approx(13.0)
+    assert layers["fc2"]["grad_norm"] == pytest.approx(1.0)  # replicated: once, not sqrt(2)
+    assert run["loss"] == pytest.approx(1.5)  # the mean over the ranks
+    steps = get_json(f"{base}/api/v1/runs/fsdp/steps")[1]["data"]["steps"]
+    assert [s["step"] for s in steps] == [0, 1]
+    assert [s["layers"]["fc1"] for s in steps] == [pytest.approx(5.0), pytest.approx(10.0)]
+    assert steps[0]["param_norms"]["fc1"] == pytest.approx(13.0)
+    ranks = get_json(f"{base}/api/v1/runs/fsdp/ranks")[1]["data"]
+    assert ranks["step"] == 1 and [r["rank"] for r in ranks["ranks"]] == [0, 1]
+    assert [r["layers"]["fc1"]["grad_norm"] for r in ranks["ranks"]] == [pytest.approx(6.0), pytest.approx(8.0)]
+    assert [r["loss"] for r in ranks["ranks"]] == [1.0, 2.0]
+    assert get_json(f"{base}/api/v1/runs/demo/ranks")[1]["data"] == {"step": None, "ranks": []}
+    assert get_json(f"{base}/api/v1/runs/nope/ranks")[0] == 404

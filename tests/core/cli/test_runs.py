@@ -16,8 +16,10 @@ from gradwatch.cli.redis_server import free_port
 from gradwatch.cli.runs import MISSING, ApiError, compare_rows, compare_table, run_detail
 from gradwatch.cli.stack import Stack, StackConfig
 
-RUNS = {"runs-a": {"lr": 0.1, "optimizer": "sgd", "warmup": True}, "runs-b": {"lr": 0.01, "optimizer": "sgd"}}
+RUNS = {"runs-a": {"lr": 0.1, "optimizer": "sgd", "warmup": True}, "runs-b": {"lr": 0.01, "optimizer": "sgd"},
+        "runs-nan": {"lr": 0.1, "optimizer": "sgd"}}
 STEPS = 6
+NAN_STEP = 3  # runs-nan: one weight turns NaN before this step
 
 pytestmark = pytest.mark.e2e
 
@@ -35,7 +37,10 @@ def url(tmp_path_factory):
             opt = torch.optim.SGD(model.parameters(), lr=hp["lr"])
             with gradwatch.watch(model, opt, run=run, collector=cfg.collector_listen, hyperparameters=hp,
                                  labels={"team": "core"}) as w:
-                for _ in range(STEPS):
+                for step in range(STEPS):
+                    if run == "runs-nan" and step == NAN_STEP:
+                        with torch.no_grad():
+                            model.weight[0, 0] = float("nan")
                     x = torch.randn(8, 4)
                     loss = nn.functional.cross_entropy(model(x), x[:, :2].argmax(1))
                     opt.zero_grad()
@@ -56,7 +61,7 @@ def _wait_applied(base: str) -> None:
         except ApiError:
             pass
         time.sleep(0.1)
-    raise AssertionError("the aggregator did not apply both runs")
+    raise AssertionError("the aggregator did not apply every run")
 
 
 def test_compare_shows_the_runs_side_by_side(url, capsys):
@@ -85,7 +90,16 @@ def test_list(url, capsys):
     assert cli.main(["runs", "list", "--url", url.removeprefix("http://")]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].split()[:3] == ["run", "step", "loss"]
-    assert sorted(line.split()[0] for line in out[1:]) == ["runs-a", "runs-b"]
+    assert sorted(line.split()[0] for line in out[1:]) == ["runs-a", "runs-b", "runs-nan"]
+
+
+def test_nan_reads_nan_never_zero(url, capsys):
+    assert cli.main(["runs", "compare", "runs-nan", "--url", url]) == 0
+    rows = {" ".join(cells[:-1]): cells[-1] for cells in map(str.split, capsys.readouterr().out.splitlines())}
+    assert rows["loss"] == "NaN" and rows["grad norm"] == "NaN"
+    assert cli.main(["runs", "list", "--url", url]) == 0
+    line = next(x.split() for x in capsys.readouterr().out.splitlines() if x.startswith("runs-nan"))
+    assert line[2] == "NaN"  # the loss column
 
 
 def test_unreachable_aggregator_is_one_line(capsys):

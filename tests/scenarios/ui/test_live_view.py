@@ -184,6 +184,12 @@ def test_live_view_of_a_real_run_highlights_the_nan_origin(stack, browser):
     state["watcher"].close()
     page.page.wait_for_function(f"gradwatch.view.lastStep >= {NAN_STEP + 24}", timeout=20_000)
     page.page.wait_for_function(f"gradwatch.heatmap.lastStep >= {NAN_STEP + 24}", timeout=10_000)
+    # After the NaN every gradient norm reads NaN, never 0: the header says so, and the heatmap paints those
+    # cells red (its 'nonfinite' series), none in the grey of an exactly-zero gradient (its 'zero' series).
+    assert "grad norm NaN" in page.page.inner_text("#run-status")
+    red, grey = page.page.evaluate("(() => { const s = gradwatch.heatmap.chart.getOption().series; "
+                                   "return [s[1].data.length, s[2].data.length]; })()")
+    assert red >= 5 * 10 and grey == 0, (red, grey)
 
     # The alert link takes the graph to the layer; the histogram plays its frames over time.
     page.page.click(f"#alerts button.layer[data-layer='{NAN_LAYER}']")
