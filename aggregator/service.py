@@ -28,6 +28,7 @@ from gradwatch.aggregator.http.metrics import AggregatorCollector, AggregatorVie
 from gradwatch.aggregator.ingest.claim import autoclaim
 from gradwatch.aggregator.ingest.entries import dead_letter, decode_entry
 from gradwatch.aggregator.ingest.leases import Leases, applied_key, lease_key
+from gradwatch.aggregator.pace import rank_paces
 from gradwatch.aggregator.rules.catalogue import RuleEngine
 from gradwatch.aggregator.state import State
 from gradwatch.logs import DedupLog
@@ -401,9 +402,11 @@ class Aggregator:
         """A consistent copy for one scrape: the lock is held only while copying."""
         with self._lock:
             runs = self.state.views()
+            ranks = rank_paces(self.state)
             firing = self.rules.firing()
             series = self.state.layer_series
         values, raised = self.counters.read()
         alerts = {rule.name: 0 for rule in self.rules.rules}  # every rule's series exists from the start
         alerts.update(raised)
-        return AggregatorView(runs, firing, values, alerts, series, self.config.max_histogram_layers)
+        return AggregatorView(runs, firing, values, alerts, series, self.config.max_histogram_layers, ranks,
+                              time.time())

@@ -7,6 +7,7 @@ max_layer_series), so nothing accumulates in long-lived labelled children.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -15,6 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeHistogramMetricFami
 from gradwatch.aggregator.alerts.record import Alert
 from gradwatch.aggregator.counters import COUNTERS
 from gradwatch.aggregator.health import BOUNDS, layer_health, layer_histograms
+from gradwatch.aggregator.pace import RankPace
 from gradwatch.aggregator.state import RunView
 from gradwatch.limits import EXPORTED_SCALARS
 from gradwatch.names import NOT_USER_PREFIXES
@@ -28,6 +30,8 @@ class AggregatorView:
     alerts: dict[str, int] = field(default_factory=dict)  # rule -> firing alerts raised
     layer_series: int = 0
     histogram_budget: int = 64  # (layer, kind) magnitude histograms exported, all runs together
+    ranks: dict[str, tuple[RankPace, ...]] = field(default_factory=dict)  # run -> its ranks' pace
+    now: float | None = None  # when the copy was taken (unix seconds); None: at scrape
 
 
 # Hyperparameters exported per run (the first by name), and the length of a text value's label.
@@ -137,6 +141,7 @@ class AggregatorCollector:
         yield from families.values()
         yield from (grad, param, nonfinite, update, dead, saturated, magnitude, scalar, eval_scalar, world,
                     joined_ranks, hyper, hyper_info)
+        yield from _rank_families(snap)
 
         firing = GaugeMetricFamily("gradwatch_alert_firing", "1 while the rule's alert is firing for the run.",
                                    labels=["run", "rule", "layer"])
@@ -154,6 +159,20 @@ class AggregatorCollector:
         yield GaugeMetricFamily("gradwatch_aggregator_runs", "Runs held in the state.", value=len(snap.runs))
         yield GaugeMetricFamily("gradwatch_aggregator_layer_series", "Layers held in the state, all runs.",
                                 value=snap.layer_series)
+
+
+def _rank_families(snap: AggregatorView) -> Iterator[Metric]:
+    step = GaugeMetricFamily("gradwatch_rank_step_seconds", "Seconds per optimizer step of the rank, from the "
+                             "capture times of its last 10 training reports.", labels=["run", "rank"])
+    lag = GaugeMetricFamily("gradwatch_rank_report_lag_seconds", "Seconds from the capture time of the rank's "
+                            "latest training report to now (this aggregator's clock).", labels=["run", "rank"])
+    now = time.time() if snap.now is None else snap.now
+    for run, paces in snap.ranks.items():
+        for p in paces:
+            if p.seconds_per_step is not None:
+                step.add_metric([run, str(p.rank)], p.seconds_per_step)
+            lag.add_metric([run, str(p.rank)], max(0.0, now - p.last_capture))  # an agent clock ahead reads 0
+    yield from (step, lag)
 
 
 def _hyperparameters(run: RunView, numeric: GaugeMetricFamily, text: GaugeMetricFamily) -> None:

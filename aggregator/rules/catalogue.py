@@ -26,6 +26,7 @@ from gradwatch.aggregator.rules.gradients import ExplodingGradient, VanishingGra
 from gradwatch.aggregator.rules.loss import LossNotDecreasing, LossSpike, StalledTraining
 from gradwatch.aggregator.rules.nonfinite import NonFinite
 from gradwatch.aggregator.rules.ranks import RankDivergence
+from gradwatch.aggregator.rules.stragglers import RankStalled, StragglerRank
 from gradwatch.aggregator.rules.tensors import AllZero, PoorWeightInitialization, TensorVariance, UnchangedTensor
 from gradwatch.aggregator.rules.training import Overfit, Overtraining, WeightUpdateRatio
 from gradwatch.settings import ConfigError
@@ -34,7 +35,8 @@ from gradwatch.settings import ConfigError
 CATALOGUE: tuple[type[Rule], ...] = (
     NonFinite, GradientCheckFailed, ExplodingGradient, VanishingGradient, WeightUpdateRatio, UnnormalizedInput,
     InputDataDrift, ClassImbalance, LossSpike, LossNotDecreasing, Overfit, Overtraining, AllZero, UnchangedTensor,
-    PoorWeightInitialization, TensorVariance, DeadReLU, SaturatedActivation, StalledTraining, RankDivergence)
+    PoorWeightInitialization, TensorVariance, DeadReLU, SaturatedActivation, StalledTraining, RankDivergence,
+    StragglerRank, RankStalled)
 BY_NAME = {rule.name: rule for rule in CATALOGUE}
 COMMON = ("enabled", "severity", "layers", "resolve_after_steps", "cooldown_steps", "keep_firing_s")
 # Integer thresholds that count reports or steps: at least 1.
