@@ -94,7 +94,8 @@ class ReportView:
     step: int
     time: float                            # capture time (unix seconds), else when it was applied
     loss: float | None
-    grad_norms: dict[str, float]           # layer -> gradient norm, layers within the series budget
+    grad_norms: dict[str, float]           # layer -> gradient norm, layers within the series budget (a rank's
+                                           # part of a joined step: none, the merged step carries them)
     global_grad_norm: float | None
     nonfinite: list[tuple[TensorMeta, int]]  # tensors holding NaN/Inf, with their count
     layer_order: dict[str, int]

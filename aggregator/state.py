@@ -20,7 +20,7 @@ from gradwatch.aggregator.config import AggregatorConfig
 from gradwatch.aggregator.counters import Counters
 from gradwatch.aggregator.ingest.sequence import SequenceTracker
 from gradwatch.aggregator.join import JoinedStep, StepJoin
-from gradwatch.aggregator.merge import Figures, figures, merge_reports, root
+from gradwatch.aggregator.merge import Figures, figures, merge_reports, nonfinite_only, root
 from gradwatch.aggregator.report import ReportView, TensorMeta, origins_of, unknown_tensor
 from gradwatch.names import EVAL, GRADCHECK_PASSED, GRADCHECK_PREFIX, NOT_USER_PREFIXES, TRAIN
 from gradwatch.v1 import report_pb2, run_pb2
@@ -190,10 +190,11 @@ class State:
             if group is None:
                 group = by_kind[meta.kind] = []
             group.append((meta, s))
-        f = figures(by_kind)
         # A training report of a multi-rank run is one rank's part of a step: the per-layer picture (norms,
-        # tensors, loss, history) moves when the join closes the step, merged over every rank (_closed).
+        # tensors, loss, history) moves when the join closes the step, merged over every rank (_closed), and
+        # the rules judge the merge; of the part itself only its NaN/Inf evidence is read (NonFinite).
         part = rs.world_size > 1 and report.phase != report_pb2.PHASE_EVAL
+        f = nonfinite_only(by_kind) if part else figures(by_kind)
 
         step = report.step
         now = time.time()
@@ -228,7 +229,7 @@ class State:
             rank.rate.append((t, step))
         self.counters.add("reports")
 
-        grad_norms = f.grad_norms if part else self._layers(rs, step, f)
+        grad_norms = {} if part else self._layers(rs, step, f)
         lr = max(report.learning_rates) if report.learning_rates else None
         origins = origins_of(report) if report.nonfinite_origins else ()
         view = ReportView(run, report.rank, step, t, loss, grad_norms, global_norm, f.bad, rank.layer_order, by_kind,

@@ -57,7 +57,7 @@ def test_shards_add_up_to_the_whole_tensor(special):
     if special:
         whole[5], whole[600] = np.nan, -np.inf
     shards = np.array_split(whole, [0, 333, 334, 990])  # an empty shard and a one-element shard among them
-    merged = add(summary(s) for s in shards)
+    merged = add([summary(s) for s in shards])
     expected = summary(whole)
     assert fields(merged) == fields(expected)
     for f in ("sum", "sum_squares", "sum_cubes"):
@@ -76,6 +76,10 @@ def test_merge_by_partition_counts_replicas_once_and_adds_shards_and_ranks():
     assert got[SHARDED].sum_squares == got[PER_RANK].sum_squares == got[REPLICATED].sum_squares == (x ** 2).sum()
     assert got[SHARDED].count == got[REPLICATED].count == 8
     assert got[REPLICATED] is ranks[0][run_pb2.TENSOR_KIND_PARAMETER][1][1]  # the lowest rank's, once
+    whole = summary(x)  # the merge reads as the whole tensor's summary, histogram included
+    for merged in (got[SHARDED], got[PER_RANK]):
+        assert (list(merged.histogram), merged.histogram_offset) == (list(whole.histogram), whole.histogram_offset)
+        assert merged.HasField("sum_cubes") and merged.sum_cubes == whole.sum_cubes
 
 
 def test_layer_figures_of_a_sharded_run_are_the_merge_of_a_joined_step(build):
