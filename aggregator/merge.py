@@ -3,10 +3,12 @@ agent declared for each tensor (run.proto), so that what /metrics, the API, the 
 is what the same model, unsharded, in one process would show.
 
 - SHARDED (FSDP, tensor parallel): each rank holds a disjoint part of the tensor, so the parts add up:
-  counts, NaN/Inf/zero counts, sums, sums of squares, sums of cubes and histograms add; min and max fold.
-- PER_RANK (activations, inputs, unit counts): each rank saw its own micro-batch; the global batch is their
-  union, so they add up the same way.
-  The replica checksum (a wrapping sum of the bits) adds modulo 2^64.
+  counts, NaN/Inf/zero counts, sums, sums of squares, sums of cubes, histograms and the replica checksum (a
+  wrapping sum of the bits, modulo 2^64) add; min and max fold. Under HSDP only the ranks at coordinate 0
+  of the replica dims register their shards SHARDED; their copies elsewhere (PER_RANK) are left out.
+- PER_RANK data (activations and their gradients, inputs, unit counts): each rank saw its own micro-batch;
+  the global batch is their union, so they add up the same way. A PER_RANK parameter, gradient, update or
+  optimizer state (an HSDP copy, a Partial placement's pending sum) is the lowest rank's.
 - REPLICATED (DDP parameters and all-reduced gradients) and UNSPECIFIED (an agent that did not say): every
   rank holds the same values; they count once, from the lowest rank (RankDivergence checks the agreement).
 
@@ -25,7 +27,13 @@ from gradwatch.stats import HIST_BUCKETS
 from gradwatch.v1 import report_pb2, run_pb2
 
 CHECKSUM_MASK = (1 << 64) - 1
-ADDITIVE = frozenset({run_pb2.PARTITION_SHARDED, run_pb2.PARTITION_PER_RANK})
+SHARDED, REPLICATED = run_pb2.PARTITION_SHARDED, run_pb2.PARTITION_REPLICATED
+ADDITIVE = frozenset({SHARDED, run_pb2.PARTITION_PER_RANK})
+# Kinds whose per-rank tensors are each rank's own data (its micro-batch): their union is the global batch.
+# A per-rank parameter, gradient, update or optimizer state is a copy (HSDP replicas off coordinate 0) or a
+# pending sum (a Partial placement): never added.
+DATA_KINDS = frozenset({run_pb2.TENSOR_KIND_ACTIVATION, run_pb2.TENSOR_KIND_ACTIVATION_GRADIENT,
+                        run_pb2.TENSOR_KIND_INPUT, UNITS})
 
 Summaries = dict[int, list[tuple[TensorMeta, report_pb2.TensorSummary]]]
 
@@ -55,14 +63,14 @@ def merge_tensors(reports: list[Summaries]) -> Summaries:
         if all(c is not None and len(c) == len(items) for c in columns):
             # The common case: every rank reports the same tensors in the same order; one pass, no grouping.
             merged = []
+            data = kind in DATA_KINDS
             for row in zip(*columns, strict=True):
-                meta, s = row[0]
-                if meta.partition in ADDITIVE:
+                meta = row[0][0]
+                if meta.partition != REPLICATED:
                     name = meta.name
                     if any(m.name != name for m, _ in row):
                         return _merge_grouped(reports)
-                    s = Merged([x for _, x in row])
-                merged.append((meta, s))
+                merged.append((meta, _merge_row(row, data)))
             out[kind] = merged
         else:
             return _merge_grouped(reports)
@@ -86,13 +94,28 @@ def _merge_grouped(reports: list[Summaries]) -> Summaries:
     out: Summaries = {}
     for (kind, _), group in groups.items():
         meta, s = group[0]
-        if len(group) > 1 and meta.partition in ADDITIVE:
-            s = Merged([s for _, s in group])
+        if len(group) > 1:
+            s = _merge_row(group, kind in DATA_KINDS)
         items = out.get(kind)
         if items is None:
             items = out[kind] = []
         items.append((meta, s))
     return out
+
+
+def _merge_row(row, data: bool):
+    """One tensor's parts (lowest rank first) as one summary: a data tensor's sharded or per-rank parts
+    add; a model tensor's sharded parts add (HSDP's per-rank copies left out), and a replicated or
+    per-rank one is the lowest rank's."""
+    meta, first = row[0]
+    if meta.partition == REPLICATED or len(row) == 1:
+        return first
+    if data and meta.partition in ADDITIVE:
+        return Merged([s for _, s in row])
+    shards = [s for m, s in row if m.partition == SHARDED]
+    if len(shards) > 1:
+        return Merged(shards)
+    return shards[0] if shards else first
 
 
 class Merged:

@@ -66,20 +66,39 @@ def test_shards_add_up_to_the_whole_tensor(special):
 
 def test_merge_by_partition_counts_replicas_once_and_adds_shards_and_ranks():
     x = np.arange(1, 9, dtype=np.float64)
-    meta = {p: TensorMeta.of(f"t{p}", run_pb2.TENSOR_KIND_PARAMETER, "l", 0, partition=p)
-            for p in (SHARDED, REPLICATED, PER_RANK)}
-    ranks = [{run_pb2.TENSOR_KIND_PARAMETER: [(meta[SHARDED], summary(x[:4])), (meta[REPLICATED], summary(x)),
-                                              (meta[PER_RANK], summary(x[:2]))]},
-             {run_pb2.TENSOR_KIND_PARAMETER: [(meta[SHARDED], summary(x[4:])), (meta[REPLICATED], summary(x)),
-                                              (meta[PER_RANK], summary(x[2:]))]}]
-    got = {m.partition: s for m, s in merge_tensors(ranks)[run_pb2.TENSOR_KIND_PARAMETER]}
+    param, act = run_pb2.TENSOR_KIND_PARAMETER, run_pb2.TENSOR_KIND_ACTIVATION
+    meta = {p: TensorMeta.of(f"t{p}", param, "l", 0, partition=p) for p in (SHARDED, REPLICATED)}
+    out = TensorMeta.of("l:output", act, "l", 0, partition=PER_RANK)  # each rank's micro-batch
+    ranks = [{param: [(meta[SHARDED], summary(x[:4])), (meta[REPLICATED], summary(x))], act: [(out, summary(x[:2]))]},
+             {param: [(meta[SHARDED], summary(x[4:])), (meta[REPLICATED], summary(x))], act: [(out, summary(x[2:]))]}]
+    merged = merge_tensors(ranks)
+    got = {m.partition: s for m, s in merged[param]}
+    got[PER_RANK] = merged[act][0][1]
     assert got[SHARDED].sum_squares == got[PER_RANK].sum_squares == got[REPLICATED].sum_squares == (x ** 2).sum()
-    assert got[SHARDED].count == got[REPLICATED].count == 8
-    assert got[REPLICATED] is ranks[0][run_pb2.TENSOR_KIND_PARAMETER][1][1]  # the lowest rank's, once
+    assert got[SHARDED].count == got[REPLICATED].count == got[PER_RANK].count == 8
+    assert got[REPLICATED] is ranks[0][param][1][1]  # the lowest rank's, once
     whole = summary(x)  # the merge reads as the whole tensor's summary, histogram included
-    for merged in (got[SHARDED], got[PER_RANK]):
-        assert (list(merged.histogram), merged.histogram_offset) == (list(whole.histogram), whole.histogram_offset)
-        assert merged.HasField("sum_cubes") and merged.sum_cubes == whole.sum_cubes
+    for m in (got[SHARDED], got[PER_RANK]):
+        assert (list(m.histogram), m.histogram_offset) == (list(whole.histogram), whole.histogram_offset)
+        assert m.HasField("sum_cubes") and m.sum_cubes == whole.sum_cubes
+
+
+def test_hsdp_copies_are_left_out_and_a_per_rank_parameter_is_not_added():
+    """HSDP on a (replica 2, shard 2) mesh: ranks 0 and 1 (replica coordinate 0) register their shards SHARDED,
+    ranks 2 and 3 hold copies of them, registered PER_RANK. The parameter is the two shards, once; a PER_RANK
+    parameter elsewhere (a Partial placement's pending sum) is the lowest rank's, never a sum of ranks."""
+    x = np.arange(1, 9, dtype=np.float64)
+    param = run_pb2.TENSOR_KIND_PARAMETER
+
+    def meta(name, partition):
+        return TensorMeta.of(name, param, "l", 0, partition=partition)
+
+    halves = (x[:4], x[4:], x[:4], x[4:])
+    ranks = [{param: [(meta("w", SHARDED if r < 2 else PER_RANK), summary(h)),
+                      (meta("partial", PER_RANK), summary(x * (r + 1)))]} for r, h in enumerate(halves)]
+    got = {m.name: s for m, s in merge_tensors(ranks)[param]}
+    assert got["w"].count == 8 and got["w"].sum_squares == (x ** 2).sum()
+    assert got["partial"] is ranks[0][param][1][1]
 
 
 def test_layer_figures_of_a_sharded_run_are_the_merge_of_a_joined_step(build):
