@@ -60,7 +60,7 @@ def cmd_up(args) -> int:
           f"\n  metrics    http://{cfg.aggregator_metrics_listen}/metrics  (aggregator)"
           f"\n             http://{cfg.collector_metrics_listen}/metrics  (collector)"
           f"\n  live view  http://{cfg.aggregator_metrics_listen}/"
-          f"\nCtrl-C stops it.", flush=True)
+          f"\nA component that exits is restarted; Ctrl-C stops them all.", flush=True)
     return run_forever(stack)
 
 
