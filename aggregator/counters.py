@@ -16,6 +16,8 @@ COUNTERS = {
     "series_dropped": "Layer updates without a series because max_layer_series was reached.",
     "claimed": "Entries taken over from idle consumers with XAUTOCLAIM.",
     "lease_lost": "Commits refused because another replica had taken the run's lease (its entries go to that one).",
+    "stream_lost": "Report-stream entries that left the stream before any replica applied them (the collector's hard "
+                   "cap trimmed them unread); the StreamDataLost alert names the run.",
     "steps_joined": "Steps of multi-rank runs closed by the cross-rank join.",
     "steps_incomplete": "Joined steps closed without every rank: passed by the watermark, timed out or overflowed.",
     "late_reports": "Reports for a step the cross-rank join had already closed (applied, not joined).",

@@ -28,6 +28,7 @@ from gradwatch.aggregator.http.metrics import AggregatorCollector, AggregatorVie
 from gradwatch.aggregator.ingest.claim import autoclaim
 from gradwatch.aggregator.ingest.entries import dead_letter, decode_entry
 from gradwatch.aggregator.ingest.leases import Leases, applied_key, lease_key
+from gradwatch.aggregator.ingest.retention import lost_entries
 from gradwatch.aggregator.pace import rank_paces
 from gradwatch.aggregator.rules.catalogue import RuleEngine
 from gradwatch.aggregator.state import State
@@ -358,7 +359,8 @@ class Aggregator:
     def _ack(self, batch: _Batch) -> None:
         """One fenced commit per run in one round trip: acks, applied totals and sequence watermarks,
         only while this replica still holds the run's lease. A run whose lease was lost is dropped; its
-        unacked entries go to the new owner, which applies them once."""
+        unacked entries go to the new owner, which applies them once. Each commit also trims the stream to
+        what the group acknowledged; the entries it finds lost become alerts, written next by `_commit`."""
         runs = [(key, self._streams.get(key) or self._run_of(key), ids) for key, ids in batch.acks.items() if ids]
         if not runs:
             batch.acks = {}
@@ -376,13 +378,26 @@ class Aggregator:
         results = pipe.execute()
         batch.acks = {}
         batch.applied = {}
-        for (_, run, ids), ok in zip(runs, results, strict=True):
-            if not ok:
+        for (_, run, ids), result in zip(runs, results, strict=True):
+            if not result:
                 self.counters.add("lease_lost")
                 self._errors.log(logging.WARNING, f"fence:{run}",
                                  "lease of run %s lost before %d entries were acked; another replica applies them",
                                  run, len(ids))
                 self._drop(run, "its lease expired before the commit")
+            else:
+                batch.alerts += self._lost(run, result)
+
+    def _lost(self, run: str, result: list) -> list[Alert]:
+        """Entries of the run's stream that left it before any replica applied them, as its commit counted them
+        (aggregator/ingest/retention.py): logged, counted and alerted (StreamDataLost)."""
+        new, total = lost_entries(run, result)
+        if not new:
+            return []
+        self.counters.add("stream_lost", new)
+        with self._lock:
+            rs = self.state.runs.get(run)
+            return self.rules.lost(run, new, total, rs.step if rs is not None else -1, time.time())
 
     @staticmethod
     def _run_of(key: str) -> str:

@@ -35,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--redis-cluster", action=argparse.BooleanOptionalAction,
                         help=f"--redis-url is any node of a Redis Cluster (env {env('redis_cluster')})")
     parser.add_argument("--stream-maxlen", type=int, metavar="N",
-                        help=f"approximate entries kept per run stream (env {env('stream_maxlen')}; "
+                        help=f"hard cap on entries per run stream, for an aggregator down for long; entries "
+                             f"trimmed unread raise StreamDataLost (env {env('stream_maxlen')}; "
                              f"default {DEFAULT_STREAM_MAXLEN})")
     parser.add_argument("--token", metavar="TOKEN",
                         help=f"bearer token agents must send; prefer env {env('token')}, flags show in `ps`")

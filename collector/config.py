@@ -13,8 +13,11 @@ from gradwatch.settings import FILE, ConfigError, Settings, host_port, integer, 
 
 DEFAULT_LISTEN = endpoints.COLLECTOR
 DEFAULT_REDIS_URL = endpoints.REDIS_URL
-# Entries per run stream (XADD MAXLEN ~): bounds Redis memory if no aggregator reads a run.
-DEFAULT_STREAM_MAXLEN = 100_000
+# Hard cap on entries per run stream (XADD MAXLEN ~), a safety net: the aggregator trims what it applied,
+# so a stream only grows this long while no aggregator reads the run (about 3 h of a run writing 100 reports/s).
+# Entries it trims unread are counted and alerted (StreamDataLost; docs/architecture.md#stream-retention).
+# Size Redis for it: entries x report size (about 50 bytes a tensor, 90 with histograms).
+DEFAULT_STREAM_MAXLEN = 1_000_000
 # gRPC's own receive limit; bigger messages are refused with RESOURCE_EXHAUSTED before we see them.
 DEFAULT_MAX_MESSAGE_BYTES = MAX_MESSAGE_BYTES
 # Per Export call, for reports and (separately) registrations: bounds the work one call can cause.
@@ -50,8 +53,10 @@ class CollectorConfig(Settings):
                           form=host_port(DEFAULT_LISTEN))
     redis_url: str = setting(DEFAULT_REDIS_URL, "Redis the streams are written to", flag="--redis-url",
                              form=url("redis", "rediss", "unix", example=DEFAULT_REDIS_URL))
-    stream_maxlen: int = setting(DEFAULT_STREAM_MAXLEN, "approximate entries kept per run stream (`MAXLEN ~`)",
-                                 flag="--stream-maxlen", form=integer(gt=0), aliases=("GRADWATCH_STREAM_MAXLEN",))
+    stream_maxlen: int = setting(DEFAULT_STREAM_MAXLEN, "hard cap on entries per run stream (`MAXLEN ~`), for an "
+                                 "aggregator down for long: the aggregator trims what it applied; entries trimmed "
+                                 "unread raise `StreamDataLost`", flag="--stream-maxlen", form=integer(gt=0),
+                                 aliases=("GRADWATCH_STREAM_MAXLEN",))
     max_message_bytes: int = setting(DEFAULT_MAX_MESSAGE_BYTES, "largest gRPC message accepted",
                                      form=integer(gt=0), aliases=("GRADWATCH_MAX_MESSAGE_BYTES",))
     max_reports_per_request: int = setting(DEFAULT_MAX_REPORTS_PER_REQUEST, "reports (and registrations) per "

@@ -222,6 +222,8 @@ class ExportService:
                      reports: list[tuple[StepReport, bytes]],
                      snapshots: list[tuple[Snapshot, bytes]] = ()) -> list[SnapshotRequest]:
         """Writes in one round trip; returns the snapshot requests popped for the written runs."""
+        # The aggregator trims each stream to what it applied; this cap only bites while no aggregator reads a run,
+        # and what it trims unread the aggregator counts and alerts (docs/architecture.md#stream-retention).
         maxlen = self._config.stream_maxlen
         pipe = self._redis.pipeline(transaction=False)
         runs: set[str] = set()

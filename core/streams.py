@@ -3,7 +3,10 @@
 Key layout (every key of one run shares the hash tag {run_id}, so Redis Cluster keeps a run on one shard):
 
   gradwatch:{<run>}:reports        STREAM  one entry per StepReport ({"r": encoded report}) or per
-                                           RunRegistration ({"g": encoded registration}), MAXLEN ~ bounded
+                                           RunRegistration ({"g": encoded registration}); the aggregator
+                                           trims what its group acknowledged (XTRIM MINID), the collector's
+                                           MAXLEN ~ is a hard cap whose unread losses are counted
+                                           (aggregator/ingest/retention.py)
   gradwatch:{<run>}:registrations  HASH    rank -> latest encoded RunRegistration of that rank
   gradwatch:{<run>}:snapshot-requests  LIST  encoded SnapshotRequests the aggregator queued (RPUSH, bounded,
                                            expiring); the collector pops them (LPOP) into Export responses

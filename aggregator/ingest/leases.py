@@ -9,12 +9,16 @@ lease (docs/architecture.md#leases). Keys (the run's hash tag keeps them on the 
                                       at every discovery interval
   gradwatch:{<run>}:applied   HASH    what the owners applied, written atomically with the XACK:
                                       `reports`, `summaries` (totals), `high:<rank>` (highest sequence
-                                      number applied) and `start:<rank>` (that agent's start, ns)
+                                      number applied) and `start:<rank>` (that agent's start, ns); and
+                                      the stream's retention count: `acked`, `lost`, `base`, `rebase`
+                                      (aggregator/ingest/retention.py)
   gradwatch:aggregators       ZSET    consumer name -> last heartbeat (unix ms): the live replicas
 
 A replica that dies stops renewing; after lease_ttl_ms another one takes the run, claims the entries
 the dead one had read but not acked, and restores the sequence watermarks from `applied`, so a report
-the dead replica committed is never applied again and one it had not committed is applied once.
+the dead replica committed is never applied again and one it had not committed is applied once. The
+commit also trims the stream to what the group acknowledged and counts what left it unacknowledged
+(aggregator/ingest/retention.py).
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ import random
 import time
 
 import redis
+
+from gradwatch.aggregator.ingest.retention import AUDIT
 
 # A replica that missed this many lease periods is not counted when sharing runs out.
 REPLICA_TIMEOUT_LEASES = 3
@@ -46,10 +52,14 @@ return 0
 
 # KEYS: lease, stream, applied. ARGV: owner, ttl ms, group, reports, summaries, n ranks, then per
 # rank (rank, agent start ns, high sequence), then the entry ids to ack. The lease check is the fence:
-# a replica that lost its lease (paused past the TTL) cannot ack what the new owner will apply.
+# a replica that lost its lease (paused past the TTL) cannot ack what the new owner will apply. Returns 0
+# when fenced, else the retention count's result (retention.lost_entries reads it).
 _COMMIT = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
+if not redis.call('HGET', KEYS[3], 'acked') and redis.call('HGET', KEYS[3], 'reports') then
+  redis.call('HSET', KEYS[3], 'rebase', 1)  -- commits from before the retention count: count from now on
+end
 local n = tonumber(ARGV[6])
 local i = 7
 for _ = 1, n do
@@ -63,9 +73,10 @@ for _ = 1, n do
 end
 if tonumber(ARGV[4]) > 0 then redis.call('HINCRBY', KEYS[3], 'reports', ARGV[4]) end
 if tonumber(ARGV[5]) > 0 then redis.call('HINCRBY', KEYS[3], 'summaries', ARGV[5]) end
-if #ARGV >= i then redis.call('XACK', KEYS[2], ARGV[3], unpack(ARGV, i)) end
-return 1
-"""
+local acked = 0
+if #ARGV >= i then acked = redis.call('XACK', KEYS[2], ARGV[3], unpack(ARGV, i)) end
+redis.call('HINCRBY', KEYS[3], 'acked', acked)
+""" + AUDIT
 
 
 def lease_key(run: str) -> str:

@@ -25,6 +25,7 @@ from gradwatch.aggregator.rules.debug import GradientCheckFailed
 from gradwatch.aggregator.rules.gradients import ExplodingGradient, VanishingGradient
 from gradwatch.aggregator.rules.loss import LossNotDecreasing, LossSpike, StalledTraining
 from gradwatch.aggregator.rules.nonfinite import NonFinite
+from gradwatch.aggregator.rules.pipeline import StreamDataLost
 from gradwatch.aggregator.rules.ranks import RankDivergence
 from gradwatch.aggregator.rules.stragglers import RankStalled, StragglerRank
 from gradwatch.aggregator.rules.tensors import AllZero, PoorWeightInitialization, TensorVariance, UnchangedTensor
@@ -36,7 +37,7 @@ CATALOGUE: tuple[type[Rule], ...] = (
     NonFinite, GradientCheckFailed, ExplodingGradient, VanishingGradient, WeightUpdateRatio, UnnormalizedInput,
     InputDataDrift, ClassImbalance, LossSpike, LossNotDecreasing, Overfit, Overtraining, AllZero, UnchangedTensor,
     PoorWeightInitialization, TensorVariance, DeadReLU, SaturatedActivation, StalledTraining, RankDivergence,
-    StragglerRank, RankStalled)
+    StragglerRank, RankStalled, StreamDataLost)
 BY_NAME = {rule.name: rule for rule in CATALOGUE}
 COMMON = ("enabled", "severity", "layers", "resolve_after_steps", "cooldown_steps", "keep_firing_s")
 # Integer thresholds that count reports or steps: at least 1.
@@ -165,6 +166,11 @@ class RuleEngine:
     def evaluate_idle(self, now: float) -> list[Alert]:
         """Time-driven rules (StalledTraining); the consumer calls it at its discovery interval."""
         return [a for rule in self.rules for a in rule.evaluate_idle(now)]
+
+    def lost(self, run: str, entries: int, total: int, step: int, now: float) -> list[Alert]:
+        """Report-stream entries of `run` a commit found lost (aggregator/ingest/retention.py): StreamDataLost."""
+        return [a for rule in self.rules if isinstance(rule, StreamDataLost)
+                for a in rule.lost(run, entries, total, step, now)]
 
     def firing(self) -> list[Alert]:
         return [a for rule in self.rules for a in rule.firing()]

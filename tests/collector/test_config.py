@@ -19,7 +19,7 @@ def test_defaults_are_valid():
     config = CollectorConfig().validate()
     assert config.listen == "127.0.0.1:4770"
     assert config.redis_url == "redis://127.0.0.1:6379/0"
-    assert config.stream_maxlen == 100_000
+    assert config.stream_maxlen == 1_000_000  # a hard cap: the aggregator trims what it applied
     assert config.max_message_bytes == 4 * 1024 * 1024
     assert config.max_inflight_bytes == 64 * 1024 * 1024
     assert config.token is None

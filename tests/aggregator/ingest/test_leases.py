@@ -46,8 +46,10 @@ def test_two_replicas_share_the_runs_and_apply_each_report_once(make_aggregator,
     for run in RUNS:
         owner = a if run in held_a else b
         assert redis_client.get(lease_key(run)) == owner.config.consumer.encode()
-        assert applied(redis_client, run) == {"reports": 10, "summaries": 120, "high:0": 10, "start:0": int(1.7e18)}
+        assert applied(redis_client, run) == {"reports": 10, "summaries": 120, "high:0": 10, "start:0": int(1.7e18),
+                                              "acked": 11}  # the registration's entry too
         assert pending(redis_client, run) == 0
+        assert redis_client.xlen(reports_key(run)) == 0  # trimmed once applied
     total = sum(agg.counters.get("reports") for agg in (a, b))
     assert total == 40
     assert {m.decode() for m in redis_client.zrange(REPLICAS_KEY, 0, -1)} == {"replica-a", "replica-b"}
@@ -96,8 +98,10 @@ def test_takeover_after_a_crash_applies_what_was_not_committed_exactly_once(make
     assert b.leases.held == {run}
     assert b.counters.get("claimed") == 2
     assert b.counters.get("reports") == 3 and b.counters.get("duplicates") == 1
-    assert applied(redis_client, run) == {"reports": 8, "summaries": 96, "high:0": 8, "start:0": int(1.7e18)}
+    assert applied(redis_client, run) == {"reports": 8, "summaries": 96, "high:0": 8, "start:0": int(1.7e18),
+                                          "acked": 10}  # every entry once: a's two uncommitted ones by b
     assert pending(redis_client, run) == 0
+    assert redis_client.xlen(reports_key(run)) == 0
 
 
 def test_a_replica_that_lost_its_lease_cannot_ack(make_aggregator, build, publish, redis_client):
