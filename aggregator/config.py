@@ -97,7 +97,9 @@ class AggregatorConfig(Settings):
                                     form=integer(ge=1))
     max_histogram_layers: int = setting(DEFAULT_MAX_HISTOGRAM_LAYERS, "magnitude histograms on /metrics ((layer, "
                                         "kind) pairs, all runs together)", form=integer(ge=0))
-    history_reports: int = setting(DEFAULT_HISTORY_REPORTS, "reports per run kept for `/steps` queries",
+    history_reports: int = setting(DEFAULT_HISTORY_REPORTS, "latest steps per run kept in memory for `/steps`, "
+                                   "curves and the heatmap; every step is also in Redis (aggregator/history.py), "
+                                   "read for older ones",
                                    form=integer(ge=0))
     run_expiry_s: float = setting(DEFAULT_RUN_EXPIRY_S, "runs are forgotten after no report for this long",
                                   form=number(ge=0))

@@ -22,6 +22,7 @@ from gradwatch.aggregator.alerts.record import Alert
 from gradwatch.aggregator.alerts.sink import AlertSink
 from gradwatch.aggregator.config import AggregatorConfig
 from gradwatch.aggregator.counters import Counters
+from gradwatch.aggregator.history import HistoryStore
 from gradwatch.aggregator.http import views
 from gradwatch.aggregator.http.live import FrameStore
 from gradwatch.aggregator.http.metrics import AggregatorCollector, AggregatorView
@@ -66,6 +67,7 @@ class _Batch:
     dead: list[tuple[str, dict]] = field(default_factory=list)
     acks: dict[str, list[bytes]] = field(default_factory=dict)
     applied: dict[str, _Applied] = field(default_factory=dict)  # run -> its part of the batch
+    history: dict[str, list[tuple]] = field(default_factory=dict)  # run -> history rows to write first
 
 
 class Aggregator:
@@ -83,6 +85,7 @@ class Aggregator:
             health_check_interval=30, **quiet_handshake())
         self._lock = threading.Lock()  # state and rules: the consumer writes, scrapes read
         self.state = State(config, self.counters, self._fetch_registration)
+        self.history_store = HistoryStore(self.client)  # runs' step history in Redis (aggregator/history.py)
         self.frames = FrameStore()  # every training report's histograms, thinned: the live view's animation
         self.rules = RuleEngine(config, self.counters)
         self.sink = AlertSink(self.client, config, self.counters)
@@ -189,8 +192,11 @@ class Aggregator:
                 if "BUSYGROUP" not in str(e):
                     raise
             checkpoint = self.leases.checkpoint(run)
+            rows = self.history_store.rows(run, limit=self.config.history_reports)
+            registrations = list(self.client.hgetall(registrations_key(run)).values())
             with self._lock:
                 self.state.restore(run, checkpoint)
+                self.state.restore_history(run, rows, registrations)
             self._streams[key] = run
             self._cursors[key] = "0-0"
             log.info("following run %s%s", run, " (taken over)" if checkpoint else "")
@@ -208,6 +214,7 @@ class Aggregator:
             self.state.forget(run)
             self.rules.forget(run)
         self.frames.forget(run)
+        self.history_store.forget(run)
         self.sink.forget(run)
         log.info("no longer following run %s: %s", run, why)
 
@@ -266,8 +273,7 @@ class Aggregator:
             alerts = self.rules.evaluate_idle(time.time())
             self.state.expire_joins()  # steps still waiting for a rank after join_timeout_s
             alerts += self._joined()
-        if alerts:
-            self._commit(_Batch(alerts=alerts))
+        self._commit(_Batch(alerts=alerts))  # and the history rows of steps that timed out
 
     def _joined(self) -> list[Alert]:
         """The steps the join closed (under the lock): their merged tensors become snapshot frames, and the
@@ -332,9 +338,16 @@ class Aggregator:
 
     def _commit(self, batch: _Batch) -> None:
         """Alerts, then dead letters, then acks; a failed step is retried until it succeeds or the
-        aggregator stops (unacked entries are then redelivered, nothing is lost)."""
-        while batch.alerts or batch.dead or any(batch.acks.values()):
+        aggregator stops (unacked entries are then redelivered, nothing is lost). The history rows the batch
+        made are written before anything else: a row is in Redis before the entries behind it are acked."""
+        with self._lock:
+            for run, rows in self.state.take_unsaved().items():
+                batch.history.setdefault(run, []).extend(rows)
+        while batch.history or batch.alerts or batch.dead or any(batch.acks.values()):
             try:
+                for run in list(batch.history):
+                    self.history_store.save(run, batch.history[run])
+                    del batch.history[run]
                 if batch.alerts:
                     self.sink.write(batch.alerts)
                     batch.alerts = []
@@ -406,8 +419,22 @@ class Aggregator:
     # -- metrics ------------------------------------------------------------------------------------
 
     def history(self, run: str, first: int | None, last: int | None, limit: int) -> list[dict] | None:
+        """Rows from memory when it holds the range; else from Redis (a run this replica does not follow, or
+        steps before the latest history_reports). None when neither knows the run."""
         with self._lock:
-            return views.history_rows(self.state.runs.get(run), first, last, limit)
+            rs = self.state.runs.get(run)
+            if rs is not None and (not rs.history or first is None or first >= rs.history[0][0]
+                                   or len(rs.history) < (rs.history.maxlen or 0)):
+                return views.history_rows(rs, first, last, limit)
+        try:
+            rows = self.history_store.rows(run, first, last, limit)
+        except redis.RedisError as e:
+            self.counters.add("redis_errors")
+            self._errors.log(logging.WARNING, "history", "cannot read the history of %s: %s", run, e)
+            rows = []
+        if not rows and rs is None:
+            return None
+        return views.rows_of(rows)
 
     def topology(self, run: str) -> dict | None:
         with self._lock:

@@ -85,6 +85,11 @@ class RunState:
         self.labels: dict[str, str] = {}
         self.join: StepJoin | None = None          # only for runs of several ranks
         self.last_joined: JoinedStep | None = None
+        self.unsaved: list[tuple] = []  # history rows not yet in Redis (aggregator/history.py; the service saves)
+
+    def add_row(self, row: tuple) -> None:
+        self.history.append(row)
+        self.unsaved.append(row)
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,18 +141,24 @@ class State:
         self.layer_series = 0
         self.closed: list[JoinedStep] = []  # steps the join closed, for the cross-rank rules: take_closed()
 
-    def register(self, run: str, reg: run_pb2.RunRegistration) -> None:
+    def register(self, run: str, reg: run_pb2.RunRegistration, restored: bool = False) -> None:
         rs = self._run(run)
         rank = rs.ranks.setdefault(reg.rank, RankState())
         start_ns = reg.start_time.ToNanoseconds() if reg.HasField("start_time") else 0
-        if start_ns and rank.start_ns:  # rank.start_ns: from an earlier registration or a checkpoint
+        if restored:
+            # Read back from Redis for its metadata only: the sequence numbering follows the checkpoint and
+            # the registrations the stream delivers.
+            if rank.dictionary is not None:
+                return
+        elif start_ns and rank.start_ns:  # rank.start_ns: from an earlier registration or a checkpoint
             if start_ns < rank.start_ns and rank.dictionary is not None:
                 return  # a redelivered registration of an earlier agent process
             if start_ns > rank.start_ns:
                 # A restarted agent numbers its reports from 1 again.
                 rank.seq = SequenceTracker()
                 rank.rate.clear()
-        rank.start_ns = max(start_ns, rank.start_ns)
+        if not restored:
+            rank.start_ns = max(start_ns, rank.start_ns)
         rank.dictionary = {t.id: TensorMeta.of(t.name, t.kind, t.module_path or t.name, t.order, tuple(t.shape),
                                                t.partition, t.dtype) for t in reg.tensors}
         order: dict[str, int] = {}
@@ -163,7 +174,8 @@ class State:
             rs.hyperparameters = {k: getattr(v, v.WhichOneof("value")) if v.WhichOneof("value") else None
                                   for k, v in reg.hyperparameters.items()}
             rs.labels = dict(reg.labels)
-        self.counters.add("registrations")
+        if not restored:  # one read back from Redis at a takeover is not a new registration
+            self.counters.add("registrations")
 
     def apply(self, run: str, report: report_pb2.StepReport) -> ReportView | None:
         """Applies one report; None when this (run, rank, sequence) was applied before."""
@@ -237,8 +249,7 @@ class State:
         if part:
             self._join(rs, view)
         elif report.rank == 0 or report.rank == min(rs.ranks):  # the lowest rank's reports
-            rs.history.append((step, t, train, loss, global_norm, grad_norms, curve_scalars(scalars),
-                               _roots(f.param_sq)))
+            rs.add_row((step, t, train, loss, global_norm, grad_norms, curve_scalars(scalars), _roots(f.param_sq)))
         return view
 
     def _layers(self, rs: RunState, step: int, f: Figures) -> dict[str, float]:
@@ -300,8 +311,8 @@ class State:
                     rs.loss = merged.loss
                 if merged.by_kind:
                     rs.tensors = merged.by_kind
-            rs.history.append((joined.step, merged.time, True, merged.loss, joined.global_grad_norm, grad_norms,
-                               curve_scalars(merged.scalars), _roots(f.param_sq)))
+            rs.add_row((joined.step, merged.time, True, merged.loss, joined.global_grad_norm, grad_norms,
+                        curve_scalars(merged.scalars), _roots(f.param_sq)))
         self.closed.extend(steps)
 
     def expire_joins(self, now: float | None = None) -> None:
@@ -309,6 +320,47 @@ class State:
         for rs in self.runs.values():
             if rs.join is not None and rs.join.open:
                 self._closed(rs, rs.join.expire(rs.world_size, self.config.join_timeout_s, now))
+
+    def take_unsaved(self) -> dict[str, list[tuple]]:
+        """run -> history rows added since the last call, for the service to write before it acks."""
+        out = {}
+        for run, rs in self.runs.items():
+            if rs.unsaved:
+                out[run], rs.unsaved = rs.unsaved, []
+        return out
+
+    def restore_history(self, run: str, rows: list[tuple], registrations: list[bytes]) -> None:
+        """A run taken over or found again after a restart: its registrations (topology, hyperparameters,
+        layer order) and the latest rows of its history, from Redis; the latest training row sets the
+        run's loss, gradient norm, scalars and per-layer norms until new reports arrive. A run nothing was
+        applied of yet (no checkpoint, no history) is left to its stream."""
+        rs = self._run(run)
+        if not rows and not any(rank.start_ns for rank in rs.ranks.values()):
+            return
+        for raw in registrations:
+            try:
+                reg = run_pb2.RunRegistration.FromString(raw)
+            except DecodeError:
+                self.counters.add("decode_errors")
+                continue
+            if reg.run_id in ("", run):
+                self.register(run, reg, restored=True)
+        if not rows:
+            return
+        known = {(row[0], row[2]) for row in rs.history}
+        rs.history.extend(row for row in rows if (row[0], row[2]) not in known)
+        ordered = sorted(rs.history, key=lambda row: (row[0], not row[2]))
+        rs.history.clear()
+        rs.history.extend(ordered)
+        train = [row for row in ordered if row[2]]
+        if not train or train[-1][0] < rs.step:
+            return
+        step, t, _, loss, norm, grads, curve, params = train[-1]
+        rs.step, rs.loss, rs.grad_norm, rs.last_report_time = step, loss, norm, t
+        rs.scalars = dict(curve) if curve and not rs.scalars else rs.scalars
+        layers = set(grads) | set(params)
+        self._layers(rs, step, Figures({k: v * v for k, v in grads.items()}, {k: v * v for k, v in params.items()},
+                                       {layer: {} for layer in layers}, []))
 
     def take_closed(self) -> list[JoinedStep]:
         out, self.closed = self.closed, []

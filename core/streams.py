@@ -14,6 +14,10 @@ Key layout (every key of one run shares the hash tag {run_id}, so Redis Cluster 
   gradwatch:{<run>}:dead           STREAM  entries of the reports stream the aggregator could not decode or
                                            process (their fields plus dead_error, dead_stream, dead_id),
                                            MAXLEN ~ bounded
+  gradwatch:{<run>}:history        HASH    "<step>" / "<step>e" (evaluation) -> the aggregator's StepRecord of
+                                           that step (history.proto; aggregator/history.py)
+  gradwatch:{<run>}:history-steps  ZSET    the history's fields scored by step, for ranges
+  gradwatch:{<run>}:layers         HASH    layer name -> the index StepRecords use for it
   gradwatch:runs                   ZSET    run id -> unix time the collector last wrote for it
   gradwatch:alerts                 STREAM  one entry per alert transition ({"alert": JSON}), MAXLEN ~ bounded
 
@@ -53,6 +57,18 @@ def reports_key(run_id: str) -> str:
 
 def registrations_key(run_id: str) -> str:
     return f"gradwatch:{{{run_id}}}:registrations"
+
+
+def history_key(run_id: str) -> str:
+    return f"gradwatch:{{{run_id}}}:history"
+
+
+def history_steps_key(run_id: str) -> str:
+    return f"gradwatch:{{{run_id}}}:history-steps"
+
+
+def layers_key(run_id: str) -> str:
+    return f"gradwatch:{{{run_id}}}:layers"
 
 
 def snapshot_requests_key(run_id: str) -> str:

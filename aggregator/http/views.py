@@ -37,7 +37,11 @@ def history_rows(rs: RunState | None, first: int | None = None, last: int | None
         return None
     lo = -1 << 62 if first is None else first
     hi = 1 << 62 if last is None else last
-    rows = [r for r in rs.history if lo <= r[0] <= hi][-limit:] if limit > 0 else []
+    return rows_of([r for r in rs.history if lo <= r[0] <= hi][-limit:] if limit > 0 else [])
+
+
+def rows_of(rows) -> list[dict]:
+    """History rows (RunState.history's tuples, or aggregator/history.py's from Redis) as the API shapes them."""
     return [{"step": step, "time": t, "phase": TRAIN if train else EVAL, "loss": loss, "grad_norm": norm,
              "layers": dict(layers), "param_norms": dict(params), "scalars": dict(curve)}
             for step, t, train, loss, norm, layers, curve, params in rows]

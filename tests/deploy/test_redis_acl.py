@@ -247,7 +247,7 @@ AGGREGATOR_FORBIDDEN = [
     ("FLUSHALL", ("FLUSHALL",)),
     ("CONFIG GET", ("CONFIG", "GET", "*")),
     ("KEYS", ("KEYS", "*")),
-    ("XTRIM", ("XTRIM", GW_STREAM, "MAXLEN", "0")),
+    ("XTRIM the alert stream", ("XTRIM", ALERTS_KEY, "MAXLEN", "0")),  # it trims only the report streams
     ("XGROUP DESTROY", ("XGROUP", "DESTROY", GW_STREAM, AGGREGATOR_GROUP)),
     ("XGROUP SETID", ("XGROUP", "SETID", GW_STREAM, AGGREGATOR_GROUP, "0")),
     ("SET a stream (overwrite it)", ("SET", GW_STREAM, "x")),

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from gradwatch.aggregator.history import HistoryStore
 from gradwatch.aggregator.ingest.leases import applied_key, lease_key
 from gradwatch.cli.processes import stop_process, wait_until
 from gradwatch.cli.redis_server import RedisServer, free_port
@@ -157,6 +158,11 @@ def test_replica_sigkill_and_redis_restart_lose_nothing_and_count_nothing_twice(
             assert record["summaries"] == expected * TENSORS, run
             for rank in range(RANKS):
                 assert record[f"high:{rank}"] == writer.steps, run  # sequence = step + 1: the last one
+        # the run's history in Redis has every step once, whichever replica joined it (aggregator/history.py)
+        history = HistoryStore(client)
+        for run in RUNS:
+            wait_until(lambda run=run: history.count(run) == writer.steps, 15, f"the history of {run}")
+            assert [row[0] for row in history.rows(run, limit=writer.steps)] == list(range(writer.steps)), run
         assert writer.duplicates > 0 and writer.retries > 0 and killed_at_step > 0
         # the restarted replica got its share back
         wait_until(lambda: b"replica-a" in {client.get(lease_key(r)) for r in RUNS}, 15, "a holding runs again")

@@ -1,0 +1,48 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class StepRecord(_message.Message):
+    __slots__ = ("step", "time", "eval", "loss", "grad_norm", "grad_norms", "param_norms", "scalars")
+    class GradNormsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: float
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[float] = ...) -> None: ...
+    class ParamNormsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: float
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[float] = ...) -> None: ...
+    class ScalarsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    EVAL_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
+    GRAD_NORMS_FIELD_NUMBER: _ClassVar[int]
+    PARAM_NORMS_FIELD_NUMBER: _ClassVar[int]
+    SCALARS_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    time: float
+    eval: bool
+    loss: float
+    grad_norm: float
+    grad_norms: _containers.ScalarMap[int, float]
+    param_norms: _containers.ScalarMap[int, float]
+    scalars: _containers.ScalarMap[str, float]
+    def __init__(self, step: _Optional[int] = ..., time: _Optional[float] = ..., eval: _Optional[bool] = ..., loss: _Optional[float] = ..., grad_norm: _Optional[float] = ..., grad_norms: _Optional[_Mapping[int, float]] = ..., param_norms: _Optional[_Mapping[int, float]] = ..., scalars: _Optional[_Mapping[str, float]] = ...) -> None: ...
