@@ -423,12 +423,14 @@ class Aggregator:
         steps before the latest history_reports). None when neither knows the run."""
         with self._lock:
             rs = self.state.runs.get(run)
-            if rs is not None and (not rs.history or first is None or first >= rs.history[0][0]
-                                   or len(rs.history) < (rs.history.maxlen or 0)):
-                return views.history_rows(rs, first, last, limit)
+            if rs is not None and rs.history:
+                whole = len(rs.history) < (rs.history.maxlen or 0)  # every row since this run was followed
+                if whole or (first is not None and first >= rs.history[0][0]) or (
+                        first is None and limit <= len(rs.history)):
+                    return views.history_rows(rs, first, last, limit)
         try:
             rows = self.history_store.rows(run, first, last, limit)
-        except redis.RedisError as e:
+        except REDIS_ERRORS as e:
             self.counters.add("redis_errors")
             self._errors.log(logging.WARNING, "history", "cannot read the history of %s: %s", run, e)
             rows = []

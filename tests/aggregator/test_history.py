@@ -55,8 +55,9 @@ def test_a_restarted_aggregator_serves_every_step(make_aggregator, build, publis
 
     second = make_aggregator(consumer="another", history_reports=50)
     run_all(second)
-    rows = second.history(RUN, None, None, 1000)
-    assert [r["step"] for r in rows] == list(range(30, 80))  # the in-memory window: the latest 50
+    assert len(second.state.runs[RUN].history) == 50  # the in-memory window: the latest 50 rows
+    assert [r["step"] for r in second.history(RUN, None, None, 20)] == list(range(60, 80))  # from memory
+    assert [r["step"] for r in second.history(RUN, None, None, 1000)] == list(range(80))  # more: from Redis
     rows = second.history(RUN, 0, None, 1000)  # before the window: read from Redis
     assert [r["step"] for r in rows] == list(range(80))
     assert rows[7]["layers"]["fc1"] == pytest.approx(8.0) and rows[7]["loss"] == pytest.approx(1 / 8)
