@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG, description="Reads gradwatch report streams from Redis, evaluates alert rules, serves "
                                "Prometheus metrics and pushes alerts to Alertmanager.")
     p.add_argument("--redis-url", help=f"Redis to read (env {env('redis_url')}; default {DEFAULT_REDIS_URL})")
+    p.add_argument("--redis-cluster", action=argparse.BooleanOptionalAction,
+                   help=f"--redis-url is any node of a Redis Cluster (env {env('redis_cluster')}; default off)")
     p.add_argument("--metrics-listen", metavar="HOST:PORT",
                    help=f"where /metrics is served (env {env('metrics_listen')}; default {DEFAULT_METRICS_LISTEN})")
     p.add_argument("--alertmanager-url", metavar="URL",
@@ -74,12 +76,12 @@ def run(config: AggregatorConfig, stop: threading.Event | None = None,
     """Runs until `stop` is set (or SIGINT/SIGTERM when called from the main thread); returns the exit
     status. For `gradwatch up`, which runs this in-process next to the other components."""
     # Imported here, not at the top: a bad setting is refused before the aggregator's modules load.
-    import redis
     from prometheus_client import CollectorRegistry, ProcessCollector
 
     from gradwatch.aggregator.http.server import ListenError, serve
     from gradwatch.aggregator.http.snapshots import SnapshotStore
     from gradwatch.aggregator.http.views import alert_log
+    from gradwatch.aggregator.ingest.client import REDIS_ERRORS
     from gradwatch.aggregator.service import Aggregator
 
     try:
@@ -91,13 +93,16 @@ def run(config: AggregatorConfig, stop: threading.Event | None = None,
     if registry is None:
         registry = CollectorRegistry()
         ProcessCollector(registry=registry)  # process_cpu_seconds_total, memory: the aggregator's own cost
-    aggregator = Aggregator(config, registry)
+    aggregator = None
     try:
+        aggregator = Aggregator(config, registry)  # a cluster client asks a node for the slot map here
         aggregator.client.ping()
-    except redis.RedisError as e:
-        print(f"{PROG}: cannot reach Redis at {redact(config.redis_url)}: {e} (start it, or choose one with "
-              f"--redis-url)", file=sys.stderr)
-        aggregator.stop(0)
+    except REDIS_ERRORS as e:
+        hint = ("give a node of a running Redis Cluster with --redis-url, or drop --redis-cluster for a single Redis"
+                if config.redis_cluster else "start it, or choose one with --redis-url")
+        print(f"{PROG}: cannot reach Redis at {redact(config.redis_url)}: {e} ({hint})", file=sys.stderr)
+        if aggregator is not None:
+            aggregator.stop(0)
         return 1
     try:
         server, _ = serve(host, port, registry, aggregator.view, history=aggregator.history,
@@ -116,8 +121,9 @@ def run(config: AggregatorConfig, stop: threading.Event | None = None,
             previous[sig] = signal.signal(sig, lambda *_: stop.set())
     targets = ", ".join(["Redis"] + (["Alertmanager"] if config.alertmanager_url else [])
                         + (["webhook"] if config.webhook_url else []))
+    redis_at = redact(config.redis_url) + (" (a Redis Cluster)" if config.redis_cluster else "")
     log.info("aggregator %s reading %s; metrics on http://%s:%d/metrics, query API under /api/v1, live view at "
-             "/ui/; alerts to %s", config.consumer, redact(config.redis_url), host, server.server_port, targets)
+             "/ui/; alerts to %s", config.consumer, redis_at, host, server.server_port, targets)
     aggregator.start()
     try:
         while not stop.wait(0.5):  # a timed wait keeps the main thread responsive to signals

@@ -11,8 +11,12 @@ from urllib.parse import urlsplit
 
 from gradwatch import endpoints
 from gradwatch.settings import FILE, ConfigError, Settings, env_var, host_port, integer, number, setting, url
+from gradwatch.streams import cluster_url_problem
 
 DEFAULT_REDIS_URL = endpoints.REDIS_URL
+# Off: redis_url names one Redis. On: it names any node of a Redis Cluster, and the client follows the slots
+# (the collector's setting of the same name and variable, GRADWATCH_REDIS_CLUSTER: both sides set it alike).
+DEFAULT_REDIS_CLUSTER = False
 DEFAULT_METRICS_LISTEN = endpoints.AGGREGATOR
 DEFAULT_ALERTMANAGER_URL: str | None = None
 # XREADGROUP blocks this long when idle: short enough that stop() and new runs are noticed quickly.
@@ -69,6 +73,8 @@ class AggregatorConfig(Settings):
 
     redis_url: str = setting(DEFAULT_REDIS_URL, "Redis the report streams are read from", flag="--redis-url",
                              form=url("redis", "rediss", "unix", example=DEFAULT_REDIS_URL))
+    redis_cluster: bool = setting(DEFAULT_REDIS_CLUSTER, "the Redis URL names any node of a Redis Cluster",
+                                  flag="--redis-cluster")
     metrics_listen: str = setting(DEFAULT_METRICS_LISTEN, "/metrics, the query API and the live view",
                                   flag="--metrics-listen", form=host_port(DEFAULT_METRICS_LISTEN))
     alertmanager_url: str | None = setting(DEFAULT_ALERTMANAGER_URL, "Alertmanager alerts are pushed to",
@@ -159,6 +165,9 @@ class AggregatorConfig(Settings):
         scheme = urlsplit(self.redis_url).scheme
         if scheme not in ("redis", "rediss", "unix"):
             raise _bad("redis_url", self.redis_url, "a redis://, rediss:// or unix:// URL")
+        if self.redis_cluster and (problem := cluster_url_problem(self.redis_url)):
+            raise ConfigError(f"invalid aggregator setting redis_url ({env_name('redis_url')}) with redis_cluster "
+                              f"({env_name('redis_cluster')}) on: {problem}")
         self.metrics_address()
         if self.alertmanager_url is not None:
             am = urlsplit(self.alertmanager_url)

@@ -27,8 +27,10 @@ from gradwatch.aggregator.http import views
 from gradwatch.aggregator.http.live import FrameStore
 from gradwatch.aggregator.http.metrics import AggregatorCollector, AggregatorView
 from gradwatch.aggregator.ingest.claim import autoclaim
+from gradwatch.aggregator.ingest.client import REDIS_ERRORS, connect, eval_many
 from gradwatch.aggregator.ingest.entries import dead_letter, decode_entry
 from gradwatch.aggregator.ingest.leases import Leases, applied_key, lease_key
+from gradwatch.aggregator.ingest.read import read_new
 from gradwatch.aggregator.ingest.retention import lost_entries
 from gradwatch.aggregator.pace import rank_paces
 from gradwatch.aggregator.rules.catalogue import RuleEngine
@@ -38,7 +40,6 @@ from gradwatch.streams import (
     AGGREGATOR_GROUP,
     RUNS_KEY,
     dead_letter_key,
-    quiet_handshake,
     registrations_key,
     reports_key,
     valid_run_id,
@@ -79,10 +80,7 @@ class Aggregator:
         self.config = config
         self.counters = Counters()
         self._own_client = client is None
-        # The socket timeout must outlast XREADGROUP's BLOCK, or every idle read would fail.
-        self.client = client or redis.Redis.from_url(
-            config.redis_url, socket_timeout=config.block_ms / 1000 + 10, socket_connect_timeout=5,
-            health_check_interval=30, **quiet_handshake())
+        self.client = client or connect(config)  # one Redis, or a Redis Cluster (aggregator/ingest/client.py)
         self._lock = threading.Lock()  # state and rules: the consumer writes, scrapes read
         self.state = State(config, self.counters, self._fetch_registration)
         self.history_store = HistoryStore(self.client)  # runs' step history in Redis (aggregator/history.py)
@@ -138,7 +136,8 @@ class Aggregator:
     # -- one iteration ------------------------------------------------------------------------------
 
     def run_once(self) -> int:
-        """Discovery and claiming when due, then one XREADGROUP; returns the number of entries handled."""
+        """Discovery and claiming when due, then one read of the held streams (one XREADGROUP, or one per slot
+        on a cluster: aggregator/ingest/read.py); returns the number of entries handled."""
         try:
             now = time.monotonic()
             handled = 0
@@ -153,7 +152,7 @@ class Aggregator:
             handled += self._read()
             self._failures = 0
             return handled
-        except redis.RedisError as e:
+        except REDIS_ERRORS as e:
             self.counters.add("redis_errors")
             if "NOGROUP" in str(e):  # a stream or its group was deleted: create them again
                 self._streams.clear()
@@ -232,12 +231,11 @@ class Aggregator:
         if not self._streams:
             self._stop.wait(self.config.block_ms / 1000)
             return 0
-        response = self.client.xreadgroup(
-            AGGREGATOR_GROUP, self.config.consumer, dict.fromkeys(self._streams, ">"),
-            count=self.config.read_count, block=self.config.block_ms or None)  # BLOCK 0 would wait forever
+        response = read_new(self.client, self.config.consumer, self._streams, self.config.read_count,
+                            self.config.block_ms, self._stop.wait)
         batch = _Batch()
         handled = 0
-        for key, entries in response or []:
+        for key, entries in response:
             key = key.decode() if isinstance(key, bytes) else key
             run = self._streams.get(key)
             if run is not None:
@@ -329,7 +327,7 @@ class Aggregator:
             raise redis.ConnectionError("registration lookup paused after a Redis error")
         try:
             return self.client.hget(registrations_key(run), str(rank))
-        except redis.RedisError as e:
+        except REDIS_ERRORS as e:
             self._fetch_retry_at = now + FETCH_RETRY_S
             self.counters.add("redis_errors")
             self._errors.log(logging.WARNING, "hget", "cannot look up the registration of %s rank %d: %s",
@@ -359,7 +357,7 @@ class Aggregator:
                     batch.dead = []
                 self._ack(batch)
                 self._failures = 0
-            except redis.RedisError as e:
+            except REDIS_ERRORS as e:
                 self.counters.add("redis_errors")
                 self._errors.log(logging.WARNING, f"commit:{type(e).__name__}",
                                  "cannot write alerts or acks: %s; retrying", e)
@@ -370,15 +368,14 @@ class Aggregator:
                 self._backoff()
 
     def _ack(self, batch: _Batch) -> None:
-        """One fenced commit per run in one round trip: acks, applied totals and sequence watermarks,
-        only while this replica still holds the run's lease. A run whose lease was lost is dropped; its
-        unacked entries go to the new owner, which applies them once. Each commit also trims the stream to
-        what the group acknowledged; the entries it finds lost become alerts, written next by `_commit`."""
+        """One fenced commit per run in one round trip (one per node on a cluster): acks, applied totals and
+        sequence watermarks, only while this replica still holds the run's lease. A run whose lease was lost is
+        dropped; its unacked entries go to the new owner, which applies them once. Each commit also trims the
+        stream to what the group acknowledged; the entries it finds lost become alerts, written next by
+        `_commit`. A commit that failed (its node down) raises after the others are taken off the batch: the
+        retry runs only it, so no run's totals are added twice."""
         runs = [(key, self._streams.get(key) or self._run_of(key), ids) for key, ids in batch.acks.items() if ids]
-        if not runs:
-            batch.acks = {}
-            return
-        pipe = self.client.pipeline(transaction=False)
+        calls = []
         for key, run, ids in runs:
             applied = batch.applied.get(run, _Applied())
             with self._lock:
@@ -387,11 +384,15 @@ class Aggregator:
                           applied.summaries, len(marks)]
             for rank, (start, high) in marks.items():
                 args += [rank, start, high]
-            self.leases.commit_script(keys=[lease_key(run), key, applied_key(run)], args=args + ids, client=pipe)
-        results = pipe.execute()
-        batch.acks = {}
-        batch.applied = {}
-        for (_, run, ids), result in zip(runs, results, strict=True):
+            calls.append(([lease_key(run), key, applied_key(run)], args + ids))
+        results = eval_many(self.client, self.leases.commit_script, calls) if calls else []
+        failed = None
+        for (key, run, ids), result in zip(runs, results, strict=True):
+            if isinstance(result, Exception):
+                failed = failed or result
+                continue
+            del batch.acks[key]
+            batch.applied.pop(run, None)
             if not result:
                 self.counters.add("lease_lost")
                 self._errors.log(logging.WARNING, f"fence:{run}",
@@ -400,6 +401,10 @@ class Aggregator:
                 self._drop(run, "its lease expired before the commit")
             else:
                 batch.alerts += self._lost(run, result)
+        if failed is not None:
+            raise failed
+        batch.acks = {}
+        batch.applied = {}
 
     def _lost(self, run: str, result: list) -> list[Alert]:
         """Entries of the run's stream that left it before any replica applied them, as its commit counted them

@@ -21,6 +21,10 @@ Key layout (every key of one run shares the hash tag {run_id}, so Redis Cluster 
   gradwatch:runs                   ZSET    run id -> unix time the collector last wrote for it
   gradwatch:alerts                 STREAM  one entry per alert transition ({"alert": JSON}), MAXLEN ~ bounded
 
+On a Redis Cluster (the shared setting `redis_cluster`; docs/architecture.md#redis-cluster) no command may name
+keys of two slots: each names one run's keys, or one of the cross-run keys (gradwatch:runs, gradwatch:alerts),
+never both.
+
 Entries hold the bytes the agent encoded: the collector never re-encodes a report. The aggregator's own
 coordination keys (gradwatch:{<run>}:lease, :applied, gradwatch:aggregators) belong to its lease mechanism
 and are described there (aggregator/ingest/leases.py).
@@ -49,6 +53,20 @@ def quiet_handshake() -> dict:
     from redis.maint_notifications import MaintNotificationsConfig
 
     return {"driver_info": None, "maint_notifications_config": MaintNotificationsConfig(enabled=False)}
+
+
+def cluster_url_problem(url: str) -> str | None:
+    """Why `url` cannot name a node of a Redis Cluster (`redis_cluster`, shared by collector and aggregator),
+    or None. A cluster is reached over TCP and has only database 0; redis-py would refuse both only when it
+    connects. Each node hands the client the whole slot map: any one node is enough."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        return "a Redis Cluster is reached over TCP: give a redis:// or rediss:// url of a node"
+    if parts.path.strip("/") not in ("", "0"):
+        return "a Redis Cluster has only database 0"
+    return None
 
 
 def reports_key(run_id: str) -> str:

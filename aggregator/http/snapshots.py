@@ -16,13 +16,13 @@ import json
 import secrets
 from urllib.parse import unquote
 
-import redis
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
 from gradwatch.aggregator.alerts.record import json_number
 from gradwatch.aggregator.http.responses import backend, error, ok, run_of, unknown
+from gradwatch.aggregator.ingest.client import REDIS_ERRORS
 from gradwatch.limits import KIND_BY_NAME, KINDS
 from gradwatch.streams import (
     MAX_SNAPSHOT_REQUESTS,
@@ -49,9 +49,10 @@ def describe(snap: Snapshot, values: bool) -> dict:
 
 
 class SnapshotStore:
-    """The Redis side; `client` is any redis.Redis (thread-safe, shared with the consumer)."""
+    """The Redis side; `client` is the aggregator's (thread-safe, shared with the consumer; one Redis or a
+    Redis Cluster: each call names one run's keys)."""
 
-    def __init__(self, client: redis.Redis):
+    def __init__(self, client):
         self.client = client
 
     def request(self, run: str, kind: str, tensor: str) -> str:
@@ -90,7 +91,7 @@ def _read(request: Request, rid: str | None) -> Response:
         return error(404, "not_found", "snapshots are not served by this aggregator")
     try:
         snaps = store.all(run_of(request))
-    except redis.RedisError as e:
+    except REDIS_ERRORS as e:
         return error(503, "unavailable", f"cannot read snapshots from Redis: {e}", {"Retry-After": "1"})
     if rid is None:
         return ok({"snapshots": [describe(s, False) for s in snaps]})
@@ -135,6 +136,6 @@ def _queue(request: Request, run: str, kind: str, tensor: str) -> Response:
         return error(404, "not_found", "snapshots are not served by this aggregator")
     try:
         rid = sources.snapshots.request(run, kind, tensor)
-    except redis.RedisError as e:
+    except REDIS_ERRORS as e:
         return error(503, "unavailable", f"cannot queue the request in Redis: {e}", {"Retry-After": "1"})
     return ok({"id": rid, "run": run, "kind": kind, "tensor": tensor, "status": "pending"}, 202)

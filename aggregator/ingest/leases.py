@@ -3,7 +3,9 @@ fenced commit that acks entries only while the lease is still ours.
 
 Cross-rank joins and windowed rules need every report of a run in one process, so replicas do not let
 the consumer group scatter a run's entries; each run's stream is read by the one replica holding its
-lease (docs/architecture.md#leases). Keys (the run's hash tag keeps them on the run's Redis Cluster shard):
+lease (docs/architecture.md#leases). Keys (the run's hash tag keeps them on the run's Redis Cluster shard, so
+each script below, naming one run's keys, runs there; the renewals and commits of many runs go in one pipeline,
+aggregator/ingest/client.py's eval_many):
 
   gradwatch:{<run>}:lease     STRING  owner consumer name, PX lease_ttl_ms; renewed by every commit and
                                       at every discovery interval
@@ -29,6 +31,7 @@ import time
 
 import redis
 
+from gradwatch.aggregator.ingest.client import REDIS_ERRORS, eval_many, raise_first
 from gradwatch.aggregator.ingest.retention import AUDIT
 
 # A replica that missed this many lease periods is not counted when sharing runs out.
@@ -115,11 +118,10 @@ class Leases:
         active = set(runs)
         lost: list[str] = []
         held = sorted(self.held)
-        if held:
-            pipe = self.client.pipeline(transaction=False)
-            for run in held:
-                self._acquire(keys=[lease_key(run)], args=[self.consumer, self.ttl_ms], client=pipe)
-            for run, ok in zip(held, pipe.execute(), strict=True):
+        if held:  # one round trip (one per node on a cluster) renews them all
+            renewed = raise_first(eval_many(self.client, self._acquire,
+                                            [([lease_key(run)], [self.consumer, self.ttl_ms]) for run in held]))
+            for run, ok in zip(held, renewed, strict=True):
                 if not ok or run not in active:
                     lost.append(run)
         for run in lost:
@@ -150,11 +152,11 @@ class Leases:
         for run in list(self.held):
             try:
                 self.release(run)
-            except redis.RedisError:
+            except REDIS_ERRORS:
                 pass
         try:
             self.client.zrem(REPLICAS_KEY, self.consumer)
-        except redis.RedisError:
+        except REDIS_ERRORS:
             pass
 
     def checkpoint(self, run: str) -> dict[int, tuple[int, int]]:

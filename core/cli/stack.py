@@ -141,14 +141,15 @@ class Stack:
                 self.redis = RedisServer(Path(cfg.data_dir) / "redis", binary=cfg.redis_server).start()
                 self.redis_url = self.redis.url
                 self._up_since["redis-server"] = time.monotonic()
+            # The embedded Redis is never a cluster, whatever the environment says; a given --redis-url is one
+            # when GRADWATCH_REDIS_CLUSTER says so, read by both components.
+            single = ["--no-redis-cluster"] if self.redis else []
             self._spawn("aggregator", ["--redis-url", self.redis_url, "--metrics-listen", cfg.aggregator_metrics_listen,
                                        *(["--alertmanager-url", cfg.alertmanager_url] if cfg.alertmanager_url else []),
-                                       *(["--rules", cfg.rules] if cfg.rules else [])])
+                                       *(["--rules", cfg.rules] if cfg.rules else []), *single])
             self._wait_http("aggregator", f"http://{cfg.aggregator_metrics_listen}/metrics")
             self._spawn("collector", ["--listen", cfg.collector_listen, "--redis-url", self.redis_url,
-                                      "--metrics-listen", cfg.collector_metrics_listen,
-                                      # the embedded Redis is never a cluster, whatever the environment says
-                                      *(["--no-redis-cluster"] if self.redis else [])])
+                                      "--metrics-listen", cfg.collector_metrics_listen, *single])
             host, port = split_hostport(cfg.collector_listen)
             self._wait("collector", lambda deadline: wait_for_tcp(host, port, deadline))
         except BaseException:

@@ -101,3 +101,29 @@ def test_webhook_from_environment_and_its_token_kept_secret(monkeypatch):
     with pytest.raises(ConfigError, match="GRADWATCH_AGGREGATOR_WEBHOOK_TOKEN") as e:
         dataclasses.replace(c, webhook_token="s3cr3t\n").validate()
     assert "s3cr3t" not in str(e.value)
+
+
+def test_cluster_mode_is_the_shared_variable_or_the_flag(monkeypatch):
+    from gradwatch.aggregator.__main__ import build_parser
+    from gradwatch.settings import given_flags
+
+    assert AggregatorConfig().redis_cluster is False
+    monkeypatch.setenv("GRADWATCH_REDIS_CLUSTER", "yes")  # the collector's variable too: one switch for both
+    assert AggregatorConfig.from_env().validate().redis_cluster is True
+    args = build_parser().parse_args(["--no-redis-cluster"])  # what `gradwatch up` gives its embedded Redis
+    assert AggregatorConfig.from_env(**given_flags(AggregatorConfig, args)).redis_cluster is False
+    monkeypatch.delenv("GRADWATCH_REDIS_CLUSTER")
+    args = build_parser().parse_args(["--redis-cluster"])
+    assert AggregatorConfig.from_env(**given_flags(AggregatorConfig, args)).redis_cluster is True
+
+
+@pytest.mark.parametrize(("url", "message"), [
+    ("unix:///run/redis.sock", "reached over TCP"),
+    ("redis://:pa55word@node-1:7000/2", "only database 0"),
+])
+def test_a_cluster_url_must_name_a_node_over_tcp(url, message):
+    with pytest.raises(ConfigError, match="GRADWATCH_REDIS_CLUSTER") as e:
+        AggregatorConfig(redis_url=url, redis_cluster=True).validate()
+    assert message in str(e.value) and "pa55word" not in str(e.value)
+    AggregatorConfig(redis_url=url).validate()  # fine for one Redis
+    AggregatorConfig(redis_url="rediss://node-1:7000", redis_cluster=True).validate()

@@ -47,6 +47,15 @@ def test_unreachable_redis_is_one_clear_line():
     assert "secret" not in err and len(err.strip().splitlines()) == 1
 
 
+def test_cluster_mode_against_one_redis_is_one_clear_line(redis_url):
+    proc = aggregator("--redis-url", redis_url, "--redis-cluster", "--metrics-listen", f"127.0.0.1:{free_port()}")
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 1
+    assert err.startswith(f"gradwatch aggregator: cannot reach Redis at {redis_url}: ")
+    assert "Cluster mode is not enabled" in err and err.rstrip().endswith("or drop --redis-cluster for a single Redis)")
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_invalid_setting_exits_2(redis_url):
     proc = aggregator("--redis-url", redis_url, "--metrics-listen", "no-port-here")
     _, err = proc.communicate(timeout=20)

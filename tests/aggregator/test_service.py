@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from gradwatch.aggregator.ingest.leases import lease_key
+from gradwatch.aggregator.ingest.leases import applied_key, lease_key
 from gradwatch.aggregator.service import Aggregator
 from gradwatch.cli.redis_server import free_port
 from gradwatch.streams import AGGREGATOR_GROUP, ALERTS_KEY, FIELD_REPORT, dead_letter_key, reports_key
@@ -252,3 +252,27 @@ def test_stalled_run_is_alerted_by_the_loop_at_the_discovery_interval(make_aggre
     publish.report(build.report(1))
     run_all(agg)
     assert [a["status"] for a in alerts_in_stream(redis_client)] == ["firing", "resolved"]
+
+
+def test_a_failed_commit_is_retried_alone_and_counts_nothing_twice(make_aggregator, build, publish, redis_client,
+                                                                   run_all):
+    # One round trip commits several runs (on a cluster, several nodes); when one run's commit fails (its node
+    # down) the others took effect: the retry must run only the failed one, or their totals would count twice.
+    for run in ("good", "bad"):
+        publish.registration(build.registration(run=run))
+        publish.report(build.report(0, run=run))
+    agg = make_aggregator()
+    save = agg.history_store.save
+
+    def save_then_break(run, rows):  # after discovery read the applied hash, before the commit writes it
+        save(run, rows)
+        if run == "bad" and not redis_client.exists(applied_key("bad")):
+            redis_client.set(applied_key("bad"), "not a hash")  # the bad run's commit now fails, the good one's not
+
+    agg.history_store.save = save_then_break
+    agg._backoff = lambda: redis_client.delete(applied_key("bad"))  # the node is back before the retry
+    assert run_all(agg) == 4
+    for run in ("good", "bad"):
+        assert int(redis_client.hget(applied_key(run), "reports")) == 1 and pending(redis_client, run) == 0
+    assert int(redis_client.hget(applied_key("good"), "acked")) == 2
+    assert sample(agg, "gradwatch_aggregator_redis_errors_total") == 1

@@ -89,7 +89,7 @@ BEFORE = {
     },
     AggregatorConfig: {"GRADWATCH_REDIS_URL": "redis_url", "GRADWATCH_ALERTMANAGER_URL": "alertmanager_url",
                        **{f"GRADWATCH_AGGREGATOR_{v.field.upper()}": v.field for v in variables(AggregatorConfig)
-                          if v.field not in ("redis_url", "alertmanager_url")}},
+                          if v.field not in ("redis_url", "alertmanager_url", "redis_cluster")}},  # the last: new
     StackConfig: {"GRADWATCH_REDIS_URL": "redis_url", "GRADWATCH_DATA_DIR": "data_dir",
                   "GRADWATCH_ALERTMANAGER_URL": "alertmanager_url", "GRADWATCH_TOKEN": "token",
                   "GRADWATCH_REDIS_SERVER": "redis_server"},
