@@ -38,6 +38,8 @@ DEFAULT_MAX_LAYER_SERIES = 5_000
 DEFAULT_MAX_HISTOGRAM_LAYERS = 64
 # Reports per run kept for step-range queries (/api/v1/runs/{run}/steps): per-layer gradient norms.
 DEFAULT_HISTORY_REPORTS = 2_000
+DEFAULT_HISTORY_FULL_STEPS = 10_000  # every step of the latest ones kept; older ones fold into tiers
+DEFAULT_HISTORY_ALERT_WINDOW = 100  # steps either side of an alert kept whole
 DEFAULT_RUN_EXPIRY_S = 3600.0
 DEFAULT_EXPLODING_ABS_LIMIT = 1e4
 DEFAULT_EXPLODING_RATIO = 10.0
@@ -107,6 +109,11 @@ class AggregatorConfig(Settings):
                                    "curves and the heatmap; every step is also in Redis (aggregator/history.py), "
                                    "read for older ones",
                                    form=integer(ge=0))
+    history_full_steps: int = setting(DEFAULT_HISTORY_FULL_STEPS, "latest steps per run kept in Redis at full "
+                                      "resolution; older training steps fold into 10- and 100-step buckets",
+                                      form=integer(ge=1))
+    history_alert_window: int = setting(DEFAULT_HISTORY_ALERT_WINDOW, "steps either side of an alert's step kept "
+                                        "at full resolution in the history", form=integer(ge=0))
     run_expiry_s: float = setting(DEFAULT_RUN_EXPIRY_S, "runs are forgotten after no report for this long",
                                   form=number(ge=0))
     exploding_abs_limit: float = setting(DEFAULT_EXPLODING_ABS_LIMIT, "ExplodingGradient: absolute gradient-norm "
@@ -187,10 +194,11 @@ class AggregatorConfig(Settings):
             raise _bad("consumer", self.consumer, "a non-empty name without spaces")
         for name in ("read_count", "max_layer_series", "alert_stream_maxlen", "dead_letter_maxlen",
                      "exploding_window", "exploding_min_history", "resolve_after_steps", "alertmanager_queue_size",
-                     "webhook_queue_size"):
+                     "webhook_queue_size", "history_full_steps"):
             if getattr(self, name) < 1:
                 raise _bad(name, getattr(self, name), "an integer >= 1")
         for name in ("block_ms", "claim_idle_ms", "cooldown_steps", "max_histogram_layers", "history_reports",
+                     "history_alert_window",
                      "alertmanager_retries",
                      "webhook_retries"):
             if getattr(self, name) < 0:

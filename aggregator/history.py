@@ -17,16 +17,27 @@ runs this aggregator does not hold, read Redis.
 
 Per step and layer a record costs about 11 bytes per norm (a map entry of a float64: a history read back
 equals what was served) in the hash value, plus the hash and sorted-set entry of the step (~100 bytes).
+
+Tiers (`compact`): training steps older than the full-resolution window (the latest `full_steps`) fold into
+buckets of 10 steps, and buckets older than ten windows into buckets of 100 (history.proto TierRecord:
+min, max, sum and count of each figure over the bucket, NaN/Inf counted: a bucket holding one reads NaN),
+except the steps within `window` of a pinned step (an alert's), which stay whole. Evaluation rows stay
+whole. Keys: gradwatch:{<run>}:history-10 / -100 (HASH bucket -> TierRecord) and their -steps ZSETs,
+gradwatch:{<run>}:history-pins (ZSET of pinned steps). Rows read back from a tier carry its width.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import redis
 
 from gradwatch.streams import history_key, history_steps_key, layers_key
 from gradwatch.v1 import history_pb2
+
+TIERS = (10, 100)
+COMPACT_BATCH = 2000  # rows folded per call: bounded work per run and compaction pass
 
 NEXT = b"\x00next"
 Row = tuple  # (step, time, train, loss, grad norm, layer -> grad norm, curve scalars, layer -> param norm)
@@ -48,6 +59,58 @@ def encode(row: Row, ids: dict[str, int]) -> bytes:
     for layer, v in params.items():
         rec.param_norms[ids[layer]] = v
     return rec.SerializeToString()
+
+
+def tier_key(run: str, width: int) -> str:
+    return f"{history_key(run)}-{width}"
+
+
+def tier_steps_key(run: str, width: int) -> str:
+    return f"{history_key(run)}-{width}-steps"
+
+
+def pins_key(run: str) -> str:
+    return f"{history_key(run)}-pins"
+
+
+def _fold(stats: history_pb2.NormStats, v: float | None) -> None:
+    if v is None:
+        return
+    if not math.isfinite(v):
+        stats.nonfinite += 1
+        return
+    if not stats.count:
+        stats.min = stats.max = v
+    else:
+        stats.min, stats.max = min(stats.min, v), max(stats.max, v)
+    stats.sum += v
+    stats.count += 1
+
+
+def _merge_stats(into: history_pb2.NormStats, other: history_pb2.NormStats) -> None:
+    if other.count:
+        if into.count:
+            into.min, into.max = min(into.min, other.min), max(into.max, other.max)
+        else:
+            into.min, into.max = other.min, other.max
+    into.sum += other.sum
+    into.count += other.count
+    into.nonfinite += other.nonfinite
+
+
+def _mean(stats: history_pb2.NormStats) -> float | None:
+    if stats.nonfinite:
+        return math.nan  # never hidden by the finite rest of the bucket
+    return stats.sum / stats.count if stats.count else None
+
+
+def tier_row(rec: history_pb2.TierRecord, names: dict[int, str], width: int) -> tuple:
+    """A bucket as a history row (the means; NaN where a NaN/Inf was folded in) plus its width."""
+    def layers(m) -> dict[str, float]:
+        return {names.get(i, f"layer_{i}"): v for i, st in sorted(m.items()) if (v := _mean(st)) is not None}
+
+    return (rec.first_step, rec.time, True, _mean(rec.loss), _mean(rec.grad_norm), layers(rec.grad_norms), {},
+            layers(rec.param_norms), width)
 
 
 def decode(raw: bytes, names: dict[int, str]) -> Row:
@@ -116,13 +179,95 @@ class HistoryStore:
             return []
         lo = "-inf" if first is None else first
         hi = "+inf" if last is None else last
-        fields = self.client.zrevrangebyscore(history_steps_key(run), hi, lo, start=0, num=limit)
-        if not fields:
-            return []
-        fields.reverse()
         names = self.names(run)
-        raw = self.client.hmget(history_key(run), fields)
-        return sorted((decode(r, names) for r in raw if r is not None), key=lambda row: (row[0], not row[2]))
+        out = []
+        for width in (1, *TIERS):
+            steps = history_steps_key(run) if width == 1 else tier_steps_key(run, width)
+            fields = self.client.zrevrangebyscore(steps, hi, lo, start=0, num=limit)
+            if not fields:
+                continue
+            raw = self.client.hmget(history_key(run) if width == 1 else tier_key(run, width), fields)
+            if width == 1:
+                out += [decode(r, names) for r in raw if r is not None]
+            else:
+                out += [tier_row(history_pb2.TierRecord.FromString(r), names, width) for r in raw if r is not None]
+        return sorted(out, key=lambda row: (row[0], not row[2]))[-limit:]
+
+    def pin(self, run: str, steps: Iterable[int]) -> None:
+        """Steps to keep at full resolution (with their window): an alert's."""
+        steps = {int(s): int(s) for s in steps if s >= 0}
+        if steps:
+            self.client.zadd(pins_key(run), {str(s): s for s in steps})
+
+    def compact(self, run: str, latest: int, full_steps: int, window: int) -> int:
+        """Folds training rows older than `full_steps` before `latest` into 10-step buckets, and buckets
+        older than ten windows into 100-step buckets, leaving rows within `window` of a pin whole. Returns
+        the rows and buckets folded (at most COMPACT_BATCH of each per call)."""
+        pins = [int(p) for p in self.client.zrange(pins_key(run), 0, -1)]
+        folded = 0
+        cutoffs = {10: latest - full_steps, 100: latest - 10 * full_steps}
+        for width, source in ((10, 1), (100, 10)):
+            cutoff = cutoffs[width]
+            if cutoff <= 0:
+                continue
+            src_steps = history_steps_key(run) if source == 1 else tier_steps_key(run, source)
+            src_hash = history_key(run) if source == 1 else tier_key(run, source)
+            fields = self.client.zrangebyscore(src_steps, "-inf", f"({cutoff}", start=0, num=COMPACT_BATCH,
+                                               withscores=True)
+            if source == 1:  # evaluation rows and the steps near a pin stay whole
+                fields = [(f, sc) for f, sc in fields if not f.endswith(b"e")
+                          and not any(abs(sc - p) <= window for p in pins)]
+            fields = [(f, sc) for f, sc in fields if (int(sc) // width + 1) * width <= cutoff]  # whole buckets
+            if not fields:
+                continue
+            raw = self.client.hmget(src_hash, [f for f, _ in fields])
+            buckets: dict[int, history_pb2.TierRecord] = {}
+            for (_, sc), r in zip(fields, raw, strict=True):
+                if r is None:
+                    continue
+                b = int(sc) // width
+                rec = buckets.get(b)
+                if rec is None:
+                    rec = buckets[b] = history_pb2.TierRecord(first_step=b * width)
+                if source == 1:
+                    self._fold_row(rec, history_pb2.StepRecord.FromString(r))
+                else:
+                    self._merge_tier(rec, history_pb2.TierRecord.FromString(r))
+            dest = tier_key(run, width)
+            existing = self.client.hmget(dest, [str(b) for b in buckets])
+            for rec, old in zip(buckets.values(), existing, strict=True):
+                if old is not None:
+                    self._merge_tier(rec, history_pb2.TierRecord.FromString(old))
+            pipe = self.client.pipeline(transaction=False)
+            pipe.hset(dest, mapping={str(b): rec.SerializeToString() for b, rec in buckets.items()})
+            pipe.zadd(tier_steps_key(run, width), {str(b): b * width for b in buckets})
+            pipe.hdel(src_hash, *[f for f, _ in fields])
+            pipe.zrem(src_steps, *[f for f, _ in fields])
+            pipe.execute()
+            folded += len(fields)
+        return folded
+
+    @staticmethod
+    def _fold_row(rec: history_pb2.TierRecord, row: history_pb2.StepRecord) -> None:
+        rec.steps += 1
+        rec.time = max(rec.time, row.time)
+        _fold(rec.loss, row.loss if row.HasField("loss") else None)
+        _fold(rec.grad_norm, row.grad_norm if row.HasField("grad_norm") else None)
+        for i, v in row.grad_norms.items():
+            _fold(rec.grad_norms[i], v)
+        for i, v in row.param_norms.items():
+            _fold(rec.param_norms[i], v)
+
+    @staticmethod
+    def _merge_tier(rec: history_pb2.TierRecord, other: history_pb2.TierRecord) -> None:
+        rec.steps += other.steps
+        rec.time = max(rec.time, other.time)
+        _merge_stats(rec.loss, other.loss)
+        _merge_stats(rec.grad_norm, other.grad_norm)
+        for i, st in other.grad_norms.items():
+            _merge_stats(rec.grad_norms[i], st)
+        for i, st in other.param_norms.items():
+            _merge_stats(rec.param_norms[i], st)
 
     def count(self, run: str) -> int:
         return int(self.client.zcard(history_steps_key(run)))

@@ -51,6 +51,7 @@ BACKOFF_CAP_S = 5.0
 # After a failed registration lookup, reports of unknown ranks skip it for this long instead of
 # waiting on a dead Redis one by one.
 FETCH_RETRY_S = 5.0
+COMPACT_INTERVAL_S = 5.0  # how often runs' old history steps are folded into tiers
 
 
 @dataclass
@@ -96,6 +97,7 @@ class Aggregator:
         self._next_claim = 0.0
         self._fetch_retry_at = 0.0
         self._failures = 0
+        self._compact_at = 0.0
         self._errors = DedupLog(log)
         self._stop = threading.Event()
         self._stopped = False
@@ -182,17 +184,24 @@ class Aggregator:
         for run in lost:
             self._drop(run, "its lease went to another replica" if run in active else "it is no longer active")
         handled = 0
-        for run in gained:
+        for i, run in enumerate(gained):
             key = reports_key(run)
             try:
-                # From "0": a run's entries written before this group existed are processed too.
-                self.client.xgroup_create(key, AGGREGATOR_GROUP, id="0", mkstream=True)
-            except redis.ResponseError as e:
-                if "BUSYGROUP" not in str(e):
-                    raise
-            checkpoint = self.leases.checkpoint(run)
-            rows = self.history_store.rows(run, limit=self.config.history_reports)
-            registrations = list(self.client.hgetall(registrations_key(run)).values())
+                try:
+                    # From "0": a run's entries written before this group existed are processed too.
+                    self.client.xgroup_create(key, AGGREGATOR_GROUP, id="0", mkstream=True)
+                except redis.ResponseError as e:
+                    if "BUSYGROUP" not in str(e):
+                        raise
+                checkpoint = self.leases.checkpoint(run)
+                rows = self.history_store.rows(run, limit=self.config.history_reports)
+                registrations = list(self.client.hgetall(registrations_key(run)).values())
+            except BaseException:
+                # Not set up (Redis away): held but unread, these runs would never be set up again. Out of
+                # `held`, the next discovery gains them again (the lease is ours: acquiring it succeeds).
+                for rest in gained[i:]:
+                    self.leases.held.discard(rest)
+                raise
             with self._lock:
                 self.state.restore(run, checkpoint)
                 self.state.restore_history(run, rows, registrations)
@@ -272,6 +281,23 @@ class Aggregator:
             self.state.expire_joins()  # steps still waiting for a rank after join_timeout_s
             alerts += self._joined()
         self._commit(_Batch(alerts=alerts))  # and the history rows of steps that timed out
+        self._compact()
+
+    def _compact(self) -> None:
+        """Folds each followed run's old history steps into tiers (aggregator/history.py), a bounded batch per
+        run and pass, at most every COMPACT_INTERVAL_S."""
+        now = time.monotonic()
+        if now < self._compact_at:
+            return
+        self._compact_at = now + COMPACT_INTERVAL_S
+        with self._lock:
+            latest = {run: rs.step for run, rs in self.state.runs.items() if rs.step > self.config.history_full_steps}
+        for run, step in latest.items():
+            try:
+                self.history_store.compact(run, step, self.config.history_full_steps, self.config.history_alert_window)
+            except REDIS_ERRORS as e:
+                self.counters.add("redis_errors")
+                self._errors.log(logging.WARNING, "compact", "cannot fold the history of %s into tiers: %s", run, e)
 
     def _joined(self) -> list[Alert]:
         """The steps the join closed (under the lock): their merged tensors become snapshot frames, and the
@@ -347,6 +373,8 @@ class Aggregator:
                     self.history_store.save(run, batch.history[run])
                     del batch.history[run]
                 if batch.alerts:
+                    for run in {a.run for a in batch.alerts}:  # the steps around an alert stay whole in the history
+                        self.history_store.pin(run, [a.step for a in batch.alerts if a.run == run])
                     self.sink.write(batch.alerts)
                     batch.alerts = []
                 if batch.dead:

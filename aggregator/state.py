@@ -355,7 +355,7 @@ class State:
         train = [row for row in ordered if row[2]]
         if not train or train[-1][0] < rs.step:
             return
-        step, t, _, loss, norm, grads, curve, params = train[-1]
+        step, t, _, loss, norm, grads, curve, params = train[-1][:8]
         rs.step, rs.loss, rs.grad_norm, rs.last_report_time = step, loss, norm, t
         rs.scalars = dict(curve) if curve and not rs.scalars else rs.scalars
         layers = set(grads) | set(params)

@@ -41,10 +41,16 @@ def history_rows(rs: RunState | None, first: int | None = None, last: int | None
 
 
 def rows_of(rows) -> list[dict]:
-    """History rows (RunState.history's tuples, or aggregator/history.py's from Redis) as the API shapes them."""
-    return [{"step": step, "time": t, "phase": TRAIN if train else EVAL, "loss": loss, "grad_norm": norm,
-             "layers": dict(layers), "param_norms": dict(params), "scalars": dict(curve)}
-            for step, t, train, loss, norm, layers, curve, params in rows]
+    """History rows (RunState.history's tuples, or aggregator/history.py's from Redis) as the API shapes them;
+    a downsampled bucket (a 9th element: its width in steps) says so in "resolution", its values the means."""
+    out = []
+    for row in rows:
+        step, t, train, loss, norm, layers, curve, params = row[:8]
+        out.append({"step": step, "time": t, "phase": TRAIN if train else EVAL, "loss": loss, "grad_norm": norm,
+                    "layers": dict(layers), "param_norms": dict(params), "scalars": dict(curve)})
+        if len(row) > 8:
+            out[-1]["resolution"] = row[8]
+    return out
 
 
 def topology(rs: RunState | None) -> dict | None:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1agradwatch/v1/history.proto\x12\x0cgradwatch.v1\"\xc1\x03\n\nStepRecord\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0c\n\x04time\x18\x02 \x01(\x01\x12\x0c\n\x04\x65val\x18\x03 \x01(\x08\x12\x11\n\x04loss\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x16\n\tgrad_norm\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12;\n\ngrad_norms\x18\x06 \x03(\x0b\x32\'.gradwatch.v1.StepRecord.GradNormsEntry\x12=\n\x0bparam_norms\x18\x07 \x03(\x0b\x32(.gradwatch.v1.StepRecord.ParamNormsEntry\x12\x36\n\x07scalars\x18\x08 \x03(\x0b\x32%.gradwatch.v1.StepRecord.ScalarsEntry\x1a\x30\n\x0eGradNormsEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x31\n\x0fParamNormsEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a.\n\x0cScalarsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x07\n\x05_lossB\x0c\n\n_grad_normb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1agradwatch/v1/history.proto\x12\x0cgradwatch.v1\"\xc1\x03\n\nStepRecord\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0c\n\x04time\x18\x02 \x01(\x01\x12\x0c\n\x04\x65val\x18\x03 \x01(\x08\x12\x11\n\x04loss\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x16\n\tgrad_norm\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12;\n\ngrad_norms\x18\x06 \x03(\x0b\x32\'.gradwatch.v1.StepRecord.GradNormsEntry\x12=\n\x0bparam_norms\x18\x07 \x03(\x0b\x32(.gradwatch.v1.StepRecord.ParamNormsEntry\x12\x36\n\x07scalars\x18\x08 \x03(\x0b\x32%.gradwatch.v1.StepRecord.ScalarsEntry\x1a\x30\n\x0eGradNormsEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x31\n\x0fParamNormsEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a.\n\x0cScalarsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x07\n\x05_lossB\x0c\n\n_grad_norm\"T\n\tNormStats\x12\x0b\n\x03min\x18\x01 \x01(\x01\x12\x0b\n\x03max\x18\x02 \x01(\x01\x12\x0b\n\x03sum\x18\x03 \x01(\x01\x12\r\n\x05\x63ount\x18\x04 \x01(\r\x12\x11\n\tnonfinite\x18\x05 \x01(\r\"\xa3\x03\n\nTierRecord\x12\x12\n\nfirst_step\x18\x01 \x01(\x03\x12\r\n\x05steps\x18\x02 \x01(\r\x12\x0c\n\x04time\x18\x03 \x01(\x01\x12%\n\x04loss\x18\x04 \x01(\x0b\x32\x17.gradwatch.v1.NormStats\x12*\n\tgrad_norm\x18\x05 \x01(\x0b\x32\x17.gradwatch.v1.NormStats\x12;\n\ngrad_norms\x18\x06 \x03(\x0b\x32\'.gradwatch.v1.TierRecord.GradNormsEntry\x12=\n\x0bparam_norms\x18\x07 \x03(\x0b\x32(.gradwatch.v1.TierRecord.ParamNormsEntry\x1aI\n\x0eGradNormsEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.gradwatch.v1.NormStats:\x02\x38\x01\x1aJ\n\x0fParamNormsEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.gradwatch.v1.NormStats:\x02\x38\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,6 +37,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STEPRECORD_PARAMNORMSENTRY']._serialized_options = b'8\001'
   _globals['_STEPRECORD_SCALARSENTRY']._loaded_options = None
   _globals['_STEPRECORD_SCALARSENTRY']._serialized_options = b'8\001'
+  _globals['_TIERRECORD_GRADNORMSENTRY']._loaded_options = None
+  _globals['_TIERRECORD_GRADNORMSENTRY']._serialized_options = b'8\001'
+  _globals['_TIERRECORD_PARAMNORMSENTRY']._loaded_options = None
+  _globals['_TIERRECORD_PARAMNORMSENTRY']._serialized_options = b'8\001'
   _globals['_STEPRECORD']._serialized_start=45
   _globals['_STEPRECORD']._serialized_end=494
   _globals['_STEPRECORD_GRADNORMSENTRY']._serialized_start=324
@@ -45,4 +49,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STEPRECORD_PARAMNORMSENTRY']._serialized_end=423
   _globals['_STEPRECORD_SCALARSENTRY']._serialized_start=425
   _globals['_STEPRECORD_SCALARSENTRY']._serialized_end=471
+  _globals['_NORMSTATS']._serialized_start=496
+  _globals['_NORMSTATS']._serialized_end=580
+  _globals['_TIERRECORD']._serialized_start=583
+  _globals['_TIERRECORD']._serialized_end=1002
+  _globals['_TIERRECORD_GRADNORMSENTRY']._serialized_start=853
+  _globals['_TIERRECORD_GRADNORMSENTRY']._serialized_end=926
+  _globals['_TIERRECORD_PARAMNORMSENTRY']._serialized_start=928
+  _globals['_TIERRECORD_PARAMNORMSENTRY']._serialized_end=1002
 # @@protoc_insertion_point(module_scope)

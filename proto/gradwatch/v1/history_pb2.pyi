@@ -2,7 +2,7 @@ from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -46,3 +46,49 @@ class StepRecord(_message.Message):
     param_norms: _containers.ScalarMap[int, float]
     scalars: _containers.ScalarMap[str, float]
     def __init__(self, step: _Optional[int] = ..., time: _Optional[float] = ..., eval: _Optional[bool] = ..., loss: _Optional[float] = ..., grad_norm: _Optional[float] = ..., grad_norms: _Optional[_Mapping[int, float]] = ..., param_norms: _Optional[_Mapping[int, float]] = ..., scalars: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class NormStats(_message.Message):
+    __slots__ = ("min", "max", "sum", "count", "nonfinite")
+    MIN_FIELD_NUMBER: _ClassVar[int]
+    MAX_FIELD_NUMBER: _ClassVar[int]
+    SUM_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    NONFINITE_FIELD_NUMBER: _ClassVar[int]
+    min: float
+    max: float
+    sum: float
+    count: int
+    nonfinite: int
+    def __init__(self, min: _Optional[float] = ..., max: _Optional[float] = ..., sum: _Optional[float] = ..., count: _Optional[int] = ..., nonfinite: _Optional[int] = ...) -> None: ...
+
+class TierRecord(_message.Message):
+    __slots__ = ("first_step", "steps", "time", "loss", "grad_norm", "grad_norms", "param_norms")
+    class GradNormsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: NormStats
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[_Union[NormStats, _Mapping]] = ...) -> None: ...
+    class ParamNormsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: NormStats
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[_Union[NormStats, _Mapping]] = ...) -> None: ...
+    FIRST_STEP_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
+    GRAD_NORMS_FIELD_NUMBER: _ClassVar[int]
+    PARAM_NORMS_FIELD_NUMBER: _ClassVar[int]
+    first_step: int
+    steps: int
+    time: float
+    loss: NormStats
+    grad_norm: NormStats
+    grad_norms: _containers.MessageMap[int, NormStats]
+    param_norms: _containers.MessageMap[int, NormStats]
+    def __init__(self, first_step: _Optional[int] = ..., steps: _Optional[int] = ..., time: _Optional[float] = ..., loss: _Optional[_Union[NormStats, _Mapping]] = ..., grad_norm: _Optional[_Union[NormStats, _Mapping]] = ..., grad_norms: _Optional[_Mapping[int, NormStats]] = ..., param_norms: _Optional[_Mapping[int, NormStats]] = ...) -> None: ...
