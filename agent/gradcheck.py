@@ -199,8 +199,7 @@ def gradcheck(model, loss_fn: Callable, batch: object, *, eps: float = DEFAULT_E
         p.grad = None
     loss = evaluate(True)
     loss.backward()
-    # sync: host reads below are gradcheck's job (finite differences on a float64 copy, off any training step)
-    j = loss.item()
+    j = loss.item()  # sync: gradcheck's own host reads (finite differences on a float64 copy, no training step)
     floor = tiny * max(abs(j), 1.0)
     report = GradcheckReport(loss=j, eps=eps, tolerance=tolerance, samples=samples)
     generator = torch.Generator().manual_seed(seed)

@@ -33,7 +33,7 @@ from collections.abc import Iterable
 
 import redis
 
-from gradwatch.streams import history_key, history_steps_key, layers_key
+from gradwatch.streams import history_key, history_steps_key, layers_key, pins_key, tier_key, tier_steps_key
 from gradwatch.v1 import history_pb2
 
 TIERS = (10, 100)
@@ -59,18 +59,6 @@ def encode(row: Row, ids: dict[str, int]) -> bytes:
     for layer, v in params.items():
         rec.param_norms[ids[layer]] = v
     return rec.SerializeToString()
-
-
-def tier_key(run: str, width: int) -> str:
-    return f"{history_key(run)}-{width}"
-
-
-def tier_steps_key(run: str, width: int) -> str:
-    return f"{history_key(run)}-{width}-steps"
-
-
-def pins_key(run: str) -> str:
-    return f"{history_key(run)}-pins"
 
 
 def _fold(stats: history_pb2.NormStats, v: float | None) -> None:
@@ -195,9 +183,9 @@ class HistoryStore:
 
     def pin(self, run: str, steps: Iterable[int]) -> None:
         """Steps to keep at full resolution (with their window): an alert's."""
-        steps = {int(s): int(s) for s in steps if s >= 0}
-        if steps:
-            self.client.zadd(pins_key(run), {str(s): s for s in steps})
+        pinned = {str(s): s for s in map(int, steps) if s >= 0}
+        if pinned:
+            self.client.zadd(pins_key(run), pinned)
 
     def compact(self, run: str, latest: int, full_steps: int, window: int) -> int:
         """Folds training rows older than `full_steps` before `latest` into 10-step buckets, and buckets

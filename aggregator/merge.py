@@ -224,6 +224,10 @@ class Figures:
         return {layer: root(sq) for layer, sq in self.grad_sq.items()}
 
     @property
+    def param_norms(self) -> dict[str, float]:
+        return {layer: root(sq) for layer, sq in self.param_sq.items()}
+
+    @property
     def global_grad_norm(self) -> float | None:
         return root(math.fsum(self.grad_sq.values())) if self.grad_sq else None
 

@@ -20,7 +20,7 @@ from gradwatch.aggregator.config import AggregatorConfig
 from gradwatch.aggregator.counters import Counters
 from gradwatch.aggregator.ingest.sequence import SequenceTracker
 from gradwatch.aggregator.join import JoinedStep, StepJoin
-from gradwatch.aggregator.merge import Figures, figures, merge_reports, nonfinite_only, root
+from gradwatch.aggregator.merge import figures, merge_reports, nonfinite_only
 from gradwatch.aggregator.report import ReportView, TensorMeta, origins_of, unknown_tensor
 from gradwatch.names import EVAL, GRADCHECK_PASSED, GRADCHECK_PREFIX, NOT_USER_PREFIXES, TRAIN
 from gradwatch.v1 import report_pb2, run_pb2
@@ -122,10 +122,6 @@ def curve_scalars(scalars: dict[str, float]) -> dict[str, float]:
         return {}
     return dict(itertools.islice(((k, v) for k, v in scalars.items() if not k.startswith(NOT_USER_PREFIXES)),
                                  MAX_CURVE_SCALARS))
-
-
-def _roots(squares: dict[str, float]) -> dict[str, float]:
-    return {layer: root(sq) for layer, sq in squares.items()}
 
 
 class State:
@@ -241,7 +237,7 @@ class State:
             rank.rate.append((t, step))
         self.counters.add("reports")
 
-        grad_norms = {} if part else self._layers(rs, step, f)
+        grad_norms = {} if part else self._layers(rs, step, f.grad_norms, f.param_norms, f.nonfinite)
         lr = max(report.learning_rates) if report.learning_rates else None
         origins = origins_of(report) if report.nonfinite_origins else ()
         view = ReportView(run, report.rank, step, t, loss, grad_norms, global_norm, f.bad, rank.layer_order, by_kind,
@@ -249,15 +245,17 @@ class State:
         if part:
             self._join(rs, view)
         elif report.rank == 0 or report.rank == min(rs.ranks):  # the lowest rank's reports
-            rs.add_row((step, t, train, loss, global_norm, grad_norms, curve_scalars(scalars), _roots(f.param_sq)))
+            rs.add_row((step, t, train, loss, global_norm, grad_norms, curve_scalars(scalars), f.param_norms))
         return view
 
-    def _layers(self, rs: RunState, step: int, f: Figures) -> dict[str, float]:
-        """Moves the run's per-layer series to this step's figures (a single rank's report, or a joined
-        step's merge), within the layer-series budget; returns layer -> gradient norm of the layers kept."""
-        grad_norms: dict[str, float] = {}
+    def _layers(self, rs: RunState, step: int, grads: dict[str, float], params: dict[str, float],
+                nonfinite: dict[str, dict[str, int]]) -> dict[str, float]:
+        """Moves the run's per-layer series to this step's norms (a single rank's report, a joined step's
+        merge, or a history row read back), within the layer-series budget; returns layer -> gradient norm of
+        the layers kept."""
+        kept: dict[str, float] = {}
         dropped = 0
-        for layer, kinds in f.nonfinite.items():
+        for layer, kinds in nonfinite.items():
             ls = rs.layers.get(layer)
             if ls is None:
                 if self.layer_series >= self.config.max_layer_series:
@@ -265,20 +263,20 @@ class State:
                     continue
                 ls = rs.layers[layer] = LayerState()
                 self.layer_series += 1
-            sq = f.grad_sq.get(layer)
-            if sq is not None:
-                grad_norms[layer] = root(sq)
+            grad = grads.get(layer)
+            if grad is not None:
+                kept[layer] = grad
             if step < ls.step:
                 continue
             ls.step = step
-            if sq is not None:
-                ls.grad_norm = grad_norms[layer]
-            if layer in f.param_sq:
-                ls.param_norm = root(f.param_sq[layer])
+            if grad is not None:
+                ls.grad_norm = grad
+            if layer in params:
+                ls.param_norm = params[layer]
             ls.nonfinite.update(kinds)
         if dropped:
             self.counters.add("series_dropped", dropped)
-        return grad_norms
+        return kept
 
     def _join(self, rs: RunState, view: ReportView) -> None:
         if rs.join is None:
@@ -301,7 +299,8 @@ class State:
                 continue
             merged, f = merge_reports(views)
             joined.merged = merged
-            grad_norms = self._layers(rs, joined.step, f)
+            params = f.param_norms
+            grad_norms = self._layers(rs, joined.step, f.grad_norms, params, f.nonfinite)
             if rs.last_joined is None or joined.step >= rs.last_joined.step:
                 rs.last_joined = joined
                 norm = joined.global_grad_norm
@@ -312,7 +311,7 @@ class State:
                 if merged.by_kind:
                     rs.tensors = merged.by_kind
             rs.add_row((joined.step, merged.time, True, merged.loss, joined.global_grad_norm, grad_norms,
-                        curve_scalars(merged.scalars), _roots(f.param_sq)))
+                        curve_scalars(merged.scalars), params))
         self.closed.extend(steps)
 
     def expire_joins(self, now: float | None = None) -> None:
@@ -358,9 +357,7 @@ class State:
         step, t, _, loss, norm, grads, curve, params = train[-1][:8]
         rs.step, rs.loss, rs.grad_norm, rs.last_report_time = step, loss, norm, t
         rs.scalars = dict(curve) if curve and not rs.scalars else rs.scalars
-        layers = set(grads) | set(params)
-        self._layers(rs, step, Figures({k: v * v for k, v in grads.items()}, {k: v * v for k, v in params.items()},
-                                       {layer: {} for layer in layers}, []))
+        self._layers(rs, step, grads, params, {layer: {} for layer in set(grads) | set(params)})
 
     def take_closed(self) -> list[JoinedStep]:
         out, self.closed = self.closed, []

@@ -17,6 +17,8 @@ Key layout (every key of one run shares the hash tag {run_id}, so Redis Cluster 
   gradwatch:{<run>}:history        HASH    "<step>" / "<step>e" (evaluation) -> the aggregator's StepRecord of
                                            that step (history.proto; aggregator/history.py)
   gradwatch:{<run>}:history-steps  ZSET    the history's fields scored by step, for ranges
+  gradwatch:{<run>}:history-10, -100 (+ -steps)  HASH/ZSET  older steps folded into 10- and 100-step buckets
+  gradwatch:{<run>}:history-pins   ZSET    steps kept whole with their window (alerts' steps)
   gradwatch:{<run>}:layers         HASH    layer name -> the index StepRecords use for it
   gradwatch:runs                   ZSET    run id -> unix time the collector last wrote for it
   gradwatch:alerts                 STREAM  one entry per alert transition ({"alert": JSON}), MAXLEN ~ bounded
@@ -83,6 +85,19 @@ def history_key(run_id: str) -> str:
 
 def history_steps_key(run_id: str) -> str:
     return f"gradwatch:{{{run_id}}}:history-steps"
+
+
+def tier_key(run_id: str, width: int) -> str:
+    """The history's buckets of `width` steps (10, 100): bucket -> TierRecord."""
+    return f"{history_key(run_id)}-{width}"
+
+
+def tier_steps_key(run_id: str, width: int) -> str:
+    return f"{history_key(run_id)}-{width}-steps"
+
+
+def pins_key(run_id: str) -> str:
+    return f"{history_key(run_id)}-pins"
 
 
 def layers_key(run_id: str) -> str:
