@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import ClassVar
@@ -33,7 +34,9 @@ DEFAULT_BATCH_REPORTS = 64         # reports per Export call at most
 DEFAULT_BATCH_BYTES = limits.BATCH_BYTES  # encoded bytes per Export call at most (2 MiB: half a message)
 DEFAULT_EXPORT_INTERVAL_S = 0.5    # export at least this often while reports wait
 DEFAULT_EXPORT_TIMEOUT_S = 10.0    # one deadline for an Export call and all of its retries
-DEFAULT_SHUTDOWN_TIMEOUT_S = 5.0   # close() waits this long to flush
+# close() returns within this (flush, then stop; an export in flight is cancelled): a job whose collector is
+# gone must still exit promptly, and at a 0.5 s export interval little is waiting to go by then.
+DEFAULT_SHUTDOWN_TIMEOUT_S = 1.0
 DEFAULT_CHUNK_ELEMENTS = 1 << 22   # tensors are summarized in chunks so temporaries stay bounded
 DEFAULT_TLS = False                # plaintext unless asked; the collector decides whether it serves TLS
 DEFAULT_UPDATES_MAX_BYTES = 256 << 20  # device memory for the parameter copy that updates need, on captured steps
@@ -99,8 +102,9 @@ class AgentConfig(Settings):
                                        form=number(gt=0, inf=True))
     export_timeout_s: float = setting(DEFAULT_EXPORT_TIMEOUT_S, "one deadline for an Export call and its retries",
                                       form=number(gt=0, inf=True), aliases=("GRADWATCH_EXPORT_TIMEOUT_S",))
-    shutdown_timeout_s: float = setting(DEFAULT_SHUTDOWN_TIMEOUT_S, "close() waits this long to flush",
-                                        form=number(gt=0, inf=True))
+    shutdown_timeout_s: float = setting(DEFAULT_SHUTDOWN_TIMEOUT_S, "close() flushes within this many seconds, "
+                                        "then gives up: what is left is dropped, in one warning line",
+                                        form=number(gt=0))
     chunk_elements: int = setting(DEFAULT_CHUNK_ELEMENTS, "tensors are summarized in chunks of this many elements",
                                   form=integer(ge=1))
     tls: bool = setting(DEFAULT_TLS, "TLS to the collector", aliases=("GRADWATCH_TLS",))
@@ -160,6 +164,11 @@ class AgentConfig(Settings):
         for name in ("export_interval_s", "export_timeout_s", "shutdown_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if not math.isfinite(self.shutdown_timeout_s):
+            # close() also runs at interpreter exit: an unbounded wait would hang the job's exit.
+            raise ConfigError(f"shutdown_timeout_s must be a finite number of seconds, got "
+                              f"{self.shutdown_timeout_s!r} (to wait longer for delivery, call flush(timeout) "
+                              f"before close())")
         from gradwatch.agent.stats.kernels import MODES
 
         if self.kernels not in MODES:

@@ -350,7 +350,9 @@ class Watcher:
         return self._pipeline.force_flush(self.config.shutdown_timeout_s if timeout is None else timeout)
 
     def close(self, timeout: float | None = None) -> None:
-        """Flush what is queued (within the timeout), stop the threads, remove the hooks. Idempotent."""
+        """Remove the hooks, flush what is queued, stop the threads: returns within `timeout` seconds
+        (default `shutdown_timeout_s`) whether or not the collector answers; reports not delivered by then
+        are dropped, counted, and told in one warning line. Idempotent."""
         if self._closed:
             return
         try:

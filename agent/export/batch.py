@@ -12,6 +12,11 @@ exporter batches reports, retries under one deadline and puts a batch back at th
 when the collector is unreachable, so a short outage loses nothing while a long one costs the oldest
 reports, counted. A report with a NaN/Inf origin or a non-finite loss wakes the exporter at once
 (`flush_nonfinite`): an alert must not wait for the batch to fill or the interval to pass.
+
+shutdown(timeout) is one deadline: the flush, every export and backoff it starts, and the joins all end
+by it; then the exporter is shut down (an RPC in flight cancelled) and what is left counts as dropped.
+Export failures during the flush are not logged one by one: a single warning at the end says how many
+reports were not delivered, to which collector, and why.
 """
 
 from __future__ import annotations
@@ -77,6 +82,10 @@ class ReportPipeline:
         # One line per error, again only after a different one: a dead collector must not flood the job's log.
         self._errors = DedupLog(log, math.inf, max_keys=1, suffix=None)
         self._dropped_reported = 0  # counters.dropped already announced to the collector
+        self._deadline: float | None = None  # time.monotonic() by which shutdown() ends: caps every export
+        self._failure: str | None = None  # code of the last failed export since the last success ("": none)
+        self._inflight_steps = 0  # step reports in the batch being exported
+        self._settled = False  # shutdown() counted what was left: late results change no counter
         self._dead = False
         self._threads = [
             threading.Thread(target=self._read_loop, name="gradwatch-reader", daemon=True),
@@ -174,6 +183,7 @@ class ReportPipeline:
             if batch:
                 self._busy += 1
                 self._inflight_bytes = size
+                self._inflight_steps = _steps(batch)
         return batch
 
     def _export_loop(self) -> None:
@@ -188,8 +198,10 @@ class ReportPipeline:
                 finally:
                     with self._lock:
                         self._busy -= 1
-                        self._inflight_bytes = 0  # delivered, dropped, or already back in the queue
+                        self._inflight_bytes = self._inflight_steps = 0  # delivered, dropped, or queued again
                 if not sent:
+                    if self._deadline is not None:  # closing: that export had the budget; shutdown() counts the rest
+                        self._stopping.wait(max(self._deadline - time.monotonic(), 0))
                     break  # collector unreachable: wait for the next interval
             if self._snapshots is not None and self._snapshots.waiting:
                 self._export_snapshots()  # captured between reports, or requests to take: do not wait for one
@@ -205,41 +217,49 @@ class ReportPipeline:
             registration = None if self._registered else self._registration
         if registration is not None:
             request.registrations.append(registration)
-        result = self._exporter.export(request)
+        result = self._exporter.export(request, self._deadline)
         self._after_snapshots(result, snapshots)
+        with self._lock:
+            if self._settled:
+                return False  # shutdown() gave up on this batch and counted it as dropped
+            if result.ok:
+                self._failure = None
+                self._dropped_reported += dropped
+                if self._registration is registration:  # not replaced while this export was in flight
+                    self._registered = True
+                self.counters.exported += _steps(batch) - result.rejected_reports
+                self.counters.rejected += result.rejected_reports
+            else:
+                self._failure = result.code or self._failure or ""  # "": cancelled at shutdown, no answer
+                self.counters.export_errors += 1
+                # The next attempt recomputes the drops to announce, maybe with another report first.
+                batch[0].ClearField("dropped_reports")
+                if result.retryable:  # back to the front, oldest first; both queue bounds still apply
+                    sized = [(r, r.ByteSize()) for r in batch]
+                    self._reports.extendleft(reversed(sized))
+                    self._waiting_bytes += sum(n for _, n in sized)
+                    self._inflight_bytes = 0
+                    self._enforce_bounds()
+                else:
+                    self.counters.dropped += _steps(batch)
         if result.ok:
-            self._dropped_reported += dropped
             if result.rejected_registrations:
                 # Reports still flow, but the aggregator will not know this run's tensor names.
                 self._log_once(f"collector refused the run registration: {result.error}")
-            with self._lock:
-                if self._registration is registration:  # not replaced while this export was in flight
-                    self._registered = True
-            self.counters.exported += _steps(batch) - result.rejected_reports
-            self.counters.rejected += result.rejected_reports
             if result.rejected_reports:
                 self._log_once(f"collector refused {result.rejected_reports} report(s): {result.error}")
             return True
-        self.counters.export_errors += 1
-        self._log_once(f"export to {self._exporter.target} failed: {result.error}")
-        # The next attempt recomputes the drops to announce, maybe with another report first in its batch.
-        batch[0].ClearField("dropped_reports")
-        if result.retryable:
-            with self._lock:  # back to the front, oldest first; both queue bounds still apply
-                sized = [(r, r.ByteSize()) for r in batch]
-                self._reports.extendleft(reversed(sized))
-                self._waiting_bytes += sum(n for _, n in sized)
-                self._inflight_bytes = 0
-                self._enforce_bounds()
-        else:
-            self.counters.dropped += _steps(batch)
+        if self._deadline is None:  # while closing, shutdown() sums the failures up in one line
+            # Keyed by the code: the details of one outage vary from call to call.
+            key = f"export {result.code}" if result.code else None
+            self._log_once(f"export to {self._exporter.target} failed: {result.error}", key)
         return False
 
     def _export_snapshots(self) -> None:
         snapshots = self._snapshots.take()
         if snapshots:
-            self._after_snapshots(self._exporter.export(ingest_service_pb2.ExportRequest(snapshots=snapshots)),
-                                  snapshots)
+            self._after_snapshots(self._exporter.export(ingest_service_pb2.ExportRequest(snapshots=snapshots),
+                                                        self._deadline), snapshots)
 
     def _after_snapshots(self, result, snapshots: list) -> None:
         if self._snapshots is None:
@@ -251,8 +271,9 @@ class ReportPipeline:
         elif result.retryable and snapshots:
             self._snapshots.put_back(snapshots)
 
-    def _log_once(self, message: str) -> None:
-        self._errors.log(logging.WARNING, message, "gradwatch: %s (counting further failures silently)", message)
+    def _log_once(self, message: str, key: str | None = None) -> None:
+        self._errors.log(logging.WARNING, key or message, "gradwatch: %s (counting further failures silently)",
+                         message)
 
     def force_flush(self, timeout: float) -> bool:
         """Wait until every submitted step was exported or dropped; False on timeout."""
@@ -271,20 +292,39 @@ class ReportPipeline:
         return False
 
     def shutdown(self, timeout: float) -> None:
-        """Flush within `timeout`, then stop the threads and close the channel. Idempotent."""
+        """Flush, stop the threads and close the channel, all within `timeout` seconds; what is left then
+        is dropped, counted, and told in one warning line. Idempotent."""
         if self._stopping.is_set() or self._dead:
             return
-        deadline = time.monotonic() + timeout
+        self._deadline = deadline = time.monotonic() + timeout  # from here on every export ends by it
+        dropped_before = self.counters.dropped
         self.force_flush(timeout)
         self._stopping.set()
-        self._exporter.shutdown()  # interrupts a backoff; what is left is dropped and counted
+        self._exporter.shutdown()  # interrupts a backoff, cancels an RPC in flight
         self._wake_reader.set()
         self._wake_exporter.set()
         for t in self._threads:
             t.join(max(deadline - time.monotonic(), 0.05))
         with self._lock:
-            self.counters.dropped += _steps(r for r, _ in self._reports) + _steps(
+            self._settled = True
+            stuck = self._inflight_steps if self._threads[1].is_alive() else 0
+            self.counters.dropped += stuck + _steps(r for r, _ in self._reports) + _steps(
                 getattr(p, "report", None) or p for p in self._pending)
             self._reports.clear()
             self._waiting_bytes = 0
             self._pending.clear()
+            lost = self.counters.dropped - dropped_before
+            failure = "" if stuck and self._failure is None else self._failure  # stuck: it never answered
+        if lost:
+            self._warn_undelivered(lost, failure, timeout)
+
+    def _warn_undelivered(self, lost: int, failure: str | None, timeout: float) -> None:
+        # failure: the last failed export's code; "" when it got no answer (cancelled at the deadline);
+        # None when the last export succeeded and the queue just did not drain in time.
+        state = {None: "too slow", "": "not answering", "UNAVAILABLE": "unreachable (UNAVAILABLE)",
+                 "DEADLINE_EXCEEDED": "not answering"}.get(failure, f"failing ({failure})")
+        total = self.counters.dropped
+        also = f", {total} in all this run" if total > lost else ""
+        log.warning("gradwatch: collector %s %s; %d report%s not delivered at close%s (timeout %g s, see "
+                    "shutdown_timeout_s)", self._exporter.target, state, lost, "" if lost == 1 else "s", also,
+                    timeout)

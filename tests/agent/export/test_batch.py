@@ -142,7 +142,7 @@ class GatedExporter:
         self.ok = False
         self.calls: list[tuple[bool, list[int]]] = []
 
-    def export(self, request) -> ExportResult:
+    def export(self, request, deadline=None) -> ExportResult:
         self.entered.set()
         self.gate.wait(10)
         ok = self.ok
@@ -220,8 +220,9 @@ class FailingExporter:
     def __init__(self, errors: list[str]):
         self.errors = errors
 
-    def export(self, request) -> ExportResult:
-        return ExportResult(ok=False, error=self.errors.pop(0))
+    def export(self, request, deadline=None) -> ExportResult:
+        error = self.errors.pop(0)
+        return ExportResult(ok=False, error=error, code=error.split(":")[0] if ":" in error else "")
 
     def shutdown(self) -> None:
         pass
@@ -243,6 +244,24 @@ def test_a_repeated_export_error_is_logged_once_until_another_one(caplog):
     assert [r.getMessage() for r in caplog.records if r.name == "gradwatch.agent"] == [
         f"gradwatch: export to failing failed: {e} (counting further failures silently)"
         for e in ("UNAVAILABLE", "UNAUTHENTICATED", "UNAVAILABLE")]
+
+
+def test_an_outage_is_one_line_however_its_details_vary(caplog):
+    # gRPC words one outage differently from call to call: the line is keyed by the status code.
+    errors = ["UNAVAILABLE: Connection refused", "UNAVAILABLE: Socket closed", "UNAVAILABLE: failed to connect"]
+    counters = AgentCounters()
+    pipeline = ReportPipeline(FailingExporter(list(errors)), lambda c: c.report, run_pb2.RunRegistration(run_id="x"),
+                              counters, queue_size=8, batch_reports=1, batch_bytes=1 << 20, export_interval_s=0.01)
+    with caplog.at_level(logging.WARNING, logger="gradwatch.agent"):
+        try:
+            for seq in range(1, len(errors) + 1):
+                pipeline.submit(Captured(make_report(seq)))
+                assert pipeline.force_flush(5)
+        finally:
+            pipeline.shutdown(1)
+    assert counters.export_errors == len(errors)
+    assert [r.getMessage() for r in caplog.records] == [
+        "gradwatch: export to failing failed: UNAVAILABLE: Connection refused (counting further failures silently)"]
 
 
 def test_queue_bytes_from_env_and_validated(monkeypatch):

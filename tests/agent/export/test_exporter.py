@@ -1,6 +1,8 @@
-"""The exporter honours server push-back: a google.rpc.RetryInfo trailer lengthens the backoff (as OTLP).
+"""The exporter honours server push-back: a google.rpc.RetryInfo trailer lengthens the backoff (as OTLP);
+a caller's deadline caps its own; shutdown() cancels an RPC in flight.
 
-Against a real gRPC server on 127.0.0.1 whose Export refuses with a chosen status and trailer.
+Against a real gRPC server on 127.0.0.1 whose Export refuses with a chosen status and trailer, and against
+sockets that refuse or never answer (tests/agent/conftest.py).
 """
 
 from __future__ import annotations
@@ -115,3 +117,27 @@ def test_shutdown_interrupts_the_servers_delay(server):
     assert not result.ok and result.retryable
     assert time.monotonic() - started < 2.0
     assert len(server.calls) == 1
+
+
+def test_a_callers_deadline_caps_the_export(unreachable):
+    # close() passes what is left of its budget: an export with 10 s of its own ends by it.
+    exporter = Exporter(unreachable, timeout_s=10.0)
+    started = time.monotonic()
+    try:
+        result = exporter.export(REQUEST, deadline=started + 0.5)
+    finally:
+        exporter.shutdown()
+    assert not result.ok and result.retryable
+    assert time.monotonic() - started < 0.8
+
+
+def test_shutdown_cancels_an_rpc_in_flight(blackhole):
+    exporter = Exporter(blackhole, timeout_s=10.0)
+    threading.Timer(0.3, exporter.shutdown).start()
+    started = time.monotonic()
+    result = exporter.export(REQUEST)
+    assert not result.ok and result.retryable and result.code == ""  # cancelled: no answer to name
+    assert time.monotonic() - started < 1.0
+    started = time.monotonic()
+    after = exporter.export(REQUEST)  # shut down for good: no new channel, no wait
+    assert not after.ok and after.retryable and time.monotonic() - started < 0.1
