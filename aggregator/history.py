@@ -33,10 +33,18 @@ from collections.abc import Iterable
 
 import redis
 
-from gradwatch.streams import history_key, history_steps_key, layers_key, pins_key, tier_key, tier_steps_key
+from gradwatch.streams import (
+    HISTORY_TIERS,
+    history_key,
+    history_steps_key,
+    layers_key,
+    pins_key,
+    tier_key,
+    tier_steps_key,
+)
 from gradwatch.v1 import history_pb2
 
-TIERS = (10, 100)
+TIERS = HISTORY_TIERS
 COMPACT_BATCH = 2000  # rows folded per call: bounded work per run and compaction pass
 
 NEXT = b"\x00next"
@@ -86,7 +94,7 @@ def _merge_stats(into: history_pb2.NormStats, other: history_pb2.NormStats) -> N
     into.nonfinite += other.nonfinite
 
 
-def _mean(stats: history_pb2.NormStats) -> float | None:
+def bucket_mean(stats: history_pb2.NormStats) -> float | None:
     if stats.nonfinite:
         return math.nan  # never hidden by the finite rest of the bucket
     return stats.sum / stats.count if stats.count else None
@@ -95,10 +103,10 @@ def _mean(stats: history_pb2.NormStats) -> float | None:
 def tier_row(rec: history_pb2.TierRecord, names: dict[int, str], width: int) -> tuple:
     """A bucket as a history row (the means; NaN where a NaN/Inf was folded in) plus its width."""
     def layers(m) -> dict[str, float]:
-        return {names.get(i, f"layer_{i}"): v for i, st in sorted(m.items()) if (v := _mean(st)) is not None}
+        return {names.get(i, f"layer_{i}"): v for i, st in sorted(m.items()) if (v := bucket_mean(st)) is not None}
 
-    return (rec.first_step, rec.time, True, _mean(rec.loss), _mean(rec.grad_norm), layers(rec.grad_norms), {},
-            layers(rec.param_norms), width)
+    return (rec.first_step, rec.time, True, bucket_mean(rec.loss), bucket_mean(rec.grad_norm),
+            layers(rec.grad_norms), {}, layers(rec.param_norms), width)
 
 
 def decode(raw: bytes, names: dict[int, str]) -> Row:

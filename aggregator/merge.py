@@ -198,7 +198,13 @@ class Merged:
 
 def add(parts: list[report_pb2.TensorSummary]) -> report_pb2.TensorSummary:
     """The summary of the union of the parts' values, as a protobuf message (what a report would carry)."""
-    m = Merged(parts)
+    return message(Merged(parts))
+
+
+def message(m: Merged | report_pb2.TensorSummary) -> report_pb2.TensorSummary:
+    """A merged summary as the protobuf message a report would carry (a message is returned as it is)."""
+    if isinstance(m, report_pb2.TensorSummary):
+        return m
     out = report_pb2.TensorSummary(tensor_id=m.tensor_id, count=m.count, nan_count=m.nan_count,
                                    inf_count=m.inf_count, zero_count=m.zero_count, sum=m.sum,
                                    sum_squares=m.sum_squares, min=m.min, max=m.max, histogram=m.histogram,

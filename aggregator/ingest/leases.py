@@ -18,7 +18,10 @@ aggregator/ingest/client.py's eval_many):
 
 A replica that dies stops renewing; after lease_ttl_ms another one takes the run, claims the entries
 the dead one had read but not acked, and restores the sequence watermarks from `applied`, so a report
-the dead replica committed is never applied again and one it had not committed is applied once. The
+the dead replica committed is never applied again and one it had not committed is applied once. The commit
+also refuses when Redis lost commits this replica saw succeed (ROLLED_BACK): the service then reads the run
+again from what Redis kept. Parts of a multi-rank step still open are held unacknowledged until the step
+closes (aggregator/ingest/holds.py). The
 commit also trims the stream to what the group acknowledged and counts what left it unacknowledged
 (aggregator/ingest/retention.py).
 """
@@ -33,10 +36,14 @@ import redis
 
 from gradwatch.aggregator.ingest.client import REDIS_ERRORS, eval_many, raise_first
 from gradwatch.aggregator.ingest.retention import AUDIT
+from gradwatch.streams import applied_key, lease_key
+
+__all__ = ["ROLLED_BACK", "Leases", "applied_key", "lease_key"]  # the key names live in gradwatch.streams
 
 # A replica that missed this many lease periods is not counted when sharing runs out.
 REPLICA_TIMEOUT_LEASES = 3
 REPLICAS_KEY = "gradwatch:aggregators"
+ROLLED_BACK = -1  # the commit's answer when Redis lost earlier commits of the run (_COMMIT)
 
 # KEYS: lease. ARGV: owner, ttl ms. 1 when the lease is (now) ours, 0 when another replica holds it.
 _ACQUIRE = """
@@ -54,16 +61,27 @@ return 0
 """
 
 # KEYS: lease, stream, applied. ARGV: owner, ttl ms, group, reports, summaries, n ranks, then per
-# rank (rank, agent start ns, high sequence), then the entry ids to ack. The lease check is the fence:
-# a replica that lost its lease (paused past the TTL) cannot ack what the new owner will apply. Returns 0
-# when fenced, else the retention count's result (retention.lost_entries reads it).
+# rank (rank, agent start ns, high sequence, and the start and high this replica committed last), then the entry
+# ids to ack. The lease check is the fence: a replica that lost its lease (paused past the TTL) cannot ack what the
+# new owner will apply. The second check finds a Redis that lost commits this replica saw succeed (restarted from
+# an older AOF or snapshot, a replica promoted before it had them): its entries would come back and be taken
+# for duplicates, so nothing is written and the run is read again from what Redis kept. Returns 0 when fenced,
+# ROLLED_BACK for the latter, else the retention count's result (retention.lost_entries reads it).
 _COMMIT = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local n = tonumber(ARGV[6])
+for i = 7, 6 + 5 * n, 5 do
+  local want = tonumber(ARGV[i + 4])
+  if want > 0 then
+    local rank = ARGV[i]
+    local high = tonumber(redis.call('HGET', KEYS[3], 'high:' .. rank) or '0')
+    if redis.call('HGET', KEYS[3], 'start:' .. rank) ~= ARGV[i + 3] or high < want then return -1 end
+  end
+end
 if not redis.call('HGET', KEYS[3], 'acked') and redis.call('HGET', KEYS[3], 'reports') then
   redis.call('HSET', KEYS[3], 'rebase', 1)  -- commits from before the retention count: count from now on
 end
-local n = tonumber(ARGV[6])
 local i = 7
 for _ = 1, n do
   local rank, start, high = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
@@ -72,7 +90,7 @@ for _ = 1, n do
   if old_start ~= start or high > old_high then
     redis.call('HSET', KEYS[3], 'start:' .. rank, start, 'high:' .. rank, high)
   end
-  i = i + 3
+  i = i + 5
 end
 if tonumber(ARGV[4]) > 0 then redis.call('HINCRBY', KEYS[3], 'reports', ARGV[4]) end
 if tonumber(ARGV[5]) > 0 then redis.call('HINCRBY', KEYS[3], 'summaries', ARGV[5]) end
@@ -82,12 +100,6 @@ redis.call('HINCRBY', KEYS[3], 'acked', acked)
 """ + AUDIT
 
 
-def lease_key(run: str) -> str:
-    return f"gradwatch:{{{run}}}:lease"
-
-
-def applied_key(run: str) -> str:
-    return f"gradwatch:{{{run}}}:applied"
 
 
 class Leases:
@@ -98,6 +110,9 @@ class Leases:
         self.consumer = consumer
         self.ttl_ms = ttl_ms
         self.held: set[str] = set()
+        # run -> rank -> (agent start ns, high sequence) as this replica last committed (or found at the takeover):
+        # what Redis must still hold at the next commit
+        self.committed: dict[str, dict[int, tuple[int, int]]] = {}
         self._acquire = client.register_script(_ACQUIRE)
         self._release = client.register_script(_RELEASE)
         self.commit_script = client.register_script(_COMMIT)
@@ -114,7 +129,8 @@ class Leases:
     def balance(self, runs: list[str]) -> tuple[list[str], list[str]]:
         """Renews what this replica holds, takes free runs up to its fair share of `runs`, gives one
         back when it holds more than its share; returns (runs gained, runs lost or given back)."""
-        share = math.ceil(len(runs) / self.replicas()) if runs else 0
+        replicas = self.replicas()  # heartbeat even with no run: an idle replica counts when runs appear
+        share = math.ceil(len(runs) / replicas) if runs else 0
         active = set(runs)
         lost: list[str] = []
         held = sorted(self.held)
@@ -159,8 +175,28 @@ class Leases:
         except REDIS_ERRORS:
             pass
 
+    def commit_call(self, run: str, stream: str, group: str, reports: int, summaries: int,
+                    marks: dict[int, tuple[int, int]], ids: list) -> tuple[list, list]:
+        """(keys, args) of the run's fenced commit (_COMMIT): totals, watermarks `marks` (rank -> (start, high)),
+        the entries to ack."""
+        committed = self.committed.get(run, {})
+        args: list = [self.consumer, self.ttl_ms, group, reports, summaries, len(marks)]
+        for rank, (start, high) in marks.items():
+            was_start, was_high = committed.get(rank, (0, 0))
+            args += [rank, start, high, was_start, was_high]
+        return [lease_key(run), stream, applied_key(run)], args + list(ids)
+
+    def committed_now(self, run: str, marks: dict[int, tuple[int, int]]) -> None:
+        """The commit carrying `marks` succeeded: Redis holds at least these from now on."""
+        committed = self.committed.setdefault(run, {})
+        for rank, (start, high) in marks.items():
+            was_start, was_high = committed.get(rank, (0, 0))
+            if start != was_start or high > was_high:
+                committed[rank] = (start, high)
+
     def checkpoint(self, run: str) -> dict[int, tuple[int, int]]:
-        """rank -> (agent start ns, highest sequence applied) as committed by this run's owners."""
+        """rank -> (agent start ns, highest sequence applied) as committed by this run's owners; also what this
+        replica expects Redis to hold from now on."""
         raw = self.client.hgetall(applied_key(run))
         out: dict[int, tuple[int, int]] = {}
         for k, v in raw.items():
@@ -169,4 +205,5 @@ class Leases:
                 rank = k[5:]
                 start = raw.get(f"start:{rank}".encode(), raw.get(f"start:{rank}", b"0"))
                 out[int(rank)] = (int(start), int(v))
+        self.committed[run] = dict(out)
         return out

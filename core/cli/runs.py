@@ -1,9 +1,16 @@
-"""`gradwatch runs list|compare`: runs side by side, read from the aggregator's JSON API.
+"""`gradwatch runs list|compare|delete`: runs side by side, read from the aggregator's JSON API; and a run's data
+deleted from Redis.
 
 compare shows one column per run: hyperparameters and labels (from the runs' registrations), step,
 training and validation loss, accuracy-like scalars of both phases, learning rate, gradient norm and
 the firing alerts with their rules, so a sweep shows which trials diverged and why. Fields the
 aggregator does not send (an older one) show as "-".
+
+delete talks to Redis itself (aggregator/lifecycle.py), not to the aggregator: it needs a Redis user allowed to
+UNLINK the run's keys, ZREM from gradwatch:runs and XDEL from gradwatch:alerts (the `admin` user of
+deploy/redis/users.acl). Its Redis is the one `gradwatch up` uses: --redis-url, else GRADWATCH_REDIS_URL, else
+the embedded Redis that `gradwatch up` runs with the data dir (--data-dir, GRADWATCH_UP_DATA_DIR, `.gradwatch`),
+else the components' default.
 """
 
 from __future__ import annotations
@@ -163,3 +170,100 @@ def main_compare(url: str, runs: list[str], as_json: bool = False, out=None, err
     elif details:
         print(compare_table(details), file=out)
     return 1 if missing else 0
+
+
+def redis_target(redis_url: str | None = None, data_dir: str | None = None,
+                 cluster: bool | None = None) -> tuple[str, str, bool]:
+    """(url, where it came from, whether it names a Redis Cluster node) of the Redis `gradwatch up` uses, in the
+    order the module docstring gives; `cluster` None: the shared GRADWATCH_REDIS_CLUSTER (never for the embedded
+    Redis, as `gradwatch up` does)."""
+    from dataclasses import fields
+
+    from gradwatch import endpoints
+    from gradwatch.aggregator.config import AggregatorConfig
+    from gradwatch.cli.stack import StackConfig, embedded_redis_url
+    from gradwatch.settings import read_env
+
+    if cluster is None:
+        others = [f.name for f in fields(AggregatorConfig) if f.name != "redis_cluster"]
+        cluster = bool(read_env(AggregatorConfig, skip=others).get("redis_cluster", False))
+    if redis_url:
+        return redis_url, "--redis-url", cluster
+    cfg = StackConfig.from_env(data_dir=data_dir)  # GRADWATCH_REDIS_URL and the data dir's variables
+    if cfg.redis_url:
+        return cfg.redis_url, StackConfig.env_name("redis_url"), cluster
+    embedded = embedded_redis_url(cfg.data_dir)
+    if embedded:
+        return embedded, f"the embedded Redis of gradwatch up, data in {cfg.data_dir}", False
+    return endpoints.REDIS_URL, f"the default: no gradwatch up is running with data in {cfg.data_dir}", cluster
+
+
+def _confirm(prompt: str, stdin, err) -> bool:
+    print(prompt, end="", file=err, flush=True)
+    return stdin.readline().strip().lower() in ("y", "yes")
+
+
+def main_delete(run: str, redis_url: str | None = None, cluster: bool | None = None, data_dir: str | None = None,
+                force: bool = False, yes: bool = False, out=None, err=None, stdin=None) -> int:
+    """Deletes everything Redis holds of `run` after a confirmation (unless `yes`); 0 when deleted, 1 when refused
+    or failed, 2 when no one could be asked."""
+    import redis
+    from redis.cluster import RedisCluster
+
+    from gradwatch.aggregator import lifecycle
+    from gradwatch.aggregator.ingest.client import REDIS_ERRORS
+    from gradwatch.collector.config import redact_url
+    from gradwatch.streams import ALERTS_KEY, RUNS_KEY, quiet_handshake
+
+    out, err, stdin = out or sys.stdout, err or sys.stderr, stdin or sys.stdin
+    me = "gradwatch runs delete"
+    url, where, cluster = redis_target(redis_url, data_dir, cluster)
+    shown = redact_url(url)
+    options = dict(socket_timeout=10, socket_connect_timeout=5, **quiet_handshake())
+    client = None
+    try:
+        client = RedisCluster.from_url(url, **options) if cluster else redis.Redis.from_url(url, **options)
+        data = lifecycle.inspect_run(client, run)
+        if data.empty:
+            print(f"{me}: no run {run!r} in Redis at {shown} ({where}): no key, no entry in {RUNS_KEY}, no "
+                  f"alert", file=err)
+            return 1
+        age = data.age_s()
+        if not force and age is not None and age < lifecycle.ACTIVE_S:
+            print(f"{me}: {lifecycle.RunActive(run, age, lifecycle.ACTIVE_S)} (--force)", file=err)
+            return 1
+        last = "never indexed" if age is None else f"last report {lifecycle.ago(age)}"
+        held = f", followed by aggregator {data.held_by}" if data.held_by else ""
+        print(f"run {run} in Redis at {shown} ({where}): {last}{held}", file=out)
+        for key in data.keys:
+            print(f"  {key}", file=out)
+        print(f"  {len(data.alerts)} entries of {ALERTS_KEY}", file=out)
+        if not yes:
+            if not stdin.isatty():
+                print(f"{me}: not deleting without a confirmation: stdin is not a terminal; pass --yes", file=err)
+                return 2
+            if not _confirm(f"Delete run {run!r}? This cannot be undone. [y/N] ", stdin, err):
+                print(f"{me}: nothing deleted", file=err)
+                return 1
+        done = lifecycle.delete_run(client, run, force=force)
+    except lifecycle.RunActive as e:  # it reported between the look and the deletion
+        print(f"{me}: {e} (--force)", file=err)
+        return 1
+    except redis.exceptions.NoPermissionError as e:
+        print(f"{me}: the Redis user of {shown} may not delete the run ({e}): use a user allowed to UNLINK the "
+              f"run's keys, ZREM from {RUNS_KEY} and XDEL from {ALERTS_KEY}, such as the admin user of "
+              f"deploy/redis/users.acl (--redis-url redis://admin:PASSWORD@HOST:PORT/0)", file=err)
+        return 1
+    except (redis.ConnectionError, redis.TimeoutError) as e:
+        print(f"{me}: cannot reach Redis at {shown} ({where}): {e}; is gradwatch up running? (--redis-url, "
+              f"--data-dir)", file=err)
+        return 1
+    except REDIS_ERRORS as e:
+        print(f"{me}: Redis at {shown}: {e}", file=err)
+        return 1
+    finally:
+        if client is not None:
+            client.close()
+    print(f"deleted run {run}: {len(done['keys'])} keys, {done['alerts']} alerts"
+          + (f", its entry in {RUNS_KEY}" if done["index"] else ""), file=out)
+    return 0

@@ -22,9 +22,11 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from gradwatch.v1 import report_pb2 as gradwatch_dot_v1_dot_report__pb2
+from gradwatch.v1 import run_pb2 as gradwatch_dot_v1_dot_run__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1agradwatch/v1/history.proto\x12\x0cgradwatch.v1\"\xc1\x03\n\nStepRecord\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0c\n\x04time\x18\x02 \x01(\x01\x12\x0c\n\x04\x65val\x18\x03 \x01(\x08\x12\x11\n\x04loss\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x16\n\tgrad_norm\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12;\n\ngrad_norms\x18\x06 \x03(\x0b\x32\'.gradwatch.v1.StepRecord.GradNormsEntry\x12=\n\x0bparam_norms\x18\x07 \x03(\x0b\x32(.gradwatch.v1.StepRecord.ParamNormsEntry\x12\x36\n\x07scalars\x18\x08 \x03(\x0b\x32%.gradwatch.v1.StepRecord.ScalarsEntry\x1a\x30\n\x0eGradNormsEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x31\n\x0fParamNormsEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a.\n\x0cScalarsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x07\n\x05_lossB\x0c\n\n_grad_norm\"T\n\tNormStats\x12\x0b\n\x03min\x18\x01 \x01(\x01\x12\x0b\n\x03max\x18\x02 \x01(\x01\x12\x0b\n\x03sum\x18\x03 \x01(\x01\x12\r\n\x05\x63ount\x18\x04 \x01(\r\x12\x11\n\tnonfinite\x18\x05 \x01(\r\"\xa3\x03\n\nTierRecord\x12\x12\n\nfirst_step\x18\x01 \x01(\x03\x12\r\n\x05steps\x18\x02 \x01(\r\x12\x0c\n\x04time\x18\x03 \x01(\x01\x12%\n\x04loss\x18\x04 \x01(\x0b\x32\x17.gradwatch.v1.NormStats\x12*\n\tgrad_norm\x18\x05 \x01(\x0b\x32\x17.gradwatch.v1.NormStats\x12;\n\ngrad_norms\x18\x06 \x03(\x0b\x32\'.gradwatch.v1.TierRecord.GradNormsEntry\x12=\n\x0bparam_norms\x18\x07 \x03(\x0b\x32(.gradwatch.v1.TierRecord.ParamNormsEntry\x1aI\n\x0eGradNormsEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.gradwatch.v1.NormStats:\x02\x38\x01\x1aJ\n\x0fParamNormsEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.gradwatch.v1.NormStats:\x02\x38\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1agradwatch/v1/history.proto\x12\x0cgradwatch.v1\x1a\x19gradwatch/v1/report.proto\x1a\x16gradwatch/v1/run.proto\"\xc1\x03\n\nStepRecord\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0c\n\x04time\x18\x02 \x01(\x01\x12\x0c\n\x04\x65val\x18\x03 \x01(\x08\x12\x11\n\x04loss\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x16\n\tgrad_norm\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12;\n\ngrad_norms\x18\x06 \x03(\x0b\x32\'.gradwatch.v1.StepRecord.GradNormsEntry\x12=\n\x0bparam_norms\x18\x07 \x03(\x0b\x32(.gradwatch.v1.StepRecord.ParamNormsEntry\x12\x36\n\x07scalars\x18\x08 \x03(\x0b\x32%.gradwatch.v1.StepRecord.ScalarsEntry\x1a\x30\n\x0eGradNormsEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x31\n\x0fParamNormsEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a.\n\x0cScalarsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x07\n\x05_lossB\x0c\n\n_grad_norm\"T\n\tNormStats\x12\x0b\n\x03min\x18\x01 \x01(\x01\x12\x0b\n\x03max\x18\x02 \x01(\x01\x12\x0b\n\x03sum\x18\x03 \x01(\x01\x12\r\n\x05\x63ount\x18\x04 \x01(\r\x12\x11\n\tnonfinite\x18\x05 \x01(\r\"\xa3\x03\n\nTierRecord\x12\x12\n\nfirst_step\x18\x01 \x01(\x03\x12\r\n\x05steps\x18\x02 \x01(\r\x12\x0c\n\x04time\x18\x03 \x01(\x01\x12%\n\x04loss\x18\x04 \x01(\x0b\x32\x17.gradwatch.v1.NormStats\x12*\n\tgrad_norm\x18\x05 \x01(\x0b\x32\x17.gradwatch.v1.NormStats\x12;\n\ngrad_norms\x18\x06 \x03(\x0b\x32\'.gradwatch.v1.TierRecord.GradNormsEntry\x12=\n\x0bparam_norms\x18\x07 \x03(\x0b\x32(.gradwatch.v1.TierRecord.ParamNormsEntry\x1aI\n\x0eGradNormsEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.gradwatch.v1.NormStats:\x02\x38\x01\x1aJ\n\x0fParamNormsEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.gradwatch.v1.NormStats:\x02\x38\x01\"V\n\x05\x46rame\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x0f\n\x07tensors\x18\x02 \x03(\r\x12.\n\tsummaries\x18\x03 \x03(\x0b\x32\x1b.gradwatch.v1.TensorSummary\"9\n\x0c\x46rameTensors\x12)\n\x07tensors\x18\x01 \x03(\x0b\x32\x18.gradwatch.v1.TensorInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,20 +43,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TIERRECORD_GRADNORMSENTRY']._serialized_options = b'8\001'
   _globals['_TIERRECORD_PARAMNORMSENTRY']._loaded_options = None
   _globals['_TIERRECORD_PARAMNORMSENTRY']._serialized_options = b'8\001'
-  _globals['_STEPRECORD']._serialized_start=45
-  _globals['_STEPRECORD']._serialized_end=494
-  _globals['_STEPRECORD_GRADNORMSENTRY']._serialized_start=324
-  _globals['_STEPRECORD_GRADNORMSENTRY']._serialized_end=372
-  _globals['_STEPRECORD_PARAMNORMSENTRY']._serialized_start=374
-  _globals['_STEPRECORD_PARAMNORMSENTRY']._serialized_end=423
-  _globals['_STEPRECORD_SCALARSENTRY']._serialized_start=425
-  _globals['_STEPRECORD_SCALARSENTRY']._serialized_end=471
-  _globals['_NORMSTATS']._serialized_start=496
-  _globals['_NORMSTATS']._serialized_end=580
-  _globals['_TIERRECORD']._serialized_start=583
-  _globals['_TIERRECORD']._serialized_end=1002
-  _globals['_TIERRECORD_GRADNORMSENTRY']._serialized_start=853
-  _globals['_TIERRECORD_GRADNORMSENTRY']._serialized_end=926
-  _globals['_TIERRECORD_PARAMNORMSENTRY']._serialized_start=928
-  _globals['_TIERRECORD_PARAMNORMSENTRY']._serialized_end=1002
+  _globals['_STEPRECORD']._serialized_start=96
+  _globals['_STEPRECORD']._serialized_end=545
+  _globals['_STEPRECORD_GRADNORMSENTRY']._serialized_start=375
+  _globals['_STEPRECORD_GRADNORMSENTRY']._serialized_end=423
+  _globals['_STEPRECORD_PARAMNORMSENTRY']._serialized_start=425
+  _globals['_STEPRECORD_PARAMNORMSENTRY']._serialized_end=474
+  _globals['_STEPRECORD_SCALARSENTRY']._serialized_start=476
+  _globals['_STEPRECORD_SCALARSENTRY']._serialized_end=522
+  _globals['_NORMSTATS']._serialized_start=547
+  _globals['_NORMSTATS']._serialized_end=631
+  _globals['_TIERRECORD']._serialized_start=634
+  _globals['_TIERRECORD']._serialized_end=1053
+  _globals['_TIERRECORD_GRADNORMSENTRY']._serialized_start=904
+  _globals['_TIERRECORD_GRADNORMSENTRY']._serialized_end=977
+  _globals['_TIERRECORD_PARAMNORMSENTRY']._serialized_start=979
+  _globals['_TIERRECORD_PARAMNORMSENTRY']._serialized_end=1053
+  _globals['_FRAME']._serialized_start=1055
+  _globals['_FRAME']._serialized_end=1141
+  _globals['_FRAMETENSORS']._serialized_start=1143
+  _globals['_FRAMETENSORS']._serialized_end=1200
 # @@protoc_insertion_point(module_scope)

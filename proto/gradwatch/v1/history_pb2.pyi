@@ -1,7 +1,9 @@
+from gradwatch.v1 import report_pb2 as _report_pb2
+from gradwatch.v1 import run_pb2 as _run_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -92,3 +94,19 @@ class TierRecord(_message.Message):
     grad_norms: _containers.MessageMap[int, NormStats]
     param_norms: _containers.MessageMap[int, NormStats]
     def __init__(self, first_step: _Optional[int] = ..., steps: _Optional[int] = ..., time: _Optional[float] = ..., loss: _Optional[_Union[NormStats, _Mapping]] = ..., grad_norm: _Optional[_Union[NormStats, _Mapping]] = ..., grad_norms: _Optional[_Mapping[int, NormStats]] = ..., param_norms: _Optional[_Mapping[int, NormStats]] = ...) -> None: ...
+
+class Frame(_message.Message):
+    __slots__ = ("step", "tensors", "summaries")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    SUMMARIES_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    tensors: _containers.RepeatedScalarFieldContainer[int]
+    summaries: _containers.RepeatedCompositeFieldContainer[_report_pb2.TensorSummary]
+    def __init__(self, step: _Optional[int] = ..., tensors: _Optional[_Iterable[int]] = ..., summaries: _Optional[_Iterable[_Union[_report_pb2.TensorSummary, _Mapping]]] = ...) -> None: ...
+
+class FrameTensors(_message.Message):
+    __slots__ = ("tensors",)
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    tensors: _containers.RepeatedCompositeFieldContainer[_run_pb2.TensorInfo]
+    def __init__(self, tensors: _Optional[_Iterable[_Union[_run_pb2.TensorInfo, _Mapping]]] = ...) -> None: ...

@@ -158,3 +158,16 @@ def test_restarted_agent_after_a_takeover_numbers_from_one_again(make_aggregator
     rounds(b, n=2)
     assert b.counters.get("reports") == 2 and b.counters.get("duplicates") == 0
     assert applied(redis_client, run)["high:0"] == 2
+
+
+def test_replicas_idle_before_the_runs_appear_share_them_at_once(make_aggregator, build, publish, redis_client):
+    """An idle replica heartbeats too: when runs appear, the first replica to look takes only its share, so no
+    run is taken over (handed back) just because the other replica had not been counted yet."""
+    a, b = make_aggregator(consumer="replica-a"), make_aggregator(consumer="replica-b")
+    rounds(a, b, n=2)  # nothing to follow yet
+    publish_runs(build, publish, steps=3)
+    rounds(a, n=1)
+    assert len(a.leases.held) == 2  # its share of 4 runs between 2 live replicas
+    rounds(a, b, n=3)
+    assert len(a.leases.held) == len(b.leases.held) == 2
+    assert sum(agg.counters.get("duplicates") for agg in (a, b)) == 0

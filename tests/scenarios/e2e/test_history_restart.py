@@ -97,7 +97,7 @@ def test_an_aggregator_killed_mid_run_comes_back_with_every_step(tmp_path):
                 w.step(loss=loss)
         wait_until(lambda: stack.restarts.get("aggregator") == 1 and stack.process("aggregator") is not killed, 10,
                    "the aggregator restarted")
-        wait_until(lambda: steps_of(cfg, run) == list(range(80)), 40, "every step in the history after the restart")
+        wait_until(lambda: steps_of(cfg, run) == list(range(80)), 90, "every step in the history after the restart")
     finally:
         stop.set()
         thread.join(10)
