@@ -108,7 +108,8 @@ def run(config: AggregatorConfig, stop: threading.Event | None = None,
         server, _ = serve(host, port, registry, aggregator.view, history=aggregator.history,
                           topology=aggregator.topology, alert_log=lambda run: alert_log(aggregator.client, run),
                           frames=aggregator.frames, snapshots=SnapshotStore(aggregator.client),
-                          api_token=config.api_token)
+                          api_token=config.api_token, read_token=config.read_token,
+                          allow_unauthenticated=config.allow_unauthenticated)
     except ListenError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         aggregator.stop(0)

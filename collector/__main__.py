@@ -40,6 +40,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"default {DEFAULT_STREAM_MAXLEN})")
     parser.add_argument("--token", metavar="TOKEN",
                         help=f"bearer token agents must send; prefer env {env('token')}, flags show in `ps`")
+    parser.add_argument("--tokens-file", metavar="FILE",
+                        help=f"scoped agent tokens, one '<token> <run-id-prefix>' a line ('*': any run); a token "
+                             f"writes only the runs its prefix allows (env {env('tokens_file')})")
+    parser.add_argument("--allow-unauthenticated", action=argparse.BooleanOptionalAction,
+                        help=f"listen beyond loopback without a token (gRPC: no token and no mTLS; /metrics: no "
+                             f"{env('read_token')}), on purpose (env {env('allow_unauthenticated')}; default off: "
+                             "such a listener refuses to start)")
     parser.add_argument("--metrics-listen", metavar="HOST:PORT",
                         help=f"address of the collector's own /metrics, '' disables (env {env('metrics_listen')}; "
                              f"default {DEFAULT_METRICS_LISTEN})")
@@ -60,7 +67,7 @@ def config_from_args(args: argparse.Namespace) -> CollectorConfig:
     ConfigError (naming the variable when one is bad)."""
     flags = given_flags(CollectorConfig, args)
     # An empty flag value means "not set", so `--tls-cert ''` can switch off TLS configured in the environment.
-    for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file"):
+    for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file", "tokens_file"):
         if flags.get(name) == "":
             flags[name] = None
     return load(CollectorConfig, flags).validate()

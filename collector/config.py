@@ -8,8 +8,19 @@ from typing import ClassVar
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from gradwatch import endpoints
+from gradwatch.collector.auth import Tokens, bad_token
 from gradwatch.limits import MAX_MESSAGE_BYTES, MAX_STRING_BYTES
-from gradwatch.settings import FILE, ConfigError, Settings, host_port, integer, number, setting, url
+from gradwatch.settings import (
+    FILE,
+    ConfigError,
+    Settings,
+    host_port,
+    integer,
+    loopback_only,
+    number,
+    setting,
+    url,
+)
 
 DEFAULT_LISTEN = endpoints.COLLECTOR
 DEFAULT_REDIS_URL = endpoints.REDIS_URL
@@ -18,6 +29,10 @@ DEFAULT_REDIS_URL = endpoints.REDIS_URL
 # Entries it trims unread are counted and alerted (StreamDataLost; docs/architecture.md#stream-retention).
 # Size Redis for it: entries x report size (about 50 bytes a tensor, 90 with histograms).
 DEFAULT_STREAM_MAXLEN = 1_000_000
+# ... and on its bytes, for big reports: 1,000,000 entries of a 300-tensor report (28 KB) would be 28 GB of one Redis
+# shard. Each XADD's cap is min(stream_maxlen, stream_max_bytes / its entry's size). 4 GiB: 2.5 h of an 8-rank run at
+# 2 steps/s of such reports, about a minute of a 1,024-rank one (docs/sizing.md).
+DEFAULT_STREAM_MAX_BYTES = 4 << 30
 # gRPC's own receive limit; bigger messages are refused with RESOURCE_EXHAUSTED before we see them.
 DEFAULT_MAX_MESSAGE_BYTES = MAX_MESSAGE_BYTES
 # Per Export call, for reports and (separately) registrations: bounds the work one call can cause.
@@ -39,6 +54,13 @@ DEFAULT_RETRY_AFTER_S = 1.0
 DEFAULT_TLS_CERT_FILE: str | None = None
 DEFAULT_TLS_KEY_FILE: str | None = None
 DEFAULT_TLS_CLIENT_CA_FILE: str | None = None
+# Scoped agent tokens, one `<token> <run-id-prefix>` a line (collector/auth.py); none by default.
+DEFAULT_TOKENS_FILE: str | None = None
+# The collector's /metrics holds counters only (no run ids), but beyond loopback it needs a token like every port.
+DEFAULT_READ_TOKEN: str | None = None
+# Off: a listener beyond loopback without authentication refuses to start (docs/security.md). On: it serves
+# anyone who reaches it, on purpose (a network that is itself the boundary).
+DEFAULT_ALLOW_UNAUTHENTICATED = False
 
 _PORT_RE = re.compile(r"^[0-9]{1,5}$")
 
@@ -57,6 +79,9 @@ class CollectorConfig(Settings):
                                  "aggregator down for long: the aggregator trims what it applied; entries trimmed "
                                  "unread raise `StreamDataLost`", flag="--stream-maxlen", form=integer(gt=0),
                                  aliases=("GRADWATCH_STREAM_MAXLEN",))
+    stream_max_bytes: int = setting(DEFAULT_STREAM_MAX_BYTES, "hard cap on the bytes of a run stream: each entry's "
+                                    "`MAXLEN ~` is at most this over the entry's size (same safety net as "
+                                    "stream_maxlen, for big reports)", form=integer(gt=0), shown="4 GiB")
     max_message_bytes: int = setting(DEFAULT_MAX_MESSAGE_BYTES, "largest gRPC message accepted",
                                      form=integer(gt=0), aliases=("GRADWATCH_MAX_MESSAGE_BYTES",))
     max_reports_per_request: int = setting(DEFAULT_MAX_REPORTS_PER_REQUEST, "reports (and registrations) per "
@@ -88,6 +113,17 @@ class CollectorConfig(Settings):
     tls_client_ca_file: str | None = setting(DEFAULT_TLS_CLIENT_CA_FILE, "PEM CA bundle; when set, agents must "
                                              "present a certificate it signed (mTLS)", flag="--tls-client-ca",
                                              form=FILE, aliases=("GRADWATCH_COLLECTOR_TLS_CLIENT_CA",))
+    tokens_file: str | None = setting(DEFAULT_TOKENS_FILE, "file of scoped agent tokens, one `<token> "
+                                      "<run-id-prefix>` a line (`*`: any run): a token writes only the runs its "
+                                      "prefix allows (docs/security.md)", flag="--tokens-file", form=FILE,
+                                      shown="none: only `GRADWATCH_TOKEN`")
+    # Secret, like `token`.
+    read_token: str | None = setting(DEFAULT_READ_TOKEN, "bearer token the collector's /metrics requires (give "
+                                     "Prometheus this one, not an agent's)", secret=True,
+                                     shown="none: /metrics is open (refused beyond loopback)")
+    allow_unauthenticated: bool = setting(DEFAULT_ALLOW_UNAUTHENTICATED, "listen beyond loopback without a token "
+                                          "(gRPC: no token and no mTLS; /metrics: no `read_token`), on purpose",
+                                          flag="--allow-unauthenticated")
 
     @property
     def tls(self) -> bool:
@@ -107,8 +143,8 @@ class CollectorConfig(Settings):
             raise ConfigError(f"redis url {redact_url(self.redis_url)!r} has ssl_* options: use rediss:// for TLS")
         if self.redis_cluster:
             self._validate_cluster_url()
-        for name in ("stream_maxlen", "max_message_bytes", "max_reports_per_request", "max_tensors_per_report",
-                     "max_string_bytes", "max_inflight_bytes"):
+        for name in ("stream_maxlen", "stream_max_bytes", "max_message_bytes", "max_reports_per_request",
+                     "max_tensors_per_report", "max_string_bytes", "max_inflight_bytes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
@@ -128,8 +164,35 @@ class CollectorConfig(Settings):
             if not self.token.isascii() or any(c.isspace() for c in self.token):
                 # gRPC metadata values are ASCII, and the token travels as "Bearer <token>".
                 raise ConfigError("token must be printable ASCII without spaces")
+        if self.read_token is not None and (why := bad_token(self.read_token)) is not None:
+            raise ConfigError(f"read_token ({self.env_name('read_token')}) is {why}")
+        if self.tokens_file is not None:
+            Tokens.from_config(self.token, self.tokens_file)  # every line checked now, at start-up
         self._validate_tls()
         return self
+
+    def exposure_problem(self) -> str | None:
+        """Why the collector must not start listening: a port reachable beyond loopback that nobody has to
+        authenticate to (unless allow_unauthenticated); None when it may. The message says what to set."""
+        if self.allow_unauthenticated:
+            return None
+        opt_out = f"or set {self.env_name('allow_unauthenticated')}=1 (--allow-unauthenticated) to serve anyone " \
+                  "who reaches it"
+        host, _ = parse_host_port(self.listen, "listen")
+        if not loopback_only(host) and self.token is None and self.tokens_file is None \
+                and self.tls_client_ca_file is None:
+            return (f"refusing to listen on {self.listen} without authentication: the port is reachable beyond "
+                    f"loopback. Set an agent token ({self.env_name('token')}, or scoped tokens in "
+                    f"{self.env_name('tokens_file')}) or require client certificates "
+                    f"({self.env_name('tls_client_ca_file')}), listen on 127.0.0.1, {opt_out}")
+        if self.metrics_listen:
+            host, _ = parse_host_port(self.metrics_listen, "metrics listen")
+            if not loopback_only(host) and self.read_token is None:
+                return (f"refusing to serve /metrics on {self.metrics_listen} without a token: the port is "
+                        f"reachable beyond loopback. Set {self.env_name('read_token')} (Prometheus sends it as "
+                        f"a bearer token), listen on 127.0.0.1 (--metrics-listen), disable it with "
+                        f"--metrics-listen '', {opt_out}")
+        return None
 
     def _validate_cluster_url(self) -> None:
         # A cluster has no unix sockets and only database 0; redis-py would refuse both at connect time.

@@ -1,4 +1,5 @@
-"""The collector process's parts in start order: Redis first, then /metrics, then the gRPC listener."""
+"""The collector process's parts in start order: the security checks (tokens, who can reach the ports), then
+Redis, then /metrics, then the gRPC listener."""
 
 from __future__ import annotations
 
@@ -11,22 +12,26 @@ from wsgiref.simple_server import WSGIServer
 import grpc
 import redis.asyncio as aioredis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisClusterException, RedisError
 
+from gradwatch.collector.auth import Tokens
 from gradwatch.collector.config import CollectorConfig, parse_host_port, redact_url
+from gradwatch.collector.metrics_http import serve_metrics
 from gradwatch.collector.service import SERVICE_NAME, ExportService
 from gradwatch.collector.telemetry import CollectorMetrics
+from gradwatch.settings import ConfigError
 from gradwatch.streams import quiet_handshake
 
 log = logging.getLogger("gradwatch.collector")
 
 
 class CollectorStartError(RuntimeError):
-    """The collector cannot start (Redis unreachable, port taken); the message says what to do."""
+    """The collector cannot start (a port beyond loopback without a token, Redis unreachable, port taken); the
+    message says what to do."""
 
 
 class CollectorServer:
@@ -43,6 +48,7 @@ class CollectorServer:
         self._health: health.aio.HealthServicer | None = None
         self._metrics_http: WSGIServer | None = None
         self._bound_port: int | None = None
+        self._tokens: Tokens | None = None
         self._stopped = False
 
     @property
@@ -67,6 +73,7 @@ class CollectorServer:
     async def start(self) -> None:
         if self._stopped or self._grpc is not None:
             raise RuntimeError("a CollectorServer starts once")
+        self._check_access()
         try:
             await self._connect_redis()
             self._start_metrics()
@@ -80,6 +87,8 @@ class CollectorServer:
                  if self.metrics_port is not None else "",
                  ("; TLS, client certificates required" if self.config.tls_client_ca_file else "; TLS")
                  if self.config.tls else "")
+        if self._tokens.scoped:  # how many, never which
+            log.info("%d scoped agent tokens from %s", self._tokens.scoped, self.config.tokens_file)
 
     async def stop(self, grace: float | None = 5.0) -> None:
         """Stop accepting calls, let in-flight ones finish within `grace` seconds, then close Redis."""
@@ -97,6 +106,17 @@ class CollectorServer:
     async def wait_for_termination(self) -> None:
         if self._grpc is not None:
             await self._grpc.wait_for_termination()
+
+    def _check_access(self) -> None:
+        """Before any port opens: the tokens read (the file may have changed since validate()), and no port
+        reachable beyond loopback without authentication unless the config opts out."""
+        try:
+            self._tokens = Tokens.from_config(self.config.token, self.config.tokens_file)
+        except ConfigError as err:
+            raise CollectorStartError(str(err)) from None
+        problem = self.config.exposure_problem()
+        if problem is not None:
+            raise CollectorStartError(problem)
 
     async def _connect_redis(self) -> None:
         timeout = self.config.redis_timeout_s
@@ -126,7 +146,8 @@ class CollectorServer:
             return
         host, port = parse_host_port(self.config.metrics_listen, "metrics listen")
         try:
-            self._metrics_http, _ = start_http_server(port, addr=host, registry=self.registry)
+            refused = self.metrics.refused.labels(reason="metrics_unauthenticated")
+            self._metrics_http = serve_metrics(host, port, self.registry, self.config.read_token, refused.inc)
         except OSError as err:
             raise CollectorStartError(
                 f"cannot serve metrics on {self.config.metrics_listen}: {err.strerror or err} (choose another "
@@ -134,7 +155,7 @@ class CollectorServer:
 
     async def _start_grpc(self) -> None:
         credentials = self._server_credentials()
-        service = ExportService(self.config, self._redis, self.metrics)
+        service = ExportService(self.config, self._redis, self.metrics, tokens=self._tokens)
         server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", self.config.max_message_bytes),
             # gRPC sets SO_REUSEPORT by default: a second collector would then share the port silently and

@@ -1,4 +1,5 @@
-"""The Export RPC: authenticate, admit, split, validate, write to Redis in one round trip, then answer.
+"""The Export RPC: authenticate, admit, split, check each run id against the token's scope, validate, write to
+Redis in one round trip, then answer.
 
 The same round trip pops the snapshot requests the aggregator queued for the request's runs
 (streams.snapshot_requests_key), which the answer carries to the agent, and stores the snapshots the agent
@@ -12,7 +13,6 @@ retries, and delivery is at-least-once end to end.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import math
 import time
@@ -23,6 +23,7 @@ import redis.asyncio as aioredis
 from google.rpc import error_details_pb2
 from redis.exceptions import RedisClusterException, RedisError
 
+from gradwatch.collector.auth import FULL, Grant, Tokens
 from gradwatch.collector.config import CollectorConfig
 from gradwatch.collector.telemetry import CollectorMetrics
 from gradwatch.collector.validate import registration_problem, report_problem, snapshot_problem
@@ -56,6 +57,8 @@ REDIS_LOG_INTERVAL_S = 10.0
 REDIS_RETRY_AFTER_S = 1.0
 # Snapshots per Export call: an agent sends one per request it got, and requests are few (16 per run queued).
 MAX_SNAPSHOTS_PER_REQUEST = 64
+# A job sending runs outside its token's scope does so at every export: one line per interval and run prefix.
+SCOPE_LOG_INTERVAL_S = 60.0
 
 log = logging.getLogger("gradwatch.collector")
 
@@ -80,13 +83,15 @@ class ExportService:
     """Handles Export calls for one grpc.aio server; `rpc_handler()` is what the server registers."""
 
     def __init__(self, config: CollectorConfig, redis: aioredis.Redis, metrics: CollectorMetrics,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, tokens: Tokens | None = None):
         self._config = config
         self._redis = redis
         self._metrics = metrics
         self._clock = clock
         self._inflight_bytes = 0
-        self._expected_token = config.token.encode() if config.token is not None else None
+        # Read here when not given: validate() checked the file, so only a file changed since can fail.
+        self._tokens = tokens if tokens is not None else Tokens.from_config(config.token, config.tokens_file)
+        self._scope_log = DedupLog(log, SCOPE_LOG_INTERVAL_S)
         self._redis_log = DedupLog(log, REDIS_LOG_INTERVAL_S, suffix=" (%d more since the last message)")
         self._pop_log = DedupLog(log, math.inf)  # a missing ACL permission: said once, reports still flow
 
@@ -130,7 +135,7 @@ class ExportService:
         self._metrics.request_duration.observe(time.perf_counter() - started)
 
     async def _export(self, request: bytes, context: grpc.aio.ServicerContext) -> ExportResponse:
-        self._authenticate(context)
+        grant = self._authenticate(context)
         size = len(request)
         if self._inflight_bytes + size > self._config.max_inflight_bytes:
             raise _Refused(grpc.StatusCode.UNAVAILABLE, "over_limit",
@@ -138,27 +143,39 @@ class ExportService:
         self._inflight_bytes += size
         self._metrics.inflight_bytes.set(self._inflight_bytes)
         try:
-            return await self._process(request)
+            return await self._process(request, grant)
         finally:
             self._inflight_bytes -= size
             self._metrics.inflight_bytes.set(self._inflight_bytes)
 
-    def _authenticate(self, context: grpc.aio.ServicerContext) -> None:
-        if self._expected_token is None:
-            return
-        given = b""
+    def _authenticate(self, context: grpc.aio.ServicerContext) -> Grant:
+        """What the request's token allows; without configured tokens, any run (loopback, or opted out)."""
+        if not self._tokens.required:
+            return FULL
+        given = ""
         for key, value in context.invocation_metadata() or ():
             if key == "authorization":
                 scheme, _, credential = (value if isinstance(value, str) else "").partition(" ")
                 if scheme.lower() == "bearer":
-                    given = credential.strip().encode()
+                    given = credential.strip()
                 break
-        # Constant-time comparison: response timing must not reveal how much of a guess was right.
-        if not hmac.compare_digest(given, self._expected_token):
+        # Constant-time comparison against every token (auth.Tokens): the timing says nothing about the guess.
+        grant = self._tokens.grant(given) if given else None
+        if grant is None:
             what = "wrong bearer token" if given else "missing bearer token (metadata authorization: Bearer <token>)"
             raise _Refused(grpc.StatusCode.UNAUTHENTICATED, "unauthenticated", f"{what}; set the agent's token")
+        return grant
 
-    async def _process(self, request: bytes) -> ExportResponse:
+    def _out_of_scope(self, grant: Grant, what: str, index: int, run_id: str) -> _Refused:
+        """The whole request is refused: a job must not write part of its batch into runs it may not write."""
+        shown = repr(run_id[:self._config.max_string_bytes])
+        self._scope_log.log(logging.WARNING, f"scope:{grant.prefix}", "refused an Export: its token allows %s, "
+                            "the request has run %s", grant.shown, shown)
+        return _Refused(grpc.StatusCode.PERMISSION_DENIED, "permission_denied",
+                        f"{what} {index}: run {shown} is outside this token's scope: it may write only "
+                        f"{grant.shown}; name the run to match, or use a token for it")
+
+    async def _process(self, request: bytes, grant: Grant = FULL) -> ExportResponse:
         try:
             raw_registrations, raw_reports, raw_snapshots = split_export(request)
         except WireError as err:
@@ -173,10 +190,10 @@ class ExportService:
 
         reasons: list[str] = []
         registrations = self._accepted(raw_registrations, RunRegistration, registration_problem, "registration",
-                                       reasons)
-        reports = self._accepted(raw_reports, StepReport, report_problem, "report", reasons)
+                                       reasons, grant)
+        reports = self._accepted(raw_reports, StepReport, report_problem, "report", reasons, grant)
         snapshots = self._accepted(raw_snapshots, Snapshot, lambda snap, _, most: snapshot_problem(snap, most),
-                                   "snapshot", reasons)
+                                   "snapshot", reasons, grant)
         rejected_registrations = len(raw_registrations) - len(registrations)
         rejected_reports = len(raw_reports) - len(reports)
         rejected_snapshots = len(raw_snapshots) - len(snapshots)
@@ -202,8 +219,10 @@ class ExportService:
             rejected_snapshots=rejected_snapshots, error_message=shown))
         return response
 
-    def _accepted(self, raws: list[bytes], message_type, problem, what: str, reasons: list[str]) -> list:
-        """(decoded, raw bytes) of the items that pass; the others' reasons are appended to `reasons`."""
+    def _accepted(self, raws: list[bytes], message_type, problem, what: str, reasons: list[str],
+                  grant: Grant = FULL) -> list:
+        """(decoded, raw bytes) of the items that pass; the others' reasons are appended to `reasons`. An item
+        of a run outside the token's scope refuses the whole request (PERMISSION_DENIED), valid or not."""
         accepted = []
         for index, raw in enumerate(raws):
             try:
@@ -211,6 +230,8 @@ class ExportService:
             except Exception as err:  # noqa: BLE001 - any decode failure refuses this item only
                 reasons.append(f"{what} {index}: cannot decode ({err or type(err).__name__})")
                 continue
+            if not grant.allows(item.run_id):
+                raise self._out_of_scope(grant, what, index, item.run_id)
             reason = problem(item, self._config.max_tensors_per_report, self._config.max_string_bytes)
             if reason is None:
                 accepted.append((item, raw))
@@ -224,16 +245,18 @@ class ExportService:
         """Writes in one round trip; returns the snapshot requests popped for the written runs."""
         # The aggregator trims each stream to what it applied; this cap only bites while no aggregator reads a run,
         # and what it trims unread the aggregator counts and alerts (docs/architecture.md#stream-retention).
-        maxlen = self._config.stream_maxlen
+        cap, cap_bytes = self._config.stream_maxlen, self._config.stream_max_bytes
         pipe = self._redis.pipeline(transaction=False)
         runs: set[str] = set()
         # Registrations first: the aggregator then knows a run's tensor names before its first report.
         for reg, raw in registrations:
             pipe.hset(registrations_key(reg.run_id), str(reg.rank), raw)
-            pipe.xadd(reports_key(reg.run_id), {FIELD_REGISTRATION: raw}, maxlen=maxlen, approximate=True)
+            pipe.xadd(reports_key(reg.run_id), {FIELD_REGISTRATION: raw}, maxlen=stream_cap(cap, cap_bytes, raw),
+                      approximate=True)
             runs.add(reg.run_id)
         for report, raw in reports:
-            pipe.xadd(reports_key(report.run_id), {FIELD_REPORT: raw}, maxlen=maxlen, approximate=True)
+            pipe.xadd(reports_key(report.run_id), {FIELD_REPORT: raw}, maxlen=stream_cap(cap, cap_bytes, raw),
+                      approximate=True)
             runs.add(report.run_id)
         for snap, raw in snapshots:
             key = snapshots_key(snap.run_id)
@@ -281,3 +304,9 @@ class ExportService:
                 except Exception:  # noqa: BLE001 - a garbled request is skipped, never fatal
                     self._metrics.redis_errors.inc()
         return requests
+
+
+def stream_cap(entries: int, max_bytes: int, raw: bytes) -> int:
+    """The `MAXLEN ~` of one entry: stream_maxlen, or fewer where entries this size would pass stream_max_bytes
+    (an entry's bytes in Redis: its payload plus about 100 of stream overhead)."""
+    return max(1, min(entries, max_bytes // (len(raw) + 100)))

@@ -9,6 +9,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 # over a series that appears only on the first failure misses that failure.
 REFUSAL_REASONS = (
     "unauthenticated",     # missing or wrong bearer token
+    "permission_denied",   # a valid token, but a run id outside its prefix (scoped tokens, collector/auth.py)
+    "metrics_unauthenticated",  # a /metrics scrape without the read token
     "too_large",           # more items in one request than max_reports_per_request
     "over_limit",          # in-flight byte limit reached: retryable push-back
     "malformed",           # the ExportRequest framing is broken
@@ -18,7 +20,8 @@ REFUSAL_REASONS = (
     "redis_error",         # Redis did not accept the write: the agent retries
 )
 STATUS_CODES = tuple(code.name for code in (
-    grpc.StatusCode.OK, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.OK, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.INVALID_ARGUMENT,
     grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL,
 ))
 

@@ -17,8 +17,10 @@ is imported only when a variable is set, which keeps `import gradwatch` and the 
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
+import socket
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from functools import cache
@@ -110,6 +112,26 @@ def _url(value: str, schemes: tuple[str, ...]) -> None:
     parts = urlsplit(value)
     if parts.scheme not in schemes or not (parts.netloc or parts.scheme not in ("http", "https")):
         raise ValueError("wrong scheme" if parts.scheme not in schemes else "no host")
+
+
+def loopback_only(host: str) -> bool:
+    """Whether a listener on `host` is reachable from this machine only: every address the host names is a
+    loopback address (127.0.0.0/8, ::1; "localhost" resolves to them). The wildcard ('', 0.0.0.0, ::), any
+    other address and a name that does not resolve are not. The start-up rule of every listener that
+    serves data (docs/security.md): beyond loopback, a token is required."""
+    host = host.strip("[]")
+    if not host:
+        return False
+    try:
+        addresses = {ipaddress.ip_address(host.split("%", 1)[0])}
+    except ValueError:
+        try:
+            addresses = {ipaddress.ip_address(info[4][0].split("%", 1)[0])
+                         for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)}
+        except (OSError, ValueError):
+            return False
+    mapped = {getattr(a, "ipv4_mapped", None) or a for a in addresses}  # ::ffff:127.0.0.1 is loopback too
+    return bool(mapped) and all(a.is_loopback for a in mapped)
 
 
 def _file(path: str) -> None:

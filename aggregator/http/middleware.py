@@ -3,23 +3,21 @@
     Guard       an endpoint's bug answers 500 and is logged once a minute per path; a client that hangs up
                 mid-answer is no error
     RoutePath   routes match the path as sent, trailing slash ignored
+    ReadAccess  the read token (access.py)
     Compress    gzip for JSON answers over GZIP_MIN_BYTES
 
-and, on the one route that writes, TokenAuth: the API token as a bearer token.
+and, on the one route that writes, access.WriteAccess: the API token.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
 
-from starlette.authentication import AuthCredentials, AuthenticationBackend, AuthenticationError, SimpleUser
 from starlette.middleware.gzip import DEFAULT_EXCLUDED_CONTENT_TYPES, GZipMiddleware
-from starlette.requests import ClientDisconnect, HTTPConnection
-from starlette.responses import Response
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gradwatch.aggregator.http.responses import backend, error
+from gradwatch.aggregator.http.responses import error
 
 GZIP_MIN_BYTES = 16 << 10
 
@@ -84,21 +82,3 @@ class Compress(GZipMiddleware):
         self.minimum_size = GZIP_MIN_BYTES + 1  # the module's value at every answer, so it can be tuned live
         await super().__call__(scope, receive, send)
 
-
-class TokenAuth(AuthenticationBackend):
-    """With an API token configured, a request must carry "Authorization: Bearer <token>" (compared in
-    constant time); without one, anyone who reaches the port may write."""
-
-    async def authenticate(self, conn: HTTPConnection) -> tuple[AuthCredentials, SimpleUser] | None:
-        token = backend(conn).api_token
-        if token is None:
-            return None
-        scheme, _, given = conn.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
-            raise AuthenticationError("this aggregator needs Authorization: Bearer <its API token>")
-        return AuthCredentials(["write"]), SimpleUser("api-token")
-
-
-def refuse(conn: HTTPConnection, exc: AuthenticationError) -> Response:
-    """AuthenticationMiddleware's answer to a missing or wrong token."""
-    return error(401, "unauthorized", str(exc), {"WWW-Authenticate": "Bearer"})

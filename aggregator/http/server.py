@@ -1,5 +1,6 @@
 """The aggregator's HTTP port on a thread: uvicorn serving the app (app.py) from a socket bound here, before
-the thread starts, so that a taken port is a ListenError at once and the port is known to the caller.
+the thread starts, so that a taken port is a ListenError at once and the port is known to the caller. A port
+reachable beyond loopback without a read token is a ListenError before anything binds (access.py).
 
     serve(...) -> (server, thread)    server.server_port, server.shutdown(timeout), server.server_close();
                                       server.view (and the other Backend fields) may be replaced while serving
@@ -16,11 +17,13 @@ from collections.abc import Callable
 import uvicorn
 from prometheus_client import CollectorRegistry
 
+from gradwatch.aggregator.http.access import exposure_problem
 from gradwatch.aggregator.http.app import Backend, build_app
 from gradwatch.aggregator.http.live import DEFAULT_TICK_S, FrameStore, LiveHub
 from gradwatch.aggregator.http.live_routes import STATIC
-from gradwatch.aggregator.http.metrics import AggregatorView
+from gradwatch.aggregator.http.metrics import AggregatorView, RefusalCollector
 from gradwatch.aggregator.http.snapshots import SnapshotStore
+from gradwatch.settings import loopback_only
 
 SERVER_NAME = "gradwatch-aggregator"
 START_TIMEOUT_S = 10.0
@@ -29,7 +32,7 @@ SHUTDOWN_GRACE_S = 2
 
 
 class ListenError(OSError):
-    """The metrics port cannot be opened; the message is meant for the command line."""
+    """The metrics port cannot (or must not) be opened; the message is meant for the command line."""
 
 
 class HttpServer(Backend):
@@ -51,6 +54,10 @@ class HttpServer(Backend):
         self.thread = threading.Thread(target=self._uvicorn.run, kwargs={"sockets": [sock]}, name="gradwatch-http",
                                        daemon=True)
         self._closed = False
+        self._refusal_metrics = None
+        if self.registry is not None:  # the port's refusals, on its own /metrics
+            self._refusal_metrics = RefusalCollector(self.refusals.read)
+            self.registry.register(self._refusal_metrics)
 
     def start(self, timeout: float = START_TIMEOUT_S) -> threading.Thread:
         """Starts the thread and waits until uvicorn serves; ListenError if it does not within `timeout`."""
@@ -79,6 +86,8 @@ class HttpServer(Backend):
         if not self._closed:
             self._closed = True
             self.socket.close()
+            if self._refusal_metrics is not None:
+                self.registry.unregister(self._refusal_metrics)
 
 
 def serve(host: str, port: int, registry: CollectorRegistry | None, view: Callable[[], AggregatorView], *,
@@ -87,16 +96,26 @@ def serve(host: str, port: int, registry: CollectorRegistry | None, view: Callab
           alert_log: Callable[[str], list[dict]] | None = None,
           frames: FrameStore | None = None,
           snapshots: SnapshotStore | None = None, api_token: str | None = None,
+          read_token: str | None = None, allow_unauthenticated: bool = False,
           live_tick_s: float | None = DEFAULT_TICK_S,
           poll_s: float = 0.5) -> tuple[HttpServer, threading.Thread]:
     """Starts /metrics, the query API and the live view on a daemon thread; returns (server, thread).
-    Raises ListenError with a message for the command line when the port cannot be opened. live_tick_s None:
+    Raises ListenError with a message for the command line when the port cannot be opened, or must not: beyond
+    loopback without a read token, unless allow_unauthenticated (the tokens: access.py). live_tick_s None:
     no live hub; frames: the consumer's histogram frames (else the hub samples one per tick). poll_s is
     accepted for callers of the former server and unused: uvicorn checks for shutdown every 0.1 s."""
+    loopback = loopback_only(host)
+    if (problem := exposure_problem(host, port, read_token, allow_unauthenticated, loopback)) is not None:
+        raise ListenError(problem)
     sock = _bind(host, port)
     live = LiveHub(view, history, live_tick_s, frames=frames) if live_tick_s else None
-    server = HttpServer(sock, registry=registry, view=view, history=history, topology=topology,
-                        alert_log=alert_log, live=live, snapshots=snapshots, api_token=api_token)
+    try:
+        server = HttpServer(sock, registry=registry, view=view, history=history, topology=topology,
+                            alert_log=alert_log, live=live, snapshots=snapshots, api_token=api_token,
+                            read_token=read_token, loopback=loopback)
+    except BaseException:
+        sock.close()
+        raise
     thread = server.start()
     if live is not None:
         live.start()

@@ -6,8 +6,9 @@
 
 Both sides live in Redis, not in this process: the request list the collector pops into Export answers,
 and the hash the collector fills (core/streams.py), so any aggregator replica answers for any run
-and nothing here grows. POST is the API's only write: with an API token configured it needs
-"Authorization: Bearer <token>" (middleware.TokenAuth), always a JSON body of at most MAX_BODY_BYTES.
+and nothing here grows. POST is the API's only write: it needs the API token as "Authorization: Bearer <token>"
+(access.WriteAccess; without one configured, only on a loopback-only port), always a JSON body of at most
+MAX_BODY_BYTES. The GETs are reads (the read token, when one is set): they serve weights and feature maps.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def _read(request: Request, rid: str | None) -> Response:
 
 
 async def request_one(request: Request) -> Response:
-    """POST: the token was checked (TokenAuth, before this reads anything); the body is checked here, in
+    """POST: the token was checked (WriteAccess, before this reads anything); the body is checked here, in
     the order a client fixes things, then the request is queued in Redis (off the event loop)."""
     if request.headers.get("Content-Type", "").split(";")[0].strip().lower() != "application/json":
         # A JSON content type also keeps plain HTML forms of other sites from posting here.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import sys
 import threading
@@ -152,7 +153,10 @@ def run_demo(cfg: StackConfig, steps: int = DEFAULT_STEPS, blowup_step: int = DE
         printer.wait_for({"ExplodingGradient", "NonFinite"}, ALERT_WAIT_S)
         printer.stopping.set()
         result = DemoResult(run, steps, printer.alerts, watcher.counters)
-        with urllib.request.urlopen(f"http://{cfg.aggregator_metrics_listen}/metrics", timeout=5) as resp:
+        request = urllib.request.Request(f"http://{cfg.aggregator_metrics_listen}/metrics")
+        if token := os.environ.get("GRADWATCH_AGGREGATOR_READ_TOKEN"):  # the aggregator's reads may need it
+            request.add_header("Authorization", f"Bearer {token}")
+        with urllib.request.urlopen(request, timeout=5) as resp:
             text = resp.read().decode()
         result.metrics_sample = [line for line in text.splitlines()
                                  if line.startswith(("gradwatch_layer_grad_norm", "gradwatch_run_loss",

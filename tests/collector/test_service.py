@@ -335,3 +335,18 @@ def test_metrics_endpoint_serves_the_collector_registry(start_collector):
     assert "gradwatch_collector_reports_total 1.0" in body
     assert 'gradwatch_collector_refused_total{reason="redis_error"} 0.0' in body
     assert "python_gc_objects_collected_total" not in body  # not the global registry
+
+
+def test_the_stream_cap_counts_bytes_for_big_reports(start_collector, redis_client):
+    """stream_max_bytes caps a run stream nobody reads by its bytes: a big report gets a proportionally small
+    MAXLEN (approximate: Redis trims whole nodes of 100 entries), a small one keeps stream_maxlen."""
+    size = len(report(0).SerializeToString()) + 100
+    collector = start_collector(stream_max_bytes=300 * size, stream_maxlen=1_000_000)
+    with grpc.insecure_channel(collector.target) as channel:
+        stub = IngestServiceStub(channel)
+        for batch in range(10):
+            stub.Export(ExportRequest(reports=[report(batch * 100 + i) for i in range(100)]), timeout=10)
+    length = redis_client.xlen(reports_key(RUN))
+    assert 300 <= length < 500  # 1,000 written, capped near 300 entries of this size
+    entries_left = redis_client.xrange(reports_key(RUN), count=1)
+    assert StepReport.FromString(entries_left[0][1][FIELD_REPORT]).step >= 500  # the oldest went

@@ -1,11 +1,14 @@
 """Deploy-test helpers, shared through the `kit` fixture (tests run with --import-mode=importlib, so they
 cannot import this file): repository paths, external tools (skipped when missing, a failure instead
-under GRADWATCH_REQUIRE_TOOLS=1, which .ci/run sets), kustomize rendering, process and HTTP helpers."""
+under GRADWATCH_REQUIRE_TOOLS=1, which .ci/run sets), kustomize and compose rendering, the deploy scripts
+as modules, process and HTTP helpers."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,7 +24,39 @@ DEPLOY = REPO / "deploy"
 RULES = DEPLOY / "prometheus" / "rules" / "gradwatch.rules.yml"
 ALERTMANAGER_CONFIG = DEPLOY / "alertmanager" / "alertmanager.yml"
 KUBERNETES = DEPLOY / "kubernetes"
+COMPOSE = DEPLOY / "docker-compose.yml"
+COMPOSE_TLS = DEPLOY / "docker-compose.tls.yml"
+USERS_ACL = DEPLOY / "redis" / "users.acl"
+ACLFILE_SH = DEPLOY / "redis" / "aclfile.sh"
+CREDENTIALS_SH = DEPLOY / "compose" / "credentials.sh"
+WITH_CREDENTIALS_SH = DEPLOY / "compose" / "with-credentials.sh"
+MAKE_SECRETS = KUBERNETES / "base" / "make_secrets.py"
+# Variables of the host that change what the compose file renders to: the tests set them themselves.
+COMPOSE_VARIABLES = ("GRADWATCH_", "GRAFANA_")
 CRD_PACKAGE = "@kubernetes-models/prometheus-operator@6.0.0"
+
+
+def redis_7() -> str | None:
+    """A redis-server of version 7 or newer (users.acl scopes commands to keys with ACL selectors, 7.0+):
+    GRADWATCH_REDIS_SERVER, then PATH, then Debian's."""
+    for path in (os.environ.get("GRADWATCH_REDIS_SERVER"), shutil.which("redis-server"), "/usr/bin/redis-server"):
+        if not path or not os.path.exists(path):
+            continue
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10).stdout
+        match = re.search(r"v=(\d+)\.", out)
+        if match and int(match.group(1)) >= 7:
+            return path
+    return None
+
+
+def require_redis_7() -> str:
+    binary = redis_7()
+    if binary is None:
+        reason = "users.acl needs redis-server 7 or newer (Debian 12's redis-server; .ci/run installs it)"
+        if os.environ.get("CI") or require_tools():
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return binary
 
 
 def require_tools() -> bool:
@@ -69,6 +104,67 @@ def kustomize():
 
 
 @pytest.fixture(scope="session")
+def compose_render():
+    """compose_render(env, tls=False) -> deploy/docker-compose.yml (and docker-compose.tls.yml) as `docker-compose
+    config` resolves it with these host variables (Debian's docker-compose 1.29: its interpolation and schema)."""
+    docker_compose = tool("docker-compose", "Debian's docker-compose renders and validates the Compose file")
+
+    cache: dict[tuple, str] = {}
+
+    def render(env: dict[str, str] | None = None, tls: bool = False) -> dict:
+        key = (tuple(sorted((env or {}).items())), tls)
+        if key not in cache:
+            proc = compose_config(docker_compose, env, tls)
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+            cache[key] = proc.stdout
+        return yaml.safe_load(cache[key])  # a fresh copy each time
+
+    render.config = lambda env=None, tls=False: compose_config(docker_compose, env, tls)
+    return render
+
+
+def compose_config(docker_compose: str, env: dict[str, str] | None, tls: bool) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(COMPOSE_VARIABLES)}
+    files = [arg for path in ([COMPOSE, COMPOSE_TLS] if tls else [COMPOSE]) for arg in ("-f", str(path))]
+    return run([docker_compose, *files, "config"], env={**clean, **(env or {})})
+
+
+def container_env(container: dict, config: dict[str, str], secret_values: dict[str, dict[str, str]]) -> dict[str, str]:
+    """The container's environment as the kubelet makes it: envFrom first, then each env entry in order,
+    `$(NAME)` replaced by a variable defined before it (and left as it is otherwise). Secret values that
+    secret_values lacks read as "<secret>"."""
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        assert "configMapRef" in source
+        env.update(config)
+    for entry in container.get("env", []):
+        if "valueFrom" in entry:
+            ref = entry["valueFrom"]["secretKeyRef"]
+            env[entry["name"]] = secret_values.get(ref["name"], {}).get(ref["key"], "<secret>")
+        else:
+            env[entry["name"]] = re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
+                                        lambda m: env.get(m.group(1), m.group(0)), entry["value"])
+    return env
+
+
+def compose_credentials(out: Path, env: dict[str, str] | None = None) -> dict[str, str]:
+    """Runs compose/credentials.sh as the `credentials` service does, into `out`: {"collector/GRADWATCH_TOKEN":
+    value, ...}. Host variables the compose file passes through come from `env` only."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(COMPOSE_VARIABLES)}
+    proc = run(["sh", str(CREDENTIALS_SH), str(USERS_ACL), str(out)], env={**clean, **(env or {})})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return {str(path.relative_to(out)): path.read_text() for path in sorted(out.rglob("*")) if path.is_file()}
+
+
+def load_module(path: Path):
+    """A deploy script as a module (they are not part of the package)."""
+    spec = importlib.util.spec_from_file_location(f"gradwatch_deploy_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
 def crd_validator(tmp_path_factory):
     """validate(objects) -> (returncode, output) of tests/deploy/validate_crds.mjs against the
     Prometheus Operator CRD schemas (npm package installed once per session)."""
@@ -99,6 +195,16 @@ class Kit:
     RULES = RULES
     ALERTMANAGER_CONFIG = ALERTMANAGER_CONFIG
     KUBERNETES = KUBERNETES
+    COMPOSE = COMPOSE
+    USERS_ACL = USERS_ACL
+    ACLFILE_SH = ACLFILE_SH
+    CREDENTIALS_SH = CREDENTIALS_SH
+    WITH_CREDENTIALS_SH = WITH_CREDENTIALS_SH
+    MAKE_SECRETS = MAKE_SECRETS
+    load_module = staticmethod(lambda path: load_module(path))
+    require_redis_7 = staticmethod(lambda: require_redis_7())
+    container_env = staticmethod(lambda *args, **kwargs: container_env(*args, **kwargs))
+    compose_credentials = staticmethod(lambda *args, **kwargs: compose_credentials(*args, **kwargs))
     tool = staticmethod(lambda name, why: tool(name, why))
     run = staticmethod(lambda *args, **kwargs: run(*args, **kwargs))
     load_yaml_docs = staticmethod(lambda text: load_yaml_docs(text))

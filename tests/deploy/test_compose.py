@@ -1,6 +1,7 @@
 """deploy/docker-compose.yml and deploy/Dockerfile, checked without a Docker daemon: `docker-compose
 config` (Debian's docker-compose validates the file against its Compose schema), the files the
-services mount exist, and the image build copies every source folder the package needs."""
+services mount exist, and the image build copies every source folder the package needs. The security
+policy is checked in test_compose_policy.py."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def test_compose_file_is_valid(kit):
 
 def test_stack_services_and_mounts(kit):
     services = compose(kit)["services"]
-    assert set(services) == {"redis", "collector", "aggregator", "prometheus", "alertmanager", "grafana"}
+    assert set(services) == {"credentials", "redis", "collector", "aggregator", "prometheus", "alertmanager", "grafana"}
     for name, service in services.items():
         assert not service["image"].endswith(":latest") and ":" in service["image"], name
         for volume in service.get("volumes", []):

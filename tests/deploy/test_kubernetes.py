@@ -1,6 +1,7 @@
 """deploy/kubernetes: every kustomization renders (kubectl kustomize), the Kubernetes objects pass the
 API's JSON schemas strictly (kubernetes-validate), the Prometheus Operator objects pass the operator's
-CRD schemas, the PrometheusRule holds exactly the rules promtool tests, and the pieces fit together."""
+CRD schemas, the PrometheusRule holds exactly the rules promtool tests, and the pieces fit together.
+The security policy is checked in test_kubernetes_policy.py."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import yaml
 
 KUBERNETES_VERSION = "1.30.0"  # the oldest version still supported by the major clouds
-KUSTOMIZATIONS = ["base", "monitoring", "overlays/external-redis"]
+KUSTOMIZATIONS = ["base", "monitoring", "overlays/external-redis", "overlays/tls"]
 OPERATOR_KINDS = {"PodMonitor", "ServiceMonitor", "PrometheusRule"}
 
 
@@ -79,29 +80,41 @@ def test_monitors_select_the_pods_and_ports_that_serve_metrics(kustomize):
     assert service["metadata"]["labels"][service_monitor["jobLabel"]] == "gradwatch-collector"
 
 
-def test_components_get_their_config_and_secret(kustomize):
+def test_every_kustomization_is_tested(kit):
+    found = {str(p.parent.relative_to(kit.KUBERNETES)) for p in kit.KUBERNETES.glob("*/**/kustomization.yaml")}
+    components = {p for p in found if p.startswith("components/")}
+    assert found - components == set(KUSTOMIZATIONS)
+
+
+def test_components_get_their_config_and_redis_user(kit, kustomize):
     objects = kustomize("base")
     names = {(o["kind"], o["metadata"]["name"]) for o in objects}
+    config = next(o for o in objects if o["metadata"]["name"].startswith("gradwatch-config"))
     for component in ("collector", "aggregator"):
         spec = by_kind(objects)[("Deployment", f"gradwatch-{component}")]["spec"]["template"]["spec"]
         (container,) = spec["containers"]
-        refs = {("ConfigMap", e["configMapRef"]["name"]) if "configMapRef" in e else ("Secret", e["secretRef"]["name"])
-                for e in container["envFrom"]}
-        assert refs <= names  # the generators' hashed names were substituted
-        assert {kind for kind, _ in refs} == {"ConfigMap", "Secret"}
+        refs = {("ConfigMap", e["configMapRef"]["name"]) for e in container["envFrom"]}
+        assert refs == {("ConfigMap", config["metadata"]["name"])} and refs <= names  # the hashed name substituted
         assert container["args"] == [component] and container["image"] == "gradwatch:0.1.0"
         assert spec["securityContext"]["runAsNonRoot"] is True
-    config = next(o for o in objects if o["kind"] == "ConfigMap")["data"]
-    assert config["GRADWATCH_COLLECTOR_LISTEN"] == "0.0.0.0:4770"
-    assert config["GRADWATCH_AGGREGATOR_METRICS_LISTEN"] == "0.0.0.0:4772"
+        env = kit.container_env(container, config["data"], secret_values={"gradwatch-redis": {component: "pw"}})
+        assert env["GRADWATCH_REDIS_URL"] == f"redis://{component}:pw@redis:6379/0"  # its own ACL user
+    assert config["data"]["GRADWATCH_COLLECTOR_LISTEN"] == "0.0.0.0:4770"
+    assert config["data"]["GRADWATCH_AGGREGATOR_METRICS_LISTEN"] == "0.0.0.0:4772"
     redis = by_kind(objects)[("StatefulSet", "redis")]["spec"]["template"]["spec"]["containers"][0]
     assert redis["args"][redis["args"].index("--appendfsync") + 1] == "everysec"
 
 
-def test_external_redis_overlay_drops_the_bundled_redis(kustomize):
+def test_external_redis_overlay_drops_the_bundled_redis(kit, kustomize):
     objects = kustomize("overlays/external-redis")
     assert not [o for o in objects if o["metadata"]["name"] == "redis"]
-    secrets = [o for o in objects if o["kind"] == "Secret"]
-    assert len(secrets) == 2
-    deployments = {o["metadata"]["name"] for o in objects if o["kind"] == "Deployment"}
-    assert deployments == {"gradwatch-collector", "gradwatch-aggregator"}
+    assert not [o for o in objects if o["kind"] == "Secret"]  # the passwords come from gradwatch-redis
+    deployments = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Deployment"}
+    assert set(deployments) == {"gradwatch-collector", "gradwatch-aggregator"}
+    config = next(o for o in objects if o["metadata"]["name"].startswith("gradwatch-config"))["data"]
+    for name, deployment in deployments.items():
+        user = name.removeprefix("gradwatch-")
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        env = kit.container_env(container, config, secret_values={"gradwatch-redis": {user: "pw"}})
+        assert env["GRADWATCH_REDIS_URL"] == f"rediss://{user}:pw@redis.example.internal:6380/0"
+

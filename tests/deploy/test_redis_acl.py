@@ -1,14 +1,11 @@
-"""deploy/redis/users.acl against a real redis-server: the collector and the aggregator do their whole job
-with their own users, the ACL log stays free of denials, and everything else is refused with NOPERM."""
+"""deploy/redis/users.acl against a real redis-server, loaded as the deployments load it (deploy/redis/aclfile.sh
+adds the passwords): the collector and the aggregator do their whole job with their own users, the ACL log
+stays free of denials, the reader reads and nothing more, and everything else is refused with NOPERM."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
-import re
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -33,36 +30,27 @@ from gradwatch.streams import (
 )
 
 ACL_FILE = Path(__file__).resolve().parents[2] / "deploy" / "redis" / "users.acl"
-USERS = ("collector", "aggregator", "admin")
+ACLFILE_SH = ACL_FILE.with_name("aclfile.sh")
+# Every user that logs in (`user NAME on`), each given a test password.
+USERS = tuple(line.split()[1] for line in ACL_FILE.read_text().splitlines() if line.split()[2:3] == ["on"])
 RUN = "acl-run"
 STEPS = 12
 NAN_STEP = 6
 
 
-def redis_7() -> str | None:
-    """A redis-server of version 7 or newer: users.acl scopes commands to keys with ACL selectors (7.0+)."""
-    for path in (os.environ.get("GRADWATCH_REDIS_SERVER"), shutil.which("redis-server"), "/usr/bin/redis-server"):
-        if not path or not os.path.exists(path):
-            continue
-        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10).stdout
-        match = re.search(r"v=(\d+)\.", out)
-        if match and int(match.group(1)) >= 7:
-            return path
-    return None
-
-
 class AclRedis:
-    """A redis-server loaded with users.acl, passwords added as deploy/redis/README.md says (sha256 hashes)."""
+    """A redis-server loaded with users.acl, passwords added by aclfile.sh from a file per user, as the
+    deployments do (sha256 hashes)."""
 
     def __init__(self, tmp_path: Path, binary: str):
         self.passwords = {user: f"test-{user}-password" for user in USERS}  # test-only, never real secrets
-        text = ACL_FILE.read_text()
+        (tmp_path / "passwords").mkdir()
         for user, password in self.passwords.items():
-            digest = hashlib.sha256(password.encode()).hexdigest()
-            assert f"user {user} on " in text
-            text = text.replace(f"user {user} on ", f"user {user} on #{digest} ", 1)
+            (tmp_path / "passwords" / user).write_text(password)
         acl = tmp_path / "users.acl"
-        acl.write_text(text)
+        proc = subprocess.run(["sh", str(ACLFILE_SH), str(ACL_FILE), str(tmp_path / "passwords"), str(acl)],
+                              capture_output=True, text=True, timeout=10)
+        assert proc.returncode == 0 and not proc.stderr, proc.stderr  # every user that logs in has a password
         self.server = RedisServer(tmp_path / "redis", appendonly=False, extra_args=["--aclfile", str(acl)],
                                   binary=binary)
         self._clients: list[redis.Redis] = []
@@ -93,14 +81,8 @@ class AclRedis:
 
 
 @pytest.fixture
-def acl_redis(tmp_path):
-    binary = redis_7()
-    if binary is None:
-        reason = "users.acl needs redis-server 7 or newer (Debian 12's redis-server; .ci/run installs it)"
-        if os.environ.get("CI") or os.environ.get("GRADWATCH_REQUIRE_TOOLS"):
-            pytest.fail(reason)
-        pytest.skip(reason)
-    server = AclRedis(tmp_path, binary)
+def acl_redis(tmp_path, kit):
+    server = AclRedis(tmp_path, kit.require_redis_7())
     server.server.start()
     yield server
     server.close()
@@ -267,6 +249,70 @@ def test_aggregator_user_cannot_administer_or_leave_gradwatch(acl_redis, command
     with pytest.raises(redis.exceptions.ResponseError, match=refused):
         acl_redis.client("aggregator").execute_command(*command)
     assert [entry["username"] for entry in acl_redis.denials()] == ["aggregator"]
+
+
+def test_users_are_the_components_a_reader_and_an_admin():
+    assert {"collector", "aggregator", "reader", "admin"} <= set(USERS)
+    assert ACL_FILE.read_text().splitlines()[0].split()[:3] == ["user", "default", "off"]
+
+
+@pytest.fixture
+def some_run(acl_redis):
+    """A run's stream, registrations and index entry, written by the admin."""
+    admin = acl_redis.client("admin")
+    admin.xadd(GW_STREAM, {FIELD_REPORT: b"x"})
+    admin.hset(registrations_key(RUN), "0", b"x")
+    admin.zadd(RUNS_KEY, {RUN: 1})
+    admin.set(FOREIGN, "x")
+    return acl_redis
+
+
+# What the read-only user is for (Grafana's Redis data source, an operator looking): reading gradwatch's keys.
+READER_ALLOWED = [
+    ("PING", ("PING",)),
+    ("XRANGE a run's reports", ("XRANGE", GW_STREAM, "-", "+")),
+    ("XLEN", ("XLEN", GW_STREAM)),
+    ("XINFO STREAM", ("XINFO", "STREAM", GW_STREAM)),
+    ("HGETALL the registrations", ("HGETALL", registrations_key(RUN))),
+    ("ZRANGE the run index", ("ZRANGE", RUNS_KEY, "0", "-1")),
+    ("TYPE", ("TYPE", RUNS_KEY)),
+]
+
+READER_FORBIDDEN = [
+    ("GET another key", ("GET", FOREIGN)),
+    ("XRANGE another key", ("XRANGE", FOREIGN, "-", "+")),
+    ("XADD", ("XADD", GW_STREAM, "*", "r", "x")),
+    ("forge an alert", ("XADD", ALERTS_KEY, "*", FIELD_ALERT, "{}")),
+    ("HSET", ("HSET", registrations_key(RUN), "0", "y")),
+    ("ZADD", ("ZADD", RUNS_KEY, "2", "x")),
+    ("DEL", ("DEL", GW_STREAM)),
+    ("SET a gradwatch key", ("SET", "gradwatch:x", "x")),
+    ("XTRIM", ("XTRIM", GW_STREAM, "MAXLEN", "0")),
+    ("XREADGROUP (moves entries to a pending list)", ("XREADGROUP", "GROUP", AGGREGATOR_GROUP, "c", "STREAMS",
+                                                     GW_STREAM, ">")),
+    ("XGROUP CREATE", ("XGROUP", "CREATE", GW_STREAM, "g", "0")),
+    ("KEYS", ("KEYS", "*")),
+    ("SCAN", ("SCAN", "0")),
+    ("RANDOMKEY", ("RANDOMKEY",)),
+    ("FLUSHALL", ("FLUSHALL",)),
+    ("CONFIG GET", ("CONFIG", "GET", "*")),
+    ("ACL", ("ACL", "LIST")),
+    ("EVAL", ("EVAL", "return 1", "0")),
+    ("PUBLISH", ("PUBLISH", "gradwatch:events", "x")),
+]
+
+
+@pytest.mark.parametrize("command", [c for _, c in READER_ALLOWED], ids=[w for w, _ in READER_ALLOWED])
+def test_reader_reads_gradwatch_keys(some_run, command):
+    some_run.client("reader").execute_command(*command)
+    assert some_run.denials() == []
+
+
+@pytest.mark.parametrize("command", [c for _, c in READER_FORBIDDEN], ids=[w for w, _ in READER_FORBIDDEN])
+def test_reader_cannot_write_or_leave_gradwatch(some_run, command):
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        some_run.client("reader").execute_command(*command)
+    assert [entry["username"] for entry in some_run.denials()] == ["reader"]
 
 
 # The clients skip redis-py's optional CLIENT SETINFO / MAINT_NOTIFICATIONS handshake
