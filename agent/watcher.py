@@ -98,6 +98,7 @@ class Watcher:
         self._highest_label = -1  # reader thread: the highest class seen so far
         self._step = 0  # the optimizer step in progress (its forward, backward and update)
         self._sequence = 0  # reader thread: the last report's
+        self.reported_step: int | None = None  # reader thread: the step of the last training report encoded
         self._lost = 0  # training thread: reports lost (no free host slot) since the last submission
         self._pending: CapturedStep | None = None  # captured at the optimizer step, waiting for step() scalars
         self._checked: CheckedStep | None = None  # that step's origin checks, waiting likewise
@@ -210,6 +211,13 @@ class Watcher:
         if not self._closed and self.external_window:
             self._open_window()
 
+    def number_steps_from(self, step: int) -> None:
+        """Give the coming optimizer step the number `step` and count on from there. Between steps only (before
+        the optimizer step, or after it and its step() call): integrations follow their trainer's numbering
+        (the Hugging Face Trainer's first step is 1, it counts the steps GradScaler skipped, a resumed run goes
+        on from its checkpoint's step)."""
+        self._step = int(step)
+
     def _before_optimizer_step(self, optimizer, args, kwargs) -> None:
         try:
             if self._closed or self.external_window:
@@ -305,6 +313,8 @@ class Watcher:
         if report is not None:
             self._sequence += 1
             report.sequence = self._sequence
+            if report.phase == report_pb2.PHASE_TRAIN and not report.final:
+                self.reported_step = report.step
         return report
 
     def _report(self, item: CapturedStep | CheckedStep | FinalMarker) -> report_pb2.StepReport | None:

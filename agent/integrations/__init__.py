@@ -1,1 +1,2 @@
-"""Callbacks for training frameworks (Lightning, Hugging Face Trainer); the agent itself never imports them."""
+"""Training frameworks and tuners: the Lightning and Hugging Face Trainer callbacks, the Optuna pruner. The agent
+itself never imports them."""

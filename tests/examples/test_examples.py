@@ -1,6 +1,7 @@
 """Every example under examples/ runs as a user runs it (`python examples/NAME.py`, its own whole stack) and
 must show what it demonstrates: the alerts it is about reached the aggregator, the broken gradient was
-named, the diverging trials were told apart and pruned. Each writes what it saw with --json."""
+named, the diverging trials were told apart and pruned, the trainer integrations reported every step. Each
+writes what it saw with --json."""
 
 from __future__ import annotations
 
@@ -94,7 +95,37 @@ def test_optuna_pruning(tmp_path):
     trials = result["trials"]
     assert trials[0]["state"] == "COMPLETE" and trials[1]["state"] == "PRUNED"
     assert trials[1]["gradwatch_alert"] in {"ExplodingGradient", "NonFinite"}
-    assert trials[1]["stopped_at_step"] < 299  # stopped early, not judged after the fact
-    for t in trials:  # pruned exactly when gradwatch raised an alert
+    for t in trials:  # pruned exactly when gradwatch raised an alert, within one step of it
         assert (t["state"] == "PRUNED") == ("gradwatch_alert" in t), t
+        if t["state"] == "PRUNED":
+            assert 0 <= t["stopped_at_step"] - t["alert_step"] <= 1, t
     assert result["best"] is not None and trials[result["best"]]["state"] == "COMPLETE"
+    # The packaged watch_trial registered the trial's params and its study.
+    assert result["registered"]["hyperparameters"] == {"lr": 0.8}
+    assert result["registered"]["labels"] == {"study": "gradwatch-lr", "trial": "1", "model": "mlp-tanh"}
+
+
+def test_hf_trainer(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    result, _ = run_example("hf_trainer", tmp_path)
+    assert result["steps"] == list(range(1, 25))  # the Trainer's step numbers, every one of them
+    assert result["trainer_loss_logs"] == 0  # default logging_steps: the Trainer itself logged no loss
+    assert all(loss is not None for loss in result["losses"])
+    bad = result["alerts"][0]["step"]
+    first_nan = result["first_nan"]  # the update of the bad step wrote NaN into the weights: NaN from then on
+    assert first_nan in (bad, bad + 1) and all(loss == "NaN" for loss in result["losses"][first_nan - 1:])
+    assert "net.0" in result["alerts"][0]["summary"]  # where the Inf entered
+    assert result["hyperparameters"]["lr_scheduler_type"] == "cosine"  # a plain value, not SchedulerType.COSINE
+    assert result["hyperparameters"]["gradient_accumulation_steps"] == 2
+    assert result["inputs"] == ["inputs.features", "inputs.labels"]
+
+
+def test_lightning_trainer(tmp_path):
+    pytest.importorskip("lightning")
+    result, _ = run_example("lightning_trainer", tmp_path)
+    assert result["steps"] == list(range(12)) and all(loss is not None for loss in result["losses"])
+    assert {"lr": 0.01, "channels": 8, "accumulate_grad_batches": 2, "gradient_clip_val": 1.0,
+            "precision": "32-true"}.items() <= result["hyperparameters"].items()
+    assert result["alerts"][0]["rule"] == "UnnormalizedInput" and result["alerts"][0]["tensor"].startswith("inputs.0")
+    assert result["inputs"]["min"] >= 0 and result["inputs"]["max"] <= 255 and result["inputs"]["mean"] > 100
