@@ -9,6 +9,8 @@ and the rules on, and leaves the tensor gauges and the latest summaries as they 
 from __future__ import annotations
 
 import itertools
+import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -22,9 +24,11 @@ from gradwatch.aggregator.ingest.sequence import SequenceTracker
 from gradwatch.aggregator.join import JoinedStep, StepJoin
 from gradwatch.aggregator.merge import figures, merge_reports, nonfinite_only
 from gradwatch.aggregator.report import ReportView, TensorMeta, origins_of, unknown_tensor
+from gradwatch.logs import DedupLog
 from gradwatch.names import EVAL, GRADCHECK_PASSED, GRADCHECK_PREFIX, NOT_USER_PREFIXES, TRAIN
 from gradwatch.v1 import report_pb2, run_pb2
 
+log = logging.getLogger("gradwatch.aggregator")
 RATE_WINDOW = 10
 MAX_CURVE_SCALARS = 16  # user scalars kept per history row (the live view's accuracy curves)
 
@@ -135,6 +139,7 @@ class State:
         self._fetch_registration = fetch_registration
         self.runs: dict[str, RunState] = {}
         self.layer_series = 0
+        self._over_budget = DedupLog(log, math.inf, suffix=None)  # one line per run that met the layer-series budget
         self.closed: list[JoinedStep] = []  # steps the join closed, for the cross-rank rules: take_closed()
 
     def register(self, run: str, reg: run_pb2.RunRegistration, restored: bool = False) -> None:
@@ -276,6 +281,11 @@ class State:
             ls.nonfinite.update(kinds)
         if dropped:
             self.counters.add("series_dropped", dropped)
+            self._over_budget.log(logging.WARNING, rs.run, "run %s: %d layers (and any more it reports) left without "
+                                  "per-layer series: the state holds max_layer_series (%d) layers of all runs "
+                                  "together; counted in gradwatch_aggregator_series_dropped_total "
+                                  "(GRADWATCH_AGGREGATOR_MAX_LAYER_SERIES)",
+                                  rs.run, dropped, self.config.max_layer_series)
         return kept
 
     def _join(self, rs: RunState, view: ReportView) -> None:

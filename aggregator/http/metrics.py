@@ -1,21 +1,25 @@
 """Prometheus exposition: metric families built at scrape time from a bounded copy of the state (AggregatorView)
 (api.py serves them on /metrics).
 
-Series exist only while their run is in the state (runs expire, layers are capped by
-max_layer_series), so nothing accumulates in long-lived labelled children.
+Series exist only while their run is in the state (runs expire, layers are capped by max_layer_series), so nothing
+accumulates in long-lived labelled children; how many a run has is bounded by the series budget (budget.py:
+top-k layers, layer groups, histogram slots; the formula is in docs/architecture.md#series-budget).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from prometheus_client.core import CounterMetricFamily, GaugeHistogramMetricFamily, GaugeMetricFamily, Metric
 
 from gradwatch.aggregator.alerts.record import Alert
-from gradwatch.aggregator.counters import COUNTERS
+from gradwatch.aggregator.backlog import Backlog
+from gradwatch.aggregator.config import AggregatorConfig
+from gradwatch.aggregator.counters import COUNTERS, HTTP_REFUSALS
 from gradwatch.aggregator.health import BOUNDS, layer_health, layer_histograms
+from gradwatch.aggregator.http.budget import SeriesBudget
 from gradwatch.aggregator.pace import RankPace
 from gradwatch.aggregator.state import RunView
 from gradwatch.limits import EXPORTED_SCALARS
@@ -41,20 +45,26 @@ MAX_HYPERPARAMETER_TEXT = 64
 
 class AggregatorCollector:
     """A custom collector: every scrape calls collect(), which copies the state once (under the
-    aggregator's lock, via `view`) and builds the families from that copy without the lock."""
+    aggregator's lock, via `view`) and builds the families from that copy without the lock. `config` gives the
+    series budget (metrics_top_layers, metrics_layer_group_depth; defaults without one); `backlog` the latest
+    backlog of the runs this replica follows (aggregator/backlog.py's BacklogMeter.read)."""
 
-    def __init__(self, view: Callable[[], AggregatorView]):
+    def __init__(self, view: Callable[[], AggregatorView], config: AggregatorConfig | None = None,
+                 backlog: Callable[[], Mapping[str, Backlog]] | None = None):
         self._view = view
+        config = config or AggregatorConfig()
+        self._budget = SeriesBudget(config.metrics_top_layers, config.metrics_layer_group_depth)
+        self._backlog = backlog or dict
 
     def describe(self) -> Iterator[Metric]:
         # Names only, so registering twice in one registry fails loudly as it should.
-        return self._families(AggregatorView())
+        return self._families(AggregatorView(), SeriesBudget(), {})
 
     def collect(self) -> Iterator[Metric]:
-        return self._families(self._view())
+        return self._families(self._view(), self._budget, self._backlog())
 
     @staticmethod
-    def _families(snap: AggregatorView) -> Iterator[Metric]:
+    def _families(snap: AggregatorView, budget: SeriesBudget, backlog: Mapping[str, Backlog]) -> Iterator[Metric]:
         run_gauges = {
             "step": ("gradwatch_run_step", "Latest optimizer step reported."),
             "loss": ("gradwatch_run_loss", "Training loss of the latest step."),
@@ -101,8 +111,12 @@ class AggregatorCollector:
         hyper_info = GaugeMetricFamily("gradwatch_run_hyperparameter_info",
                                        "1 for each text hyperparameter of the run's registration (value: its first "
                                        f"{MAX_HYPERPARAMETER_TEXT} characters).", labels=["run", "name", "value"])
-        hist_budget = snap.histogram_budget
+        alerted: dict[str, set[str]] = {}
+        for alert in snap.firing:
+            alerted.setdefault(alert.run, set()).add(alert.layer)
+        plan = budget.plan(snap.runs, alerted, snap.histogram_budget, snap.now)
         for run in snap.runs:
+            exported = plan[run.run]
             if run.world_size:
                 world.add_metric([run.run], run.world_size)
             if run.joined is not None:
@@ -114,16 +128,14 @@ class AggregatorCollector:
                 names = sorted(k for k in values if not k.startswith(NOT_USER_PREFIXES))[:EXPORTED_SCALARS]
                 for name in names:
                     family.add_metric([run.run, name], values[name])
-            if run.tensors:
-                layers = {name for name, *_ in run.layers}
-                for layer, h in layer_health(run.tensors, layers).items():
+            if exported.tensors:
+                for layer, h in layer_health(exported.tensors, exported.names).items():
                     for family, value in ((update, h.update_ratio), (dead, h.dead_fraction),
                                           (saturated, h.saturated_fraction)):
                         if value is not None:
                             family.add_metric([run.run, layer], value)
-                if hist_budget > 0:
-                    hists = layer_histograms(run.tensors, layers, hist_budget)
-                    hist_budget -= len(hists)
+                if exported.histograms > 0:
+                    hists = layer_histograms(exported.tensors, exported.names, exported.histograms)
                     for layer, kind, cumulative, total in hists:
                         buckets = [(_le(b), float(c)) for b, c in zip(BOUNDS, cumulative, strict=True)]
                         magnitude.add_metric([run.run, layer, kind], buckets, total)
@@ -131,7 +143,7 @@ class AggregatorCollector:
                 value = getattr(run, attr)
                 if value is not None and (attr != "step" or value >= 0):
                     family.add_metric([run.run], float(value))
-            for layer, grad_norm, param_norm, kinds in run.layers:
+            for layer, grad_norm, param_norm, kinds in exported.layers:
                 if grad_norm is not None:
                     grad.add_metric([run.run, layer], grad_norm)
                 if param_norm is not None:
@@ -142,6 +154,7 @@ class AggregatorCollector:
         yield from (grad, param, nonfinite, update, dead, saturated, magnitude, scalar, eval_scalar, world,
                     joined_ranks, hyper, hyper_info)
         yield from _rank_families(snap)
+        yield from _backlog_families(snap, backlog)
 
         firing = GaugeMetricFamily("gradwatch_alert_firing", "1 while the rule's alert is firing for the run.",
                                    labels=["run", "rule", "layer"])
@@ -149,8 +162,10 @@ class AggregatorCollector:
             firing.add_metric([alert.run, alert.rule, alert.layer], 1)
         yield firing
 
+        own = budget.counts()  # what the series budget left out, counted here at scrape time
         for name, doc in COUNTERS.items():
-            yield CounterMetricFamily(f"gradwatch_aggregator_{name}", doc, value=snap.counters.get(name, 0))
+            yield CounterMetricFamily(f"gradwatch_aggregator_{name}", doc,
+                                      value=snap.counters.get(name, 0) + own.get(name, 0))
         alerts = CounterMetricFamily("gradwatch_aggregator_alerts", "Alerts raised (firing transitions).",
                                      labels=["rule"])
         for rule, count in sorted(snap.alerts.items()):
@@ -159,6 +174,30 @@ class AggregatorCollector:
         yield GaugeMetricFamily("gradwatch_aggregator_runs", "Runs held in the state.", value=len(snap.runs))
         yield GaugeMetricFamily("gradwatch_aggregator_layer_series", "Layers held in the state, all runs.",
                                 value=snap.layer_series)
+
+
+class RefusalCollector:
+    """gradwatch_aggregator_http_refused_total{reason}: the requests the HTTP port turned away for want of a
+    token (access.py), read at each scrape from the port's own tally."""
+
+    NAME = "gradwatch_aggregator_http_refused"
+
+    def __init__(self, read: Callable[[], dict[str, int]]):
+        self._read = read
+
+    def describe(self) -> Iterator[Metric]:
+        yield self._family({})
+
+    def collect(self) -> Iterator[Metric]:
+        yield self._family(self._read())
+
+    def _family(self, counts: dict[str, int]) -> Metric:
+        doc = "HTTP requests refused for want of a token, by reason: " + "; ".join(
+            f"{reason}: {what}" for reason, what in HTTP_REFUSALS.items()) + "."
+        family = CounterMetricFamily(self.NAME, doc, labels=["reason"])
+        for reason, count in sorted(counts.items()):
+            family.add_metric([reason], count)
+        return family
 
 
 def _rank_families(snap: AggregatorView) -> Iterator[Metric]:
@@ -173,6 +212,19 @@ def _rank_families(snap: AggregatorView) -> Iterator[Metric]:
                 step.add_metric([run, str(p.rank)], p.seconds_per_step)
             lag.add_metric([run, str(p.rank)], max(0.0, now - p.last_capture))  # an agent clock ahead reads 0
     yield from (step, lag)
+
+
+def _backlog_families(snap: AggregatorView, backlog: Mapping[str, Backlog]) -> Iterator[Metric]:
+    seconds = GaugeMetricFamily("gradwatch_run_backlog_seconds", "Seconds since Redis added the oldest entry of the "
+                                "run's report stream this aggregator has not yet applied and acknowledged; 0 when "
+                                "none waits (measured once per discovery interval).", labels=["run"])
+    entries = GaugeMetricFamily("gradwatch_run_backlog_entries", "Entries in the run's report stream: not yet applied "
+                                "and acknowledged (each commit trims the rest).", labels=["run"])
+    now = time.time() if snap.now is None else snap.now
+    for run, b in sorted(backlog.items()):
+        seconds.add_metric([run], b.seconds(now))
+        entries.add_metric([run], b.entries)
+    yield from (seconds, entries)
 
 
 def _hyperparameters(run: RunView, numeric: GaugeMetricFamily, text: GaugeMetricFamily) -> None:

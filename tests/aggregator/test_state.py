@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -92,3 +93,17 @@ def test_an_origin_of_an_unknown_direction_is_skipped(state, build):
     report = build.report(3, tensors=False, origins={"forward": "fc1"})
     report.nonfinite_origins.add(direction=7, module="fc2", observed="fc2:output", nonfinite_count=1)
     assert [o.module for o in state.apply("demo", report).origins] == ["fc1"]
+
+
+def test_layers_beyond_the_series_budget_are_counted_and_logged_once_per_run(build, caplog):
+    counters = Counters()
+    s = State(AggregatorConfig(max_layer_series=3), counters)
+    with caplog.at_level(logging.WARNING, logger="gradwatch.aggregator"):
+        for run in ("first", "second"):
+            s.register(run, build.registration(run=run))
+            for step in range(3):
+                s.apply(run, build.report(step, run=run))
+    assert counters.get("series_dropped") == 3 * 1 + 3 * 4  # first: 1 of 4 layers a report; second: all 4
+    lines = [r.getMessage() for r in caplog.records]
+    assert [line.split(":")[0] for line in lines] == ["run first", "run second"]
+    assert "max_layer_series (3)" in lines[0]
