@@ -4,18 +4,26 @@ scrape takes (copied under the aggregator's lock, encoded without it, on Starlet
     GET /metrics                 the registry, text or OpenMetrics per Accept, `name[]` filters, gzip
     GET /healthz                 200 "ok" while the process serves
     GET /api/v1/runs             every run: step, losses, learning rate, grad norm, speed, firing alerts
-    GET /api/v1/runs/{run}       one run, plus world size, ranks, per-layer norms and non-finite counts
-    GET /api/v1/runs/{run}/layers[?histograms=0]  latest per-layer statistics: norms, update ratio, dead and
-                                 saturated fractions, log2-magnitude histograms
+    GET /api/v1/runs/{run}[?limit=&offset=]  one run, plus world size, ranks, per-layer norms and non-finite
+                                 counts (`layers` paged as /layers)
+    GET /api/v1/runs/{run}/layers[?histograms=0&q=&limit=&offset=]  latest per-layer statistics: norms, update
+                                 ratio, dead and saturated fractions, log2-magnitude histograms
     GET /api/v1/runs/{run}/inputs  latest per-input statistics (whole tensor and per channel): count, mean,
                                  std, skew, min, max, NaN and Inf counts
-    GET /api/v1/runs/{run}/steps[?from=&to=&limit=&layers=0]  recent steps: loss, grad norm, per-layer
+    GET /api/v1/runs/{run}/steps[?from=&to=&limit=&layers=0]  recent steps (the newest page first; `next`
+                                 goes back with `to`): loss, grad norm, per-layer
                                  gradient norms ("layers") and parameter norms ("param_norms"); a multi-rank
-                                 run's joined steps, merged over its ranks
-    GET /api/v1/runs/{run}/ranks  runs of several ranks: each rank's own part of the latest joined step (loss,
-                                 gradient norm, per-layer norms of the shards it holds), unmerged
-    GET /api/v1/runs/{run}/topology  the module graph (nodes with their tensors, data-flow edges)
+                                 run's joined steps, merged over its ranks; "out_of_range" where the run has
+                                 valid ranges (stats_routes.py)
+    GET /api/v1/runs/{run}/ranks[?limit=&offset=&layers=0]  runs of several ranks: each rank's own part of the
+                                 latest joined step (loss, gradient norm, per-layer norms of the shards it
+                                 holds), unmerged
+    GET /api/v1/runs/{run}/topology[?limit=&offset=&tensors=0]  the module graph (nodes with their tensors,
+                                 data-flow edges leaving them)
     GET /api/v1/alerts[?run=]    firing alerts, as the gradwatch:alerts stream holds them
+
+Lists that grow with a model's layers, steps or ranks come in pages (paging.py; sizes below): `limit`, a
+cursor (`offset`, or `to` for steps) and `next`, the path of the following page or null.
 
 The route table is app.py; the live view's routes are live_routes.py, snapshot requests snapshots.py.
 """
@@ -30,12 +38,22 @@ from starlette.responses import Response
 
 from gradwatch.aggregator.alerts.record import Alert
 from gradwatch.aggregator.health import layer_health, merge_histograms
+from gradwatch.aggregator.http import stats_routes
+from gradwatch.aggregator.http.paging import Page, matching, next_link, pages
 from gradwatch.aggregator.http.responses import backend, error, flag_arg, int_arg, ok, query, run_of, unknown
 from gradwatch.aggregator.http.views import input_stats, num
 from gradwatch.aggregator.join import JoinedStep
 from gradwatch.aggregator.merge import figures, root
 from gradwatch.aggregator.state import RunView
 from gradwatch.names import LABELS_PREFIX
+
+# Page sizes (?limit=) of the lists that grow with a model's layers, steps and ranks: default, maximum.
+LAYERS_PAGE, LAYERS_MAX = 1000, 5000          # layers (/layers, and a run's `layers`)
+STEPS_PAGE, STEPS_MAX = 1000, 10_000           # steps (/steps)
+STEP_CELLS = 200_000                           # ... and at most this many per-layer norms in one answer
+RANKS_PAGE, RANKS_MAX = 16, 256                # ranks (/ranks)
+RANK_CELLS = 100_000                           # ... and at most this many per-layer entries in one answer
+NODES_PAGE, NODES_MAX = 2000, 10_000           # module graph nodes (/topology; /nodegraph in live_routes.py)
 
 
 def metrics(request: Request) -> Response:
@@ -68,15 +86,31 @@ def one_run(request: Request) -> Response:
     found = next((r for r in snap.runs if r.run == name), None)
     if found is None:
         return unknown(name)
-    return ok(run_detail(found, [a for a in snap.firing if a.run == name]))
+    try:
+        page = pages(query(request), LAYERS_PAGE, LAYERS_MAX)
+    except ValueError as e:
+        return error(400, "bad_data", str(e))
+    detail = run_detail(found, [a for a in snap.firing if a.run == name])
+    detail["layers_total"] = len(detail["layers"])
+    detail["layers"], following = page.cut(detail["layers"])  # `layers` pages like /layers
+    detail["next"] = next_link(request, offset=following)
+    return ok(detail)
 
 
 def layers(request: Request) -> Response:
-    name = run_of(request)
+    name, args = run_of(request), query(request)
     found = next((r for r in backend(request).view().runs if r.run == name), None)
     if found is None:
         return unknown(name)
-    return ok({"step": found.step, "layers": layer_detail(found, flag_arg(query(request), "histograms"))})
+    try:
+        page = pages(args, LAYERS_PAGE, LAYERS_MAX)
+    except ValueError as e:
+        return error(400, "bad_data", str(e))
+    names = matching([layer for layer, *_ in found.layers], args.get("q", [""])[-1])
+    shown, following = page.cut(names)
+    return ok({"step": found.step, "layers": layer_detail(found, flag_arg(args, "histograms"), set(shown)),
+               "total": len(names), "offset": page.offset, "limit": page.limit,
+               "next": next_link(request, offset=following)})
 
 
 def inputs(request: Request) -> Response:
@@ -93,9 +127,16 @@ def steps(request: Request) -> Response:
         first, last, limit = int_arg(args, "from"), int_arg(args, "to"), int_arg(args, "limit")
     except ValueError as e:
         return error(400, "bad_data", str(e))
-    rows = sources.history(name, first, last, 1000 if limit is None else max(0, limit)) if sources.history else None
+    limit = STEPS_PAGE if limit is None else max(0, min(limit, STEPS_MAX))
+    found = next((r for r in sources.view().runs if r.run == name), None) if flag_arg(args, "layers") else None
+    if found is not None and found.layers:  # a row holds two norms per layer: no more rows than fit the cells
+        limit = min(limit, max(1, STEP_CELLS // (2 * len(found.layers))))
+    # One row more than the page: whether older rows remain (`next`).
+    rows = sources.history(name, first, last, limit + 1) if sources.history else None
     if rows is None:
         return unknown(name)
+    rows, older = latest_steps(rows, limit, STEP_CELLS if flag_arg(args, "layers") else None)
+    stats_routes.mark_steps(request, name, rows)  # `out_of_range`, read before the values are spelled for JSON
     with_layers = flag_arg(args, "layers")  # the live view's curves need none
     for row in rows:
         row["loss"], row["grad_norm"] = num(row["loss"]), num(row["grad_norm"])
@@ -106,31 +147,84 @@ def steps(request: Request) -> Response:
             del row["layers"], row["param_norms"]
         if "scalars" in row:
             row["scalars"] = {k: num(v) for k, v in row["scalars"].items()}
-    return ok({"steps": rows})
+    return ok({"steps": rows, "limit": limit, "next": next_link(request, to=older)})
+
+
+def latest_steps(rows: list[dict], limit: int, cells: int | None) -> tuple[list[dict], int | None]:
+    """The newest `limit` of `rows` (oldest first) holding at most `cells` per-layer norms (at least one row),
+    never a step's rows (training, evaluation) split over two pages; and the step before them while older
+    rows remain (the next page's `to`), else None."""
+    kept = rows[max(0, len(rows) - limit):] if limit else []
+    if cells is not None:
+        total = 0
+        for i in range(len(kept) - 1, -1, -1):
+            total += len(kept[i]["layers"]) + len(kept[i]["param_norms"])
+            if total > cells and i < len(kept) - 1:
+                kept = kept[i + 1:]
+                break
+    if len(kept) == len(rows) or not kept:
+        return kept, None
+    first = kept[0]["step"]
+    if rows[len(rows) - len(kept) - 1]["step"] == first:  # the step's other row would go to the older page
+        rest = [r for r in kept if r["step"] != first]
+        kept = rest or rows[len(rows) - len(kept) - 1:]  # a page of that one step: both its rows
+        if len(kept) == len(rows):
+            return kept, None
+    return kept, kept[0]["step"] - 1
 
 
 def ranks(request: Request) -> Response:
-    name = run_of(request)
+    name, args = run_of(request), query(request)
     found = next((r for r in backend(request).view().runs if r.run == name), None)
     if found is None:
         return unknown(name)
+    try:
+        page = pages(args, RANKS_PAGE, RANKS_MAX)
+    except ValueError as e:
+        return error(400, "bad_data", str(e))
+    with_layers = flag_arg(args, "layers")
+    if with_layers:  # a rank's entry holds every layer: fewer ranks to a page on a large model
+        page = Page(page.offset, max(1, min(page.limit, RANK_CELLS // max(1, len(found.layers)))))
     j = found.joined
     if j is None:
-        return ok({"step": None, "ranks": []})
+        return ok({"step": None, "ranks": [], "total": 0, "offset": page.offset, "limit": page.limit, "next": None})
+    shown, following = page.cut(sorted(j.parts.items()))
     out = []
-    for rank, part in sorted(j.parts.items()):
-        f = figures(part.view.by_kind) if part.view is not None else None
-        layers = {layer: {"grad_norm": num(root(f.grad_sq[layer])) if layer in f.grad_sq else None,
-                          "param_norm": num(root(f.param_sq[layer])) if layer in f.param_sq else None}
-                  for layer in f.nonfinite} if f else {}
-        out.append({"rank": rank, "loss": num(part.loss), "grad_norm": num(part.grad_norm), "layers": layers})
-    return ok({"step": j.step, "reason": j.reason, "missing_ranks": list(j.missing), "ranks": out})
+    for rank, part in shown:
+        out.append({"rank": rank, "loss": num(part.loss), "grad_norm": num(part.grad_norm)})
+        if with_layers:
+            f = figures(part.view.by_kind) if part.view is not None else None
+            out[-1]["layers"] = {layer: {"grad_norm": num(root(f.grad_sq[layer])) if layer in f.grad_sq else None,
+                                         "param_norm": num(root(f.param_sq[layer])) if layer in f.param_sq else None}
+                                 for layer in f.nonfinite} if f else {}
+    return ok({"step": j.step, "reason": j.reason, "missing_ranks": list(j.missing), "ranks": out,
+               "total": len(j.parts), "offset": page.offset, "limit": page.limit,
+               "next": next_link(request, offset=following)})
 
 
 def topology(request: Request) -> Response:
-    sources, name = backend(request), run_of(request)
+    sources, name, args = backend(request), run_of(request), query(request)
+    try:
+        page = pages(args, NODES_PAGE, NODES_MAX)
+    except ValueError as e:
+        return error(400, "bad_data", str(e))
     graph = sources.topology(name) if sources.topology else None
-    return unknown(name) if graph is None else ok(graph)
+    if graph is None:
+        return unknown(name)
+    return ok(graph_page(request, graph, page, flag_arg(args, "tensors")))
+
+
+def graph_page(request: Request, graph: dict, page: Page, tensors: bool = True) -> dict:
+    """One page of a module graph: its nodes in forward order, the edges leaving them (an edge from no node
+    comes with the first page), `total` nodes and `next`; `tensors=False` leaves the nodes' tensors out."""
+    nodes, following = page.cut(graph["nodes"])
+    ids = {n["id"] for n in nodes}
+    known = {n["id"] for n in graph["nodes"]} if page.offset == 0 else None
+    edges = [e for e in graph["edges"] if e["source"] in ids or (known is not None and e["source"] not in known)]
+    if not tensors:
+        nodes = [{k: v for k, v in n.items() if k != "tensors"} for n in nodes]
+    return {**graph, "nodes": nodes, "edges": edges, "total": len(graph["nodes"]), "offset": page.offset,
+            "limit": page.limit, "next": next_link(request, offset=following)}
 
 
 def alerts(request: Request) -> Response:
@@ -178,9 +272,10 @@ def joined_step(j: JoinedStep | None) -> dict | None:
                       for r, p in sorted(j.parts.items())]}
 
 
-def layer_detail(run: RunView, histograms: bool = True) -> list[dict]:
-    """Per layer, in forward order where known: norms, non-finite counts, health, exact histograms."""
-    layers = {name for name, *_ in run.layers}
+def layer_detail(run: RunView, histograms: bool = True, only: set[str] | None = None) -> list[dict]:
+    """Per layer, in forward order where known: norms, non-finite counts, health, exact histograms; of the
+    layers in `only` when given (a page: health and histograms are derived for those alone)."""
+    layers = {name for name, *_ in run.layers} if only is None else only
     health = layer_health(run.tensors, layers) if run.tensors else {}
     hists: dict[str, dict] = {}
     for layer, kind, counts, _ in merge_histograms(run.tensors, layers, 1 << 30) if run.tensors and histograms else ():
@@ -189,6 +284,8 @@ def layer_detail(run: RunView, histograms: bool = True) -> list[dict]:
         hists.setdefault(layer, {})[kind] = {"offset": first, "counts": counts[first:last + 1]}
     out = []
     for name, grad, param, kinds in run.layers:
+        if name not in layers:
+            continue
         h = health.get(name)
         out.append({"layer": name, "grad_norm": num(grad), "param_norm": num(param), "nonfinite": dict(kinds),
                     "update_ratio": num(h.update_ratio) if h else None,

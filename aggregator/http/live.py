@@ -27,28 +27,41 @@ DEFAULT_TICK_S = 1.0
 DEFAULT_MAX_STREAMS = 16       # concurrent event streams; each holds a connection and a task
 MAX_FRAMES = 256               # histogram frames per run
 MIN_FRAMES = 8
+PERSIST_GAP = 8  # steps at least between two frames written to Redis (aggregator/frames.py says why)
 FRAME_SUMMARY_BUDGET = 200_000  # summaries referenced by all frames of all runs together
 MAX_STEP_ROWS = 500            # new steps per update
+# Changed layers per update (about 100 bytes each): a larger model's changes go over the following ticks.
+MAX_UPDATE_LAYERS = 2500
 
 
 class _RunFrames:
-    __slots__ = ("frames", "latest", "stride", "size")
+    __slots__ = ("frames", "latest", "stride", "size", "added", "removed", "changed", "persisted")
 
     def __init__(self) -> None:
         self.frames: list[tuple[int, dict]] = []  # (step, kind -> [(meta, summary)]), every stride-th step
         self.latest: tuple[int, dict] | None = None  # the newest report, until it becomes a frame
         self.stride = 1
         self.size = 0  # summaries in one frame (the latest report's)
+        # Not yet in Redis (aggregator/frames.py): frames kept, steps thinned out, whether anything changed.
+        self.added: list[tuple[int, dict]] = []
+        self.removed: list[int] = []
+        self.changed = False
+        self.persisted = -PERSIST_GAP  # the step of the latest frame written to Redis
 
 
 class FrameStore:
     """Histogram frames of every run, one per training report while they fit: when a run holds its share
     of the budget, every other frame goes and only every 2^k-th step is kept from then on, so the frames
-    always span the whole run. Thread-safe: the consumer adds, HTTP threads read."""
+    always span the whole run. Thread-safe: the consumer adds, HTTP threads read.
 
-    def __init__(self, budget: int = FRAME_SUMMARY_BUDGET, max_frames: int = MAX_FRAMES):
+    What changed is taken by the consumer (`take_changes`) and written to Redis with the history
+    (aggregator/frames.py); `load` reads the frames of a run this store does not hold from there."""
+
+    def __init__(self, budget: int = FRAME_SUMMARY_BUDGET, max_frames: int = MAX_FRAMES,
+                 load: Callable[[str], list[tuple[int, dict]]] | None = None):
         self.budget = budget
         self.max_frames = max_frames
+        self.load = load
         self._runs: dict[str, _RunFrames] = {}
         self._lock = threading.Lock()
 
@@ -65,21 +78,55 @@ class FrameStore:
             rf.size = _summaries(tensors)
             if not rf.frames or step - rf.frames[-1][0] >= rf.stride:
                 rf.frames.append((step, tensors))
+                if step - rf.persisted >= PERSIST_GAP:  # Redis keeps every PERSIST_GAP-th step at least
+                    rf.added.append((step, tensors))
+                    rf.persisted = step
+                rf.changed = True
                 rf.latest = None
             else:
                 rf.latest = (step, tensors)
             share = self.budget // max(1, len(self._runs)) // max(1, rf.size)
             cap = max(MIN_FRAMES, min(self.max_frames, share))
             while len(rf.frames) > cap:
+                gone = {s for s, _ in rf.frames[1::2]}
                 rf.frames = rf.frames[::2]
                 rf.stride *= 2
+                added = {a for a, _ in rf.added}
+                rf.removed += [s for s in gone if s not in added]
+                rf.added = [(s, t) for s, t in rf.added if s not in gone]
+
+    def take_changes(self) -> dict[str, tuple[int, list[tuple[int, dict]], list[int]]]:
+        """run -> (stride, frames kept, steps thinned out) since the last call: for Redis."""
+        out = {}
+        with self._lock:
+            for run, rf in self._runs.items():
+                if rf.changed:
+                    out[run] = (rf.stride, rf.added, rf.removed)
+                    rf.added, rf.removed, rf.changed = [], [], False
+        return out
+
+    def restore(self, run: str, stride: int, frames: list[tuple[int, dict]]) -> None:
+        """A run taken over or found again: its frames as Redis kept them, before any new one."""
+        with self._lock:
+            rf = self._runs.get(run)
+            if frames and (rf is None or not rf.frames):
+                rf = self._runs[run] = _RunFrames()
+                rf.frames, rf.stride = list(frames), max(1, stride)
+                rf.persisted = frames[-1][0]
+                rf.size = _summaries(frames[-1][1])
 
     def get(self, run: str) -> list[tuple[int, dict]]:
         with self._lock:
             rf = self._runs.get(run)
-            if rf is None:
-                return []
-            return rf.frames + ([rf.latest] if rf.latest else [])
+            if rf is not None:
+                return rf.frames + ([rf.latest] if rf.latest else [])
+        if self.load is None:
+            return []
+        try:  # a run not followed here (finished, another replica's): as Redis has it, not kept
+            return self.load(run)
+        except Exception as e:  # Redis away: the frames are missing from this answer, not an error of the API
+            log.warning("cannot read the frames of %s: %s", run, e)
+            return []
 
     def forget(self, run: str) -> None:
         with self._lock:
@@ -204,15 +251,27 @@ class LiveHub:
                     s.put(event)
 
     def _update(self, run: RunView, firing: list[Alert]) -> dict | None:
-        """What changed in `run` since the last tick: None when nothing did."""
-        sent = self._sent.setdefault(run.run, {"step": None, "row": None, "layers": {}, "alerts": None})
+        """What changed in `run` since the last tick (at most MAX_UPDATE_LAYERS layers and MAX_STEP_ROWS new
+        steps; layers left out are marked `more_layers` and follow at the next tick): None when nothing did."""
+        sent = self._sent.setdefault(run.run, {"step": None, "row": None, "layers": {}, "alerts": None,
+                                               "behind": False})
         alerts = sorted(a.to_json() for a in firing)
-        if run.step == sent["step"] and alerts == sent["alerts"]:
+        # A multi-rank run's step moves with its first rank's report, its per-layer figures and history row when
+        # the join closes the step: either is news.
+        mark = (run.step, run.joined.step if run.joined is not None else None)
+        if mark == sent["step"] and alerts == sent["alerts"] and not sent["behind"]:
             return None
-        stats = layer_stats(run)
-        changed = {name: v for name, v in stats.items() if sent["layers"].get(name) != v}
+        told = sent["layers"]
+        changed: dict[str, dict] = {}
+        behind = False
+        for name, v in layer_stats(run).items():
+            if told.get(name) != v:
+                if len(changed) == MAX_UPDATE_LAYERS:
+                    behind = True  # the rest goes with the next tick's update
+                    break
+                changed[name] = v
         rows: list[dict] = []
-        if self.history is not None and run.step != sent["step"]:
+        if self.history is not None and mark != sent["step"]:
             # After the last row sent, not the last step: a multi-rank run's rows are its joined steps,
             # which come after the step its latest report moved to.
             first = None if sent["row"] is None else sent["row"] + 1
@@ -224,9 +283,12 @@ class LiveHub:
                   "eval_loss": num(run.eval_loss), "grad_norm": num(run.grad_norm),
                   "learning_rate": num(run.learning_rate), "steps_per_second": num(run.steps_per_second),
                   "layers": changed, "steps": rows}
+        if behind:
+            update["more_layers"] = True
         if alerts != sent["alerts"]:
             update["alerts"] = [a.to_dict() for a in firing]
-        sent.update(step=run.step, layers=stats, alerts=alerts, row=rows[-1]["step"] if rows else sent["row"])
+        told.update(changed)
+        sent.update(step=mark, alerts=alerts, behind=behind, row=rows[-1]["step"] if rows else sent["row"])
         return update
 
     # -- histogram frames ---------------------------------------------------------------------------

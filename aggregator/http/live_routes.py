@@ -6,9 +6,12 @@ run shapes the page and Grafana read.
     GET /api/v1/events[?run=]      text/event-stream: `runs` (the run list when it changes), `update`
                                    (the run's new step, loss, changed per-layer stats, new steps, firing
                                    alerts when they change), `resync` (events were lost: fetch again)
-    GET /api/v1/runs/{run}/heatmap[?limit=&from=]  per-layer gradient norms of recent steps, as a matrix
-    GET /api/v1/runs/{run}/histograms?tensor=&kind=[&from=]  a tensor's log2 histograms over time
-    GET /api/v1/runs/{run}/nodegraph             the topology in Grafana node-graph field names
+    GET /api/v1/runs/{run}/heatmap[?limit=&from=&to=&q=&layer_limit=&layer_offset=]  per-layer gradient norms
+                                   of recent steps as a matrix, for a window of the layers (`next`: the
+                                   following window)
+    GET /api/v1/runs/{run}/histograms?tensor=&kind=[&from=&limit=]  a tensor's log2 histograms over time
+                                   (&matrix=1[&columns=]: as one steps x buckets matrix, stats_routes.py)
+    GET /api/v1/runs/{run}/nodegraph[?limit=&offset=]  the topology in Grafana node-graph field names
     GET /api/v1/runs/{run}/alerts                the run's alert transitions, oldest first
 """
 
@@ -21,15 +24,21 @@ from collections.abc import AsyncIterator
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response, StreamingResponse
 
+from gradwatch.aggregator.http import stats_routes
+from gradwatch.aggregator.http.api import NODES_MAX, NODES_PAGE, graph_page
 from gradwatch.aggregator.http.events import EventStream, sse
 from gradwatch.aggregator.http.live import LiveHub
+from gradwatch.aggregator.http.paging import matching, next_link, pages
 from gradwatch.aggregator.http.responses import backend, error, int_arg, ok, query, raw_path, run_of, unknown
 from gradwatch.aggregator.http.static import StaticFiles
 from gradwatch.aggregator.http.views import heatmap as heatmap_of
+from gradwatch.aggregator.http.views import heatmap_layers, layer_order
 from gradwatch.aggregator.http.views import nodegraph as nodegraph_of
 from gradwatch.names import TRAIN
 
 HEATMAP_CELLS = 60_000  # layers x steps of one heatmap answer, at most
+HEATMAP_LAYERS, HEATMAP_LAYERS_MAX = 1000, 5000  # a heatmap answer's layer window (?layer_limit=): default, maximum
+FRAMES_PAGE, FRAMES_MAX = 300, 1000  # histogram frames of one answer (?limit=): default, maximum
 CLIENT_CHECK_S = 1.0  # how often an idle event stream looks whether its client hung up
 HEARTBEAT_S = 15.0  # an SSE comment keeps idle proxies from closing the stream
 EVENT_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-store",
@@ -95,15 +104,24 @@ def heatmap(request: Request) -> Response:
     if found is None:
         return unknown(run)
     try:
-        limit, first = int_arg(args, "limit"), int_arg(args, "from")
+        limit, first, last = int_arg(args, "limit"), int_arg(args, "from"), int_arg(args, "to")
+        window = pages(args, HEATMAP_LAYERS, HEATMAP_LAYERS_MAX, "layer_limit", "layer_offset")
     except ValueError as e:
         return error(400, "bad_data", str(e))
-    cap = max(1, HEATMAP_CELLS // max(1, len(found.layers)))
+    order = layer_order(found)  # the latest report's dictionary entries: cheap; else the whole dictionary's
+    if any(name not in order for name, grad, *_ in found.layers if grad is not None):
+        graph = sources.topology(run) if sources.topology else None
+        order = {n["id"]: n["order"] for n in graph["nodes"] if n.get("order") is not None} if graph else {}
+    names = matching(heatmap_layers(found, order), args.get("q", [""])[-1])
+    shown, following = window.cut(names)
+    cap = max(1, HEATMAP_CELLS // max(1, len(shown)))
     limit = cap if limit is None else max(0, min(limit, cap))
-    rows = sources.history(run, first, None, limit) if sources.history else []
-    graph = sources.topology(run) if sources.topology else None
-    order = {n["id"]: n["order"] for n in graph["nodes"] if n.get("order") is not None} if graph else {}
-    return ok(heatmap_of(found, [r for r in rows or () if r["phase"] == TRAIN], order))
+    # Twice as many rows as steps wanted: evaluation rows, which the heatmap leaves out, take some.
+    rows = sources.history(run, first, last, 2 * limit) if sources.history else []
+    rows = [r for r in rows or () if r["phase"] == TRAIN]
+    data = heatmap_of(found, rows[max(0, len(rows) - limit):] if limit else [], order, shown)
+    return ok({**data, "total": len(names), "layer_offset": window.offset, "layer_limit": window.limit,
+               "next": next_link(request, layer_offset=following)})
 
 
 def histograms(request: Request) -> Response:
@@ -114,18 +132,30 @@ def histograms(request: Request) -> Response:
     if not tensor:
         return error(400, "bad_data", "tensor: the name of a tensor of the run is required")
     try:
-        first = int_arg(args, "from")
+        first, limit = int_arg(args, "from"), pages(args, FRAMES_PAGE, FRAMES_MAX).limit
     except ValueError as e:
         return error(400, "bad_data", str(e))
-    frames = sources.live.frames(run, tensor, kind, first) if sources.live else None
-    return ok({"tensor": tensor, "kind": kind, "frames": frames or []})
+    if args.get("matrix", ["0"])[-1] not in ("0", "false"):  # one picture: steps x log2 buckets (stats_routes.py)
+        return stats_routes.histogram_matrix(request, run, tensor, kind, first)
+    frames = (sources.live.frames(run, tensor, kind, first) if sources.live else None) or []
+    more = len(frames) > limit  # oldest first: the next page starts after the last step of this one
+    frames = frames[:limit]
+    return ok({"tensor": tensor, "kind": kind, "frames": frames, "limit": limit,
+               "next": next_link(request, **{"from": frames[-1]["step"] + 1 if more else None})})
 
 
 def nodegraph(request: Request) -> Response:
     sources, run = backend(request), run_of(request)
+    try:
+        page = pages(query(request), NODES_PAGE, NODES_MAX)
+    except ValueError as e:
+        return error(400, "bad_data", str(e))
     found = next((r for r in sources.view().runs if r.run == run), None)
     graph = sources.topology(run) if found is not None and sources.topology else None
-    return unknown(run) if graph is None else ok(nodegraph_of(graph, found))
+    if graph is None:
+        return unknown(run)
+    part = graph_page(request, graph, page)  # nodes and edges of the page; what Grafana reads, then the page
+    return ok({**nodegraph_of(part, found), **{k: part[k] for k in ("total", "offset", "limit", "next")}})
 
 
 def run_alerts(request: Request) -> Response:

@@ -9,6 +9,7 @@ import itertools
 import json
 import math
 import time
+from types import MappingProxyType
 
 from gradwatch.aggregator.alerts.record import json_number
 from gradwatch.aggregator.health import layer_health
@@ -42,12 +43,15 @@ def history_rows(rs: RunState | None, first: int | None = None, last: int | None
 
 def rows_of(rows) -> list[dict]:
     """History rows (RunState.history's tuples, or aggregator/history.py's from Redis) as the API shapes them;
-    a downsampled bucket (a 9th element: its width in steps) says so in "resolution", its values the means."""
+    a downsampled bucket (a 9th element: its width in steps) says so in "resolution", its values the means.
+    The per-layer norms are read-only views of the row's own (a copy of 1,000 rows of a 2,000-layer model is
+    about 4M entries, made under the aggregator's lock)."""
     out = []
     for row in rows:
         step, t, train, loss, norm, layers, curve, params = row[:8]
         out.append({"step": step, "time": t, "phase": TRAIN if train else EVAL, "loss": loss, "grad_norm": norm,
-                    "layers": dict(layers), "param_norms": dict(params), "scalars": dict(curve)})
+                    "layers": MappingProxyType(layers), "param_norms": MappingProxyType(params),
+                    "scalars": dict(curve)})
         if len(row) > 8:
             out[-1]["resolution"] = row[8]
     return out
@@ -90,11 +94,28 @@ def layer_stats(run: RunView) -> dict[str, dict]:
     return out
 
 
-def heatmap(run: RunView, rows: list[dict], order: dict[str, int]) -> dict:
-    """Per-layer gradient norms of recent steps as one matrix: the layers with gradients, named once in
-    forward order, and values[i][j] = norm of layers[j] at steps[i] (None where the step had none)."""
-    names = sorted({name for name, grad, *_ in run.layers if grad is not None},
-                   key=lambda n: (order.get(n, 1 << 32), n))
+def layer_order(run: RunView) -> dict[str, int]:
+    """layer -> forward position, from the tensor dictionary entries of the latest training report's summaries
+    (what topology() reads from the dictionary, without building the graph)."""
+    order: dict[str, int] = {}
+    for group in run.tensors.values():
+        for meta, _ in group:
+            if meta.order < order.get(meta.layer, 1 << 62):
+                order[meta.layer] = meta.order
+    return order
+
+
+def heatmap_layers(run: RunView, order: dict[str, int] | None = None) -> list[str]:
+    """The heatmap's rows: the layers with gradients, in forward order."""
+    order = layer_order(run) if order is None else order
+    return sorted({name for name, grad, *_ in run.layers if grad is not None}, key=lambda n: (order.get(n, 1 << 32), n))
+
+
+def heatmap(run: RunView, rows: list[dict], order: dict[str, int], names: list[str] | None = None) -> dict:
+    """Per-layer gradient norms of recent steps as one matrix: the layers with gradients (or `names`, a window
+    of them), named once in forward order, and values[i][j] = norm of layers[j] at steps[i] (None where the
+    step had none)."""
+    names = heatmap_layers(run, order) if names is None else names
     return {"layers": names, "steps": [r["step"] for r in rows],
             "values": [[num(r["layers"].get(n)) for n in names] for r in rows]}
 

@@ -17,6 +17,7 @@ from gradwatch.aggregator.alerts.record import Alert
 from gradwatch.aggregator.config import AggregatorConfig, env_name
 from gradwatch.aggregator.counters import Counters
 from gradwatch.aggregator.join import JoinedStep
+from gradwatch.aggregator.ranges import RangeStore
 from gradwatch.aggregator.report import ReportView
 from gradwatch.aggregator.rules.activations import DeadReLU, SaturatedActivation
 from gradwatch.aggregator.rules.base import KINDS, SEVERITIES, Rule, RuleSettings
@@ -26,6 +27,7 @@ from gradwatch.aggregator.rules.gradients import ExplodingGradient, VanishingGra
 from gradwatch.aggregator.rules.loss import LossNotDecreasing, LossSpike, StalledTraining
 from gradwatch.aggregator.rules.nonfinite import NonFinite
 from gradwatch.aggregator.rules.pipeline import StreamDataLost
+from gradwatch.aggregator.rules.ranges import OutOfRange
 from gradwatch.aggregator.rules.ranks import RankDivergence
 from gradwatch.aggregator.rules.stragglers import RankStalled, StragglerRank
 from gradwatch.aggregator.rules.tensors import AllZero, PoorWeightInitialization, TensorVariance, UnchangedTensor
@@ -37,7 +39,7 @@ CATALOGUE: tuple[type[Rule], ...] = (
     NonFinite, GradientCheckFailed, ExplodingGradient, VanishingGradient, WeightUpdateRatio, UnnormalizedInput,
     InputDataDrift, ClassImbalance, LossSpike, LossNotDecreasing, Overfit, Overtraining, AllZero, UnchangedTensor,
     PoorWeightInitialization, TensorVariance, DeadReLU, SaturatedActivation, StalledTraining, RankDivergence,
-    StragglerRank, RankStalled, StreamDataLost)
+    StragglerRank, RankStalled, StreamDataLost, OutOfRange)
 BY_NAME = {rule.name: rule for rule in CATALOGUE}
 COMMON = ("enabled", "severity", "layers", "resolve_after_steps", "cooldown_steps", "keep_firing_s")
 # Integer thresholds that count reports or steps: at least 1.
@@ -132,13 +134,19 @@ def _bad(path: str, message: str) -> ConfigError:
 
 
 class RuleEngine:
-    """The enabled rules of one aggregator, in evaluation order."""
+    """The enabled rules of one aggregator, in evaluation order. `client`: the aggregator's Redis, where OutOfRange
+    reads the ranges users marked (aggregator/ranges.py); without it that rule has no range to judge."""
 
-    def __init__(self, config: AggregatorConfig, counters: Counters | None = None, rules: list | None = None):
+    def __init__(self, config: AggregatorConfig, counters: Counters | None = None, rules: list | None = None,
+                 client=None):
         if rules is None:
             settings = load_rules(config)
             rules = [rule(settings[rule.name], counters) for rule in CATALOGUE if settings[rule.name].enabled]
         self.rules = rules
+        if client is not None:
+            for rule in rules:
+                if isinstance(rule, OutOfRange):
+                    rule.read_from(RangeStore(client), counters)
         self.joined = [rule for rule in rules if getattr(rule, "JOINED", False)]
 
     def evaluate(self, view: ReportView) -> list[Alert]:

@@ -1,15 +1,23 @@
 // The live view: picks a run, loads its topology, layer statistics, steps, alerts and histograms from
-// the query API, then follows it through server-sent events (/api/v1/events). `window.gradwatch` exposes
-// the state and the charts to tests and to the curious.
+// the query API, then follows it through server-sent events (/api/v1/events, read by util.EventStream so that
+// they carry the read token like every other request). `window.gradwatch` exposes the state and the views to
+// tests and to the curious, with the page's timings: `timings.firstRender` (navigation start to the topology
+// and the heatmap drawn, `performance.mark('gradwatch:first-render')`) and `updates` (per live update: from
+// the event's arrival to the page updated, and to the heatmap's new column drawn).
 
-import { Curves, Heatmap, HistogramPlayer } from './charts.js';
+import { mergeFiring, renderAlerts, renderOrigin } from './alerts.js';
+import { Curves, HistogramPlayer } from './charts.js';
 import { STATS, TopologyView } from './graph.js';
+import { HeatmapView } from './heatmap.js';
+import { LayerSearch } from './search.js';
 import { SnapshotView } from './snapshot.js';
-import { api, esc, fmt, num, PALETTE, serialized } from './util.js';
+import { StatisticsView } from './stats.js';
+import { api, esc, EventStream, fmt, num, PALETTE, serialized } from './util.js';
 
 const $ = (id) => document.getElementById(id);
-const echarts = window.echarts;
 const STEP_ROWS = 2000;
+const MAX_PAGES = 20;  // pages of one list followed (`next`) before the page gives up on the rest
+const KEPT_UPDATES = 200;
 
 const view = {
   run: null,
@@ -20,26 +28,41 @@ const view = {
   events: null,
   lastStep: null,
   errors: [],
-  timings: { topologyLoaded: null, graphSet: null },  // ms since navigation start
 };
 
-const graph = new TopologyView($('graph'), echarts, { onSelect: (layer) => selectLayer(layer, false) });
-const curves = new Curves($('curves'), echarts);
-const heatmap = new Heatmap($('heatmap'), echarts, { onSelect: (layer) => selectLayer(layer, true) });
-const histogram = new HistogramPlayer($('histogram'), echarts, { slider: $('frame'), play: $('play'), label: $('frame-label') });
-const snapshot = new SnapshotView($('snapshot-panel'), echarts);
+const graph = new TopologyView($('graph'), { onSelect: (layer) => selectLayer(layer, false) });
+const curves = new Curves($('curves'));
+const heatmap = new HeatmapView($('heatmap'), { onSelect: (layer) => selectLayer(layer, true) });
+const histogram = new HistogramPlayer($('histogram'), { slider: $('frame'), play: $('play'), label: $('frame-label') });
+let snapshot = null;  // with the charting library
+const stats = new StatisticsView($('stats-section'), {
+  onRanges: () => reloadSteps(),  // the steps' out_of_range changed with the ranges
+  onError: (text) => message(text),
+});
+const search = new LayerSearch($('find'), $('find-results'), {
+  layers: () => (view.topology?.nodes || []).map((n) => graph.stats.get(n.id) || { layer: n.id }),
+  onFilter: (q, matches) => {
+    graph.setMatches(matches);
+    heatmap.setFilter(q).catch((e) => message(e.message));
+  },
+  onSelect: (layer) => selectLayer(layer, true),
+});
 
 window.gradwatch = {
   view,
-  charts: { graph: graph.chart, curves: curves.chart, heatmap: heatmap.chart, histogram: histogram.chart, snapshot: snapshot.chart },
+  charts: {},         // the ECharts instances, once the library is loaded
   topology: graph,
   heatmap,
   histogram,
   curves,
-  snapshot,
+  snapshot: null,
+  search,
+  stats,
   ready: false,       // the current run's first full load is done
-  // First paint of the graph, in ms since navigation start (null until it painted).
-  firstPaint: () => graph.painted,
+  // ms since navigation start: the topology and the heatmap first drawn (`drawn`) and on screen (`firstRender`)
+  timings: { topologyDrawn: null, heatmapDrawn: null, drawn: null, firstRender: null },
+  updates: [],        // the latest live updates: {step, layers, dom_ms, heatmap_ms, painted_ms}
+  firstPaint: () => window.gradwatch.timings.firstRender,
 };
 
 function message(text) {
@@ -65,6 +88,54 @@ function renderRuns() {
   }));
 }
 
+// A list the API pages (`next`): every page's `key` items, in order.
+async function all(path, key, pending = null) {
+  let doc = await api(path, pending);
+  const out = { ...doc, [key]: [...doc[key]] };
+  for (let n = 1; doc.next && n < MAX_PAGES; n++) {
+    doc = await api(doc.next);
+    out[key].push(...doc[key]);
+    if (key === 'nodes') out.edges.push(...doc.edges);
+  }
+  return out;
+}
+
+// The charting library (the curves, histograms and snapshots; about 1 MB of script to compile) is fetched
+// early (index.html preloads it) and run once the topology and the heatmap are on screen, or at once without a run.
+let chartsLoaded = null;
+function loadCharts() {
+  chartsLoaded ||= new Promise((resolve, reject) => {
+    const script = Object.assign(document.createElement('script'), { src: 'vendor/echarts.min.js' });
+    script.onload = () => {
+      const { echarts } = window;
+      curves.attach(echarts);
+      histogram.attach(echarts);
+      stats.attach(echarts);
+      snapshot = new SnapshotView($('snapshot-panel'), echarts);
+      Object.assign(window.gradwatch, { snapshot, charts: { curves: curves.chart, histogram: histogram.chart, snapshot: snapshot.chart, distribution: stats.distChart, update: stats.updateChart } });
+      resolve();
+    };
+    script.onerror = () => reject(new Error('cannot load the charting library'));
+    document.head.append(script);
+  });
+  return chartsLoaded;
+}
+
+// The first render: both the topology and the heatmap drawn, then on screen (two frames later).
+function firstRender() {
+  const t = window.gradwatch.timings;
+  if (t.drawn !== null || graph.drawnAt === null || heatmap.drawnAt === null) return;
+  t.topologyDrawn = graph.drawnAt;
+  t.heatmapDrawn = heatmap.drawnAt;
+  t.drawn = performance.now();
+  performance.mark('gradwatch:first-drawn');
+  requestAnimationFrame(() => requestAnimationFrame(() => {
+    t.firstRender = performance.now();
+    performance.mark('gradwatch:first-render');
+    loadCharts();
+  }));
+}
+
 function switchRun(run) {
   if (run === view.run) return;
   history.replaceState(null, '', `#run=${encodeURIComponent(run)}`);
@@ -82,38 +153,41 @@ async function loadRun(run) {
   renderRuns();
   connect(run);  // before the fetches: what changes meanwhile arrives as events
   curves.reset();
-  heatmap.reset();
+  heatmap.reset(run);
   histogram.reset();
+  stats.reset(run);
+  search.reset();
+  graph.reset();
   try {
     const pre = window.gradwatchPrefetch?.run === run ? window.gradwatchPrefetch : {};
     window.gradwatchPrefetch = null;
-    const [topology, layers] = await Promise.all([
-      api(`/api/v1/runs/${encodeURIComponent(run)}/topology`, pre.topology),
-      api(`/api/v1/runs/${encodeURIComponent(run)}/layers?histograms=0`, pre.layers),
+    const base = `/api/v1/runs/${encodeURIComponent(run)}`;
+    heatmap.pending = pre.heatmap || null;
+    const heat = heatmap.load().then(firstRender);  // the first rows, beside the topology
+    const [topology, layers, alerts] = await Promise.all([
+      all(`${base}/topology?limit=10000`, 'nodes', pre.topology),
+      all(`${base}/layers?histograms=0&limit=5000`, 'layers', pre.layers),
+      api(`${base}/alerts`, pre.alerts),
     ]);
     if (run !== view.run) return;
-    view.timings.topologyLoaded = performance.now();
-    performance.mark('gradwatch-topology-loaded');
     graph.stats.clear();
     graph.setStats(layers.layers);
     view.topology = topology;
-    $('layer-names').replaceChildren(...topology.nodes.map((n) => Object.assign(document.createElement('option'), { value: n.id })));
     $('graph-info').textContent = `${topology.nodes.length} layers${topology.inferred ? ' · chained in forward order' : ''}`;
+    setAlerts(alerts.alerts, false);  // the origin's groups open before the first layout
     graph.setTopology(topology);
-    view.timings.graphSet = performance.now();
     renderLegend();
-    // The rest after the graph's first paint has been scheduled.
-    const [alerts, steps] = await Promise.all([
-      api(`/api/v1/runs/${encodeURIComponent(run)}/alerts`),
-      api(`/api/v1/runs/${encodeURIComponent(run)}/steps?limit=${STEP_ROWS}&layers=0`),
-    ]);
+    firstRender();
+    await heat;
     if (run !== view.run) return;
-    setAlerts(alerts.alerts);
+    const steps = await api(`${base}/steps?limit=${STEP_ROWS}&layers=0`);
+    if (run !== view.run) return;
     curves.append(steps.steps);
     curves.render();
-    await refreshHeatmap();
     const start = graph.origin?.layer || graph.explosion?.layer || topology.nodes[0]?.id;
     if (start) selectLayer(start, false);
+    await loadCharts();
+    if (run !== view.run) return;
     window.gradwatch.ready = true;
     message('');
   } catch (e) {
@@ -121,12 +195,29 @@ async function loadRun(run) {
   }
 }
 
-const refreshHeatmap = serialized(async () => {
+// The curves' steps again, after the valid ranges changed: /steps marks the out-of-range ones.
+async function reloadSteps() {
   const run = view.run;
-  const from = heatmap.lastStep === null ? '' : `&from=${heatmap.lastStep + 1}`;
-  const data = await api(`/api/v1/runs/${encodeURIComponent(run)}/heatmap?limit=2000${from}`);
-  if (run === view.run) heatmap.add(data);
+  if (!run) return;
+  const steps = await api(`/api/v1/runs/${encodeURIComponent(run)}/steps?limit=${STEP_ROWS}&layers=0`);
+  if (run !== view.run) return;
+  curves.append(steps.steps);
+  curves.render();
+}
+
+// New steps of a live update, from /steps where the run has ranges (the event's rows carry no out_of_range).
+const markNewSteps = serialized(async () => {
+  const run = view.run;
+  const from = curves.lastStep();
+  if (!run || !stats.ranges.length || from === null) return;
+  const steps = await api(`/api/v1/runs/${encodeURIComponent(run)}/steps?from=${Math.max(0, from - 50)}&limit=${STEP_ROWS}&layers=0`);
+  if (run !== view.run) return;
+  curves.append(steps.steps);
+  curves.render();
 });
+
+const refreshStats = serialized(async () => { await stats.refresh(); });
+let statsRefreshedAt = 0;
 
 const refreshHistogram = serialized(async () => {
   if (!view.tensor) return;
@@ -143,10 +234,9 @@ function selectLayer(layer, focus) {
   view.layer = layer;
   const node = view.topology?.nodes.find((n) => n.id === layer);
   if (focus) graph.focus(layer);
-  else {
-    graph.selected = layer;
-    graph.render();
-  }
+  else graph.select(layer);
+  heatmap.select(layer);
+  stats.select(layer, node?.tensors || []).catch((e) => message(e.message));
   const tensors = (node?.tensors || []).filter((t) => ['gradient', 'parameter', 'activation', 'update', 'activation_gradient'].includes(t.kind));
   const select = $('tensor');
   select.replaceChildren(...tensors.map((t) => Object.assign(document.createElement('option'), {
@@ -170,82 +260,78 @@ function selectTensor(name, kind) {
 
 // -- alerts ----------------------------------------------------------------------------------------
 
-function setAlerts(alerts) {
+function setAlerts(alerts, render = true) {
   view.alerts = alerts;
   graph.setRoles(alerts);
-  graph.render();
+  if (render) graph.render();
   curves.setAlerts(alerts);
-  const ol = $('alerts');
-  const items = [...alerts].reverse().map((a) => {
-    const li = document.createElement('li');
-    li.className = `${a.severity} ${a.status}`;
-    li.innerHTML = `<span class="rule">${esc(a.rule)}</span> <span class="muted">${esc(a.status)} · step ${a.step}` +
-      `${a.rank ? ` · rank ${a.rank}` : ''}</span> · <button type="button" class="layer" data-layer="${esc(a.layer)}">${esc(a.layer)}</button>
-      <div class="summary">${esc(a.summary)}</div>`;
-    li.querySelector('button').addEventListener('click', () => selectLayer(a.layer, true));
-    return li;
-  });
-  ol.replaceChildren(...(items.length ? items : [Object.assign(document.createElement('li'), { className: 'muted', textContent: 'no alerts' })]));
-  const o = $('origin');
-  const first = graph.origin || graph.explosion;
-  o.hidden = !first;
-  if (first) {
-    o.className = graph.origin ? 'origin' : 'origin exploding';
-    o.innerHTML = graph.origin
-      ? `NaN/Inf started in layer <b>${esc(first.layer)}</b> at step ${first.step} (${esc(first.tensor)})`
-      : `Gradient explosion in layer <b>${esc(first.layer)}</b> at step ${first.step}`;
-    const b = Object.assign(document.createElement('button'), { type: 'button', textContent: 'show' });
-    b.addEventListener('click', () => selectLayer(first.layer, true));
-    o.append(b);
-  }
-}
-
-// Firing alerts pushed by the stream: new ones join the log, vanished ones show as resolved.
-function mergeFiring(firing) {
-  const key = (a) => `${a.rule}\n${a.layer}\n${a.starts_at}`;
-  const now = new Set(firing.map(key));
-  const known = new Set(view.alerts.filter((a) => a.status === 'firing').map(key));
-  const merged = view.alerts.map((a) => (a.status === 'firing' && !now.has(key(a)) ? { ...a, status: 'resolved' } : a));
-  for (const a of firing) if (!known.has(key(a))) merged.push(a);
-  setAlerts(merged);
+  renderAlerts($('alerts'), alerts, (layer) => selectLayer(layer, true));
+  renderOrigin($('origin'), graph.origin, graph.explosion, (layer) => selectLayer(layer, true));
 }
 
 // -- live updates ----------------------------------------------------------------------------------
 
 function connect(run) {
   if (view.events) view.events.close();
-  const es = new EventSource(run ? `/api/v1/events?run=${encodeURIComponent(run)}` : '/api/v1/events');
+  const es = new EventStream(run ? `/api/v1/events?run=${encodeURIComponent(run)}` : '/api/v1/events');
   view.events = es;
   const conn = $('connection');
   es.addEventListener('open', () => { conn.textContent = 'live'; conn.className = 'connection live'; });
   es.addEventListener('error', () => { conn.textContent = 'reconnecting…'; conn.className = 'connection down'; });
+  es.addEventListener('unauthorized', () => {
+    conn.textContent = 'no read token';
+    conn.className = 'connection down';
+    message('live updates stopped: this aggregator needs its read token (reload the page to give it)');
+  });
   es.addEventListener('runs', (e) => {
     view.runs = JSON.parse(e.data).runs;
     if (!view.run && view.runs.length) loadRun(latestRun().run);
     else renderRuns();
   });
   es.addEventListener('resync', () => loadRun(view.run));
-  es.addEventListener('update', (e) => onUpdate(JSON.parse(e.data)));
+  es.addEventListener('update', (e) => {
+    const received = performance.now();
+    onUpdate(JSON.parse(e.data), received);
+  });
 }
 
-function onUpdate(u) {
+// A live update applied in place: the statistics restyle the units shown (no new layout), the heatmap fetches
+// the new steps of the rows in view only. How long each part took is kept in window.gradwatch.updates.
+function onUpdate(u, received = performance.now()) {
   if (u.run !== view.run) return;
+  const record = { step: u.step, layers: 0, steps: u.steps.length, dom_ms: null, heatmap_ms: null, painted_ms: null };
+  if (u.steps.length) {  // first: the request for the new steps is in flight while the rest is drawn
+    heatmap.refresh().then(() => {
+      record.heatmap_ms = performance.now() - received;
+      record.heatmap_last = heatmap.lastStep;
+    }).catch((err) => message(err.message));
+  }
   view.lastStep = u.step;
   renderStatus(u);
-  if (Object.keys(u.layers).length) {
+  const changed = Object.keys(u.layers).length;
+  record.layers = changed;
+  if (changed) {
     graph.mergeStats(u.layers);
     graph.render();
     renderLegend();
+    search.refresh();
   }
-  if (u.alerts) mergeFiring(u.alerts);
+  if (u.alerts) setAlerts(mergeFiring(view.alerts, u.alerts));
   if (u.steps.length) {
     curves.append(u.steps);
     curves.render();
-    if (window.gradwatch.ready) {
-      refreshHeatmap().catch((err) => message(err.message));
-      refreshHistogram().catch((err) => message(err.message));
+    if (window.gradwatch.ready) refreshHistogram().catch((err) => message(err.message));
+    if (window.gradwatch.ready) markNewSteps().catch((err) => message(err.message));
+    if (window.gradwatch.ready && performance.now() - statsRefreshedAt > 2000) {  // at most every 2 s
+      statsRefreshedAt = performance.now();
+      refreshStats().catch((err) => message(err.message));
     }
   }
+  record.dom_ms = performance.now() - received;
+  requestAnimationFrame(() => { record.painted_ms = performance.now() - received; });
+  const kept = window.gradwatch.updates;
+  kept.push(record);
+  if (kept.length > KEPT_UPDATES) kept.splice(0, kept.length - KEPT_UPDATES);
 }
 
 function renderStatus(u) {
@@ -277,11 +363,8 @@ $('stat').addEventListener('change', (e) => {
   renderLegend();
   $('graph-info').title = STATS[graph.stat].label;
 });
-$('find').addEventListener('change', (e) => {
-  if (view.topology?.nodes.some((n) => n.id === e.target.value)) selectLayer(e.target.value, true);
-});
 $('snapshot').addEventListener('click', () => {
-  if (view.run && view.layer) snapshot.take(view.run, $('snapshot-kind').value, view.layer);
+  if (view.run && view.layer && snapshot) snapshot.take(view.run, $('snapshot-kind').value, view.layer);
 });
 $('reset-view').addEventListener('click', () => graph.resetView());
 $('tensor').addEventListener('change', (e) => {
@@ -311,6 +394,7 @@ async function main() {
   if (!run) {
     renderRuns();
     $('run-status').textContent = 'no runs yet: start training with gradwatch.watch(...)';
+    loadCharts();
     connect(null);
     return;
   }

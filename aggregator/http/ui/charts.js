@@ -1,6 +1,7 @@
-// The live view's plots, all ECharts: loss and metric curves (train versus validation, alerts marked),
-// the layer x step heatmap of gradient norms, and a tensor's log2-magnitude histogram over time with a
-// play control.
+// The live view's ECharts plots: loss and metric curves (train versus validation, alerts marked) and a
+// tensor's log2-magnitude histogram over time with a play control. (The heatmap is heatmap.js: a canvas.)
+// Both keep their data from the start and draw once `attach(echarts)` gave them a chart: the page loads the
+// charting library after its first render (app.js).
 
 import { esc, fmt, num, PALETTE } from './util.js';
 
@@ -12,10 +13,17 @@ function zoom(xIndex = 0, extra = {}) {
 }
 
 export class Curves {
-  constructor(el, echarts) {
-    this.chart = echarts.init(el, 'dark');
+  constructor(el) {
+    this.el = el;
+    this.chart = null;
     this.reset();
-    new ResizeObserver(() => this.chart.resize()).observe(el);
+  }
+
+  attach(echarts) {
+    this.chart = echarts.init(this.el, 'dark');
+    new ResizeObserver(() => this.chart.resize()).observe(this.el);
+    this.dirty = true;
+    this.render();
   }
 
   reset() {
@@ -31,6 +39,46 @@ export class Curves {
       for (const k of keys) this.rows.delete(k);
     }
     this.dirty = true;
+  }
+
+  lastStep() {
+    let last = null;
+    for (const r of this.rows.values()) if (last === null || r.step > last) last = r.step;
+    return last;
+  }
+
+  // The steps /steps marked out of their valid range, as points on the curve of the metric that left it:
+  // [[step, value, metric], ...] on the loss axis (loss, eval_loss, grad_norm and per-layer norms drawn at
+  // the step's loss) and on the metric axis (user scalars).
+  outOfRange() {
+    const loss = [];
+    const metric = [];
+    for (const r of this.rows.values()) {
+      for (const m of r.out_of_range || []) {
+        const scalar = num(r.scalars?.[m]);
+        if (scalar !== undefined && scalar !== null) metric.push([r.step, Number.isFinite(scalar) ? scalar : null, m, r.phase]);
+        else {
+          const v = num(r.loss);
+          loss.push([r.step, Number.isFinite(v) ? v : null, m, r.phase]);
+        }
+      }
+    }
+    const order = (a, b) => a[0] - b[0];
+    return { loss: loss.sort(order), metric: metric.sort(order) };
+  }
+
+  // The out-of-range steps as spans [[first, last], ...] of neighbouring steps (no in-range step between),
+  // shaded on the curves: also where the value is NaN and no point can be drawn.
+  outOfRangeSpans() {
+    const steps = [...new Set([...this.rows.values()].map((r) => r.step))].sort((a, b) => a - b);
+    const bad = new Set([...this.rows.values()].filter((r) => r.out_of_range?.length).map((r) => r.step));
+    const spans = [];
+    for (const s of steps) {
+      if (!bad.has(s)) { spans.open = false; continue; }
+      if (spans.open) spans[spans.length - 1][1] = s;
+      else { spans.push([s, s]); spans.open = true; }
+    }
+    return spans.map(([a, b]) => [a, b]);
   }
 
   setAlerts(alerts) {
@@ -56,7 +104,7 @@ export class Curves {
   }
 
   render() {
-    if (!this.dirty) return;
+    if (!this.dirty || !this.chart) return;
     this.dirty = false;
     const named = this.series();
     const losses = [...named].filter(([n]) => n.endsWith(' loss')).flatMap(([, d]) => d.map((p) => p[1]));
@@ -77,7 +125,26 @@ export class Curves {
         } : undefined,
       };
     });
+    const outside = this.outOfRange();
+    const marks = [['out of range', outside.loss, 0], ['out of range (metric)', outside.metric, 1]];
+    for (const [name, data, axis] of marks) {
+      if (!data.length) continue;
+      series.push({
+        name, id: name, type: 'scatter', data, yAxisIndex: axis, symbolSize: 7, z: 5, color: '#ff1744',
+        tooltip: { trigger: 'item', formatter: (p) => `step ${p.data[0]} (${p.data[3]}): ${esc(p.data[2])} out of range` },
+      });
+    }
+    const spans = this.outOfRangeSpans();
+    if (spans.length) {
+      series.push({
+        name: 'out-of-range steps', id: 'out-of-range steps', type: 'line', data: [], silent: true,
+        markArea: { silent: true, itemStyle: { color: 'rgba(255, 23, 68, 0.12)' },
+                    data: spans.map(([a, b]) => [{ xAxis: a === b ? a - 0.5 : a }, { xAxis: a === b ? b + 0.5 : b }]) },
+      });
+    }
     const selected = Object.fromEntries([...named.keys()].map((n) => [n, n.endsWith(' loss') || /acc/i.test(n)]));
+    for (const [name, data] of marks) if (data.length) selected[name] = true;
+    if (spans.length) selected['out-of-range steps'] = true;
     this.chart.setOption({
       backgroundColor: 'transparent',
       animation: false,
@@ -93,115 +160,12 @@ export class Curves {
   }
 }
 
-export class Heatmap {
-  constructor(el, echarts, { onSelect } = {}) {
-    this.chart = echarts.init(el, 'dark');
-    this.onSelect = onSelect;
-    this.chart.on('click', (p) => {
-      if (p.componentType === 'series' && this.onSelect) this.onSelect(this.layers[p.data[1]]);
-    });
-    this.reset();
-    new ResizeObserver(() => this.chart.resize()).observe(el);
-  }
-
-  reset() {
-    this.layers = [];
-    this.steps = [];
-    this.values = [];
-    this.maxSteps = 0;
-  }
-
-  // data: {layers, steps, values} from /heatmap; appended when the layers are the same.
-  add(data) {
-    if (!data.layers.length) return;
-    if (data.layers.join('\n') !== this.layers.join('\n')) this.reset();
-    this.layers = data.layers;
-    this.maxSteps = Math.max(20, Math.floor(60000 / data.layers.length));
-    const last = this.steps.length ? this.steps[this.steps.length - 1] : -Infinity;
-    data.steps.forEach((s, i) => {
-      if (s > last) {
-        this.steps.push(s);
-        this.values.push(data.values[i]);
-      }
-    });
-    const extra = this.steps.length - this.maxSteps;
-    if (extra > 0) {
-      this.steps.splice(0, extra);
-      this.values.splice(0, extra);
-    }
-    this.render();
-  }
-
-  get lastStep() {
-    return this.steps.length ? this.steps[this.steps.length - 1] : null;
-  }
-
-  render() {
-    const finite = [];
-    const bad = [];
-    const zero = [];  // a gradient of exactly zero (a NaN/Inf one reads NaN or +Inf: red, in `bad`)
-    let lo = Infinity, hi = -Infinity;
-    this.values.forEach((row, x) => row.forEach((raw, y) => {
-      const v = num(raw);
-      if (v === null || v === undefined) return;
-      if (!Number.isFinite(v)) {
-        bad.push([x, y, 1, String(raw)]);
-      } else if (v > 0) {
-        const l = Math.log10(v);
-        lo = Math.min(lo, l);
-        hi = Math.max(hi, l);
-        finite.push([x, y, l, l]);  // colour value, true value
-      } else {
-        zero.push([x, y, 1]);
-      }
-    }));
-    if (!finite.length) { lo = 0; hi = 1; }
-    // Colours span the 1st to 99th percentile: one exploding step must not flatten every other cell.
-    if (finite.length > 100) {
-      const sorted = finite.map((c) => c[2]).sort((a, b) => a - b);
-      lo = sorted[Math.floor(0.01 * (sorted.length - 1))];
-      hi = sorted[Math.ceil(0.99 * (sorted.length - 1))];
-      if (hi <= lo) hi = lo + 1;
-      for (const c of finite) c[2] = Math.min(hi, Math.max(lo, c[3]));
-    }
-    const many = this.layers.length > 60;
-    this.chart.setOption({
-      backgroundColor: 'transparent',
-      animation: false,
-      tooltip: {
-        formatter: (p) => {
-          const v = p.seriesId === 'nonfinite' ? p.data[3] : p.seriesId === 'zero' ? '0' : fmt(10 ** p.data[3]);
-          return `<b>${esc(this.layers[p.data[1]])}</b><br>step ${this.steps[p.data[0]]}: gradient norm ${v}`;
-        },
-      },
-      grid: { left: many ? 40 : 110, right: 70, top: 10, bottom: 46 },
-      xAxis: { type: 'category', data: this.steps, name: 'step', ...AXIS, splitLine: { show: false } },
-      yAxis: { type: 'category', data: this.layers, inverse: true, ...AXIS, splitLine: { show: false },
-               axisLabel: { show: !many, color: '#c8ccd4', fontSize: 10 } },
-      visualMap: [
-        { type: 'continuous', seriesIndex: 0, dimension: 2, min: lo, max: hi, calculable: true, right: 0, top: 'center',
-          itemHeight: 120, text: ['log₁₀', ''], textStyle: { color: '#c8ccd4' }, inRange: { color: PALETTE } },
-        // NaN/Inf cells: a heatmap takes its colours from a visual map only.
-        { type: 'piecewise', seriesIndex: 1, dimension: 2, show: false, pieces: [{ min: 0, max: 2, color: '#ff1744' }] },
-        { type: 'piecewise', seriesIndex: 2, dimension: 2, show: false, pieces: [{ min: 0, max: 2, color: '#4a5160' }] },
-      ],
-      dataZoom: [{ type: 'inside', xAxisIndex: 0 }, { type: 'inside', yAxisIndex: 0 },
-                 { type: 'slider', xAxisIndex: 0, height: 14, bottom: 6 }],
-      series: [
-        // Drawn in one pass (the cells are capped at 60,000): no half-drawn heatmap between updates.
-        { id: 'finite', type: 'heatmap', data: finite, progressive: 0, emphasis: { itemStyle: { borderColor: '#fff', borderWidth: 1 } } },
-        { id: 'nonfinite', type: 'heatmap', data: bad, progressive: 0 },
-        { id: 'zero', type: 'heatmap', data: zero, progressive: 0 },
-      ],
-    });
-  }
-}
-
 const BUCKET_BIAS = 40;  // bucket i holds floor(log2|x|) = i - 40
 
 export class HistogramPlayer {
-  constructor(el, echarts, { slider, play, label }) {
-    this.chart = echarts.init(el, 'dark');
+  constructor(el, { slider, play, label }) {
+    this.el = el;
+    this.chart = null;
     this.slider = slider;
     this.playButton = play;
     this.label = label;
@@ -214,7 +178,12 @@ export class HistogramPlayer {
       this.show(Number(slider.value));
     });
     play.addEventListener('click', () => (this.timer ? this.pause() : this.play()));
-    new ResizeObserver(() => this.chart.resize()).observe(el);
+  }
+
+  attach(echarts) {
+    this.chart = echarts.init(this.el, 'dark');
+    new ResizeObserver(() => this.chart.resize()).observe(this.el);
+    if (this.index >= 0) this.show(this.index);
   }
 
   reset(title = '') {
@@ -223,7 +192,7 @@ export class HistogramPlayer {
     this.index = -1;
     this.title = title;
     this.follow = true;
-    this.chart.clear();
+    this.chart?.clear();
     this.slider.max = 0;
     this.slider.value = 0;
     this.label.textContent = 'no frames yet';
@@ -253,6 +222,7 @@ export class HistogramPlayer {
     }
     const total = f.counts.reduce((a, b) => a + b, 0);
     this.label.textContent = `step ${f.step} · frame ${i + 1}/${this.frames.length}` + (f.nonfinite ? ` · ${f.nonfinite} NaN/Inf` : '');
+    if (!this.chart) return;
     this.chart.setOption({
       backgroundColor: 'transparent',
       animation: this.timer !== null,  // eased between frames while playing, drawn at once otherwise
@@ -260,7 +230,7 @@ export class HistogramPlayer {
       title: { text: this.title, subtext: f.nonfinite && !total ? 'every value NaN/Inf' : '', left: 'center', top: 0,
                textStyle: { fontSize: 12, color: '#c8ccd4' }, subtextStyle: { color: '#ff5252' } },
       tooltip: { trigger: 'axis', formatter: (p) => `|x| in [${p[0].name}, 2×${p[0].name})<br>${p[0].value === '-' ? 0 : p[0].value} of ${total} values` },
-      grid: { left: 56, right: 16, top: 28, bottom: 40 },
+      grid: { left: 56, right: 16, top: 40, bottom: 40 },
       xAxis: { type: 'category', data: labels, name: '|x|', ...AXIS, axisLabel: { color: '#c8ccd4', fontSize: 10 } },
       yAxis: { type: 'log', name: 'count', min: 1, ...AXIS },
       series: [{ id: 'hist', type: 'bar', data, barCategoryGap: '8%', itemStyle: { color: f.nonfinite ? '#ff5252' : '#26828e' } }],

@@ -3,26 +3,29 @@
 // feature maps, per-channel importance as bars, a 2-D PCA projection as a scatter. Polling the listing,
 // not /snapshots/{id}, keeps the console free of a 404 per poll.
 
-import { ApiError, api, esc, fmt, num, PALETTE } from './util.js';
+import { API_TOKEN_KEY, ApiError, api, esc, fmt, num, PALETTE, READ_TOKEN_KEY } from './util.js';
 
 const AXIS = { axisLine: { lineStyle: { color: '#5c6370' } }, splitLine: { lineStyle: { color: '#2c313a' } } };
 const POLL_MS = 1000;
 const TIMEOUT_MS = 60_000;
-const TOKEN_KEY = 'gradwatch.apiToken';
 
-// POST with the API token kept in sessionStorage; on a 401 ask for it and retry.
+// POST with the API token kept in sessionStorage (else the read token: a loopback-only aggregator without an
+// API token takes what its reads take); on a 401, or the read token refused for a write (403 read_only), ask
+// for the API token and retry. Any other refusal (no API token configured beyond loopback) is shown as it is.
 async function post(path, body) {
   for (;;) {
-    const token = sessionStorage.getItem(TOKEN_KEY);
+    const apiToken = sessionStorage.getItem(API_TOKEN_KEY);
+    const token = apiToken || sessionStorage.getItem(READ_TOKEN_KEY);
     const headers = { 'Content-Type': 'application/json', Accept: 'application/json' };
     if (token) headers.Authorization = `Bearer ${token}`;
     const resp = await fetch(path, { method: 'POST', headers, body: JSON.stringify(body) });
-    if (resp.status !== 401) return api(path, Promise.resolve(resp));
-    sessionStorage.removeItem(TOKEN_KEY);
-    const given = window.prompt(`${token ? 'The API token was refused. ' : ''}This aggregator needs its API token `
+    const readOnly = resp.status === 403 && (await resp.clone().json().catch(() => ({}))).errorType === 'read_only';
+    if (resp.status !== 401 && !readOnly) return api(path, Promise.resolve(resp));
+    sessionStorage.removeItem(API_TOKEN_KEY);
+    const given = window.prompt(`${apiToken ? 'The API token was refused. ' : ''}This aggregator needs its API token `
       + '(GRADWATCH_AGGREGATOR_API_TOKEN) to take snapshots:');
     if (!given?.trim()) throw new ApiError('snapshot not requested: the aggregator needs its API token');
-    sessionStorage.setItem(TOKEN_KEY, given.trim());
+    sessionStorage.setItem(API_TOKEN_KEY, given.trim());
   }
 }
 

@@ -327,5 +327,6 @@ def test_a_sharded_run_shows_merged_layers_and_each_rank_apart(api, build, publi
     assert ranks["step"] == 1 and [r["rank"] for r in ranks["ranks"]] == [0, 1]
     assert [r["layers"]["fc1"]["grad_norm"] for r in ranks["ranks"]] == [pytest.approx(6.0), pytest.approx(8.0)]
     assert [r["loss"] for r in ranks["ranks"]] == [1.0, 2.0]
-    assert get_json(f"{base}/api/v1/runs/demo/ranks")[1]["data"] == {"step": None, "ranks": []}
+    assert get_json(f"{base}/api/v1/runs/demo/ranks")[1]["data"] == {"step": None, "ranks": [], "total": 0,
+                                                                     "offset": 0, "limit": 16, "next": None}
     assert get_json(f"{base}/api/v1/runs/nope/ranks")[0] == 404

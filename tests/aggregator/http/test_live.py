@@ -10,13 +10,16 @@ import json
 import time
 import urllib.error
 import urllib.request
+from types import SimpleNamespace
 
 import pytest
 
+from gradwatch.aggregator.http import live as live_module
 from gradwatch.aggregator.http import middleware
-from gradwatch.aggregator.http.live import FrameStore
+from gradwatch.aggregator.http.live import FrameStore, LiveHub
 from gradwatch.aggregator.http.server import serve
 from gradwatch.aggregator.http.views import alert_log
+from gradwatch.aggregator.state import RunView
 
 
 @pytest.fixture
@@ -216,3 +219,43 @@ def test_frame_store_thins_long_runs_and_keeps_the_newest():
     store.add("other", 0, {1: [None] * 4})
     store.forget("run")
     assert store.get("run") == [] and store.runs() == {"other"}
+
+
+def test_an_update_is_bounded_and_the_changes_it_left_out_follow(live, build, monkeypatch):
+    """At most MAX_UPDATE_LAYERS changed layers go in one update (a large model's changes take several ticks),
+    marked `more_layers`; the rest come with the next tick although the step did not move."""
+    base, _, _, more = live
+    monkeypatch.setattr(live_module, "MAX_UPDATE_LAYERS", 3)
+    events = Events(base, "?run=demo")
+    try:
+        first = events.next("update")
+        assert len(first["layers"]) == 3 and first["more_layers"] is True
+        rest = events.next("update")
+        assert rest["step"] == first["step"] and set(rest["layers"]) == {"head"} and "more_layers" not in rest
+        assert rest["steps"] == []  # the step's rows went with the first
+        more(build.report(2, grad={"fc2": 9.0}))
+        update = events.next("update")
+        assert "fc2" in update["layers"] and "embed" not in update["layers"]  # only what changed
+        assert [s["step"] for s in update["steps"]] == [2]
+    finally:
+        events.close()
+
+
+def test_a_multi_rank_step_closing_after_its_first_report_is_news():
+    """A multi-rank run's step moves with its first rank's report; its per-layer figures and history row come
+    when the join closes the step, a tick later: that is an update too."""
+    rows: list[dict] = []
+    hub = LiveHub(lambda: None, history=lambda run, first, last, limit: [r for r in rows if first is None
+                                                                        or r["step"] >= first])
+
+    def view(grad: float, joined: int | None) -> RunView:
+        return RunView("r", 5, 1.0, None, 1e-3, 1.0, None, 0.0, (("fc1", grad, 2.0, ()),), world_size=2,
+                       joined=SimpleNamespace(step=joined) if joined is not None else None)
+
+    row = {"step": 4, "time": 0.0, "phase": "train", "loss": 1.0, "grad_norm": 1.0, "scalars": {}}
+    rows.append(row)
+    assert [s["step"] for s in hub._update(view(1.0, 4), [])["steps"]] == [4]
+    assert hub._update(view(1.0, 4), []) is None  # nothing new
+    rows.append({**row, "step": 5})
+    update = hub._update(view(3.0, 5), [])  # step 5 joined: same step, new figures and row
+    assert [s["step"] for s in update["steps"]] == [5] and update["layers"]["fc1"]["grad_norm"] == 3.0

@@ -15,100 +15,22 @@ import shutil
 import time
 import urllib.request
 from collections import OrderedDict
-from pathlib import Path
 
 import pytest
 import redis
 
-from gradwatch.cli.redis_server import RedisServer, free_port
-from gradwatch.cli.stack import Stack, StackConfig
+from gradwatch.cli.redis_server import free_port
 from gradwatch.streams import FIELD_REGISTRATION, FIELD_REPORT, RUNS_KEY, registrations_key, reports_key
 from gradwatch.v1 import report_pb2, run_pb2
+from tests.scenarios.ui.pages import ARTIFACTS, REPO, Page, get, wait_until
 
 pytestmark = pytest.mark.e2e
 
-REPO = Path(__file__).resolve().parents[3]
-ARTIFACTS = Path(os.environ.get("GRADWATCH_ARTIFACTS") or REPO / "test-artifacts") / "ui"
-VIEWPORT = {"width": 1600, "height": 1000}
 NAN_LAYER = "fc3"
 NAN_STEP = 60
 BIG_LAYERS = 1000
 BIG_NAN_LAYER = "blocks.700.fc"
 FIRST_PAINT_BOUND_MS = 5000  # generous: a loaded 2-core CI machine; the target on a quiet one is < 1 s
-
-
-def require(what: str) -> None:
-    message = f"{what} (.ci/run installs it)"
-    if os.environ.get("GRADWATCH_REQUIRE_TOOLS", "") == "1":
-        pytest.fail(f"{message}, and GRADWATCH_REQUIRE_TOOLS=1")
-    pytest.skip(message)
-
-
-def chromium_path() -> str | None:
-    for candidate in (os.environ.get("GRADWATCH_CHROMIUM"), "chromium", "chromium-browser", "google-chrome"):
-        if candidate and (found := shutil.which(candidate)):
-            return found
-    return None
-
-
-@pytest.fixture(scope="module")
-def browser():
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        require("playwright is not installed (the test extra has it)")
-    path = chromium_path()
-    if path is None:
-        require("Chromium is not installed (Debian package chromium)")
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=path, args=["--no-sandbox", "--disable-dev-shm-usage"])
-        yield b
-        b.close()
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
-        cfg = StackConfig(redis_url=server.url, collector_listen=f"127.0.0.1:{free_port()}",
-                          collector_metrics_listen=f"127.0.0.1:{free_port()}",
-                          aggregator_metrics_listen=f"127.0.0.1:{free_port()}")
-        with Stack(cfg):
-            yield cfg, server.url
-
-
-def get(cfg: StackConfig, path: str) -> dict:
-    with urllib.request.urlopen(f"http://{cfg.aggregator_metrics_listen}{path}", timeout=5) as resp:
-        return json.load(resp)["data"]
-
-
-def wait_until(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if value := predicate():
-                return value
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-class Page:
-    """A page with every console error and uncaught exception recorded."""
-
-    def __init__(self, browser):
-        self.page = browser.new_page(viewport=VIEWPORT)
-        self.errors: list[str] = []
-        self.page.on("console", lambda m: m.type == "error" and self.errors.append(f"console: {m.text}"))
-        self.page.on("pageerror", lambda e: self.errors.append(f"exception: {e}"))
-        self.page.on("requestfailed", lambda r: "/api/v1/events" not in r.url
-                     and self.errors.append(f"request failed: {r.url} {r.failure}"))
-
-    def screenshot(self, name: str) -> Path:
-        ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        path = ARTIFACTS / name
-        self.page.screenshot(path=str(path))
-        return path
 
 
 # -- a real model with a NaN injected into one layer ---------------------------------------------------
@@ -164,7 +86,7 @@ def test_live_view_of_a_real_run_highlights_the_nan_origin(stack, browser):
     page = Page(browser)
     page.page.goto(f"http://{cfg.aggregator_metrics_listen}/#run={run}")  # / redirects to /ui/
     page.page.wait_for_function("window.gradwatch && window.gradwatch.ready", timeout=20_000)
-    layers = set(page.page.evaluate("gradwatch.charts.graph.getOption().series[0].data.map(d => d.name)"))
+    layers = set(page.page.evaluate("gradwatch.topology.visible().map(v => v[0])"))
     assert {"fc1", "fc2", "fc3", "fc4", "head"} <= layers
     assert {"act1", "act2"} <= layers  # activations are watched: the parameter-free modules are layers too
     marked = page.page.evaluate("gradwatch.topology.highlighted()")
@@ -187,8 +109,7 @@ def test_live_view_of_a_real_run_highlights_the_nan_origin(stack, browser):
     # After the NaN every gradient norm reads NaN, never 0: the header says so, and the heatmap paints those
     # cells red (its 'nonfinite' series), none in the grey of an exactly-zero gradient (its 'zero' series).
     assert "grad norm NaN" in page.page.inner_text("#run-status")
-    red, grey = page.page.evaluate("(() => { const s = gradwatch.heatmap.chart.getOption().series; "
-                                   "return [s[1].data.length, s[2].data.length]; })()")
+    red, grey = page.page.evaluate("(() => { const c = gradwatch.heatmap.counts(); return [c.nonfinite, c.zero]; })()")
     assert red >= 5 * 10 and grey == 0, (red, grey)
 
     # The alert link takes the graph to the layer; the histogram plays its frames over time.
@@ -206,6 +127,8 @@ def test_live_view_of_a_real_run_highlights_the_nan_origin(stack, browser):
     page.page.evaluate(f"gradwatch.histogram.show({before_nan})")
     page.page.click("#reset-view")
     page.page.wait_for_timeout(1000)  # the zoom eases back
+    count, overlaps = page.overlapping_labels()
+    assert count >= 9 and overlaps == [], overlaps
     shot = page.screenshot("live-view-nan.png")
     if os.environ.get("GRADWATCH_UPDATE_DOCS") == "1":
         (REPO / "docs").mkdir(exist_ok=True)
@@ -319,6 +242,8 @@ def big_report(run: str, step: int, nan: bool) -> report_pb2.StepReport:
 
 
 def test_a_1000_layer_model_paints_within_bounds(stack, browser):
+    """A flat model without a module graph (the layers chained in forward order): its 1,000 layers collapse
+    into ranges of ranges, the NaN's origin opened and marked; search and hover still answer at once."""
     cfg, redis_url = stack
     run = "ui-1000-layers"
     client = redis.Redis.from_url(redis_url)
@@ -338,28 +263,33 @@ def test_a_1000_layer_model_paints_within_bounds(stack, browser):
     page.page.wait_for_function("gradwatch.firstPaint() !== null", timeout=20_000)
     first_paint = page.page.evaluate("gradwatch.firstPaint()")
     page.page.wait_for_function("window.gradwatch.ready", timeout=20_000)
-    nodes = page.page.evaluate("gradwatch.charts.graph.getOption().series[0].data.length")
+    layers = page.page.evaluate("gradwatch.topology.tree.leaves.length")
+    shown = page.page.evaluate("gradwatch.topology.visible()")
     marked = page.page.evaluate("gradwatch.topology.highlighted()")
-    # Still interactive at this size: hovering a node shows its tooltip.
-    x, y = page.page.evaluate("(() => { const c = gradwatch.charts.graph;"
-                              " const d = c.getOption().series[0].data.find(d => d.name === 'blocks.500.fc');"
-                              " return c.convertToPixel({seriesIndex: 0}, [d.x, d.y]); })()")
-    box = page.page.eval_on_selector("#graph", "e => { const r = e.getBoundingClientRect(); return [r.x, r.y]; }")
+    # Still interactive at this size: search, then hovering the layer shows its tooltip.
+    page.page.fill("#find", "blocks.500.fc")
+    page.page.press("#find", "Enter")
+    assert page.page.evaluate("gradwatch.view.layer") == "blocks.500.fc"
+    box = page.page.eval_on_selector("[data-uid='blocks.500.fc'] .sym", "e => { const r = e.getBoundingClientRect();"
+                                     " return [r.x + r.width / 2, r.y + r.height / 2]; }")
     started = time.monotonic()
-    page.page.mouse.move(box[0] + x, box[1] + y)
+    page.page.mouse.move(*box)
     page.page.wait_for_function("document.querySelector('#graph').innerText.includes('blocks.500.fc')",
                                 timeout=10_000)
     hover_ms = (time.monotonic() - started) * 1000
+    count, overlaps = page.overlapping_labels()
     page.screenshot("live-view-1000-layers.png")
     weight = page.page.evaluate("performance.getEntriesByType('resource').concat(performance.getEntriesByType("
                                 "'navigation')).reduce((n, e) => n + (e.transferSize || 0), 0)")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     (ARTIFACTS / "first-paint.json").write_text(json.dumps({"layers": BIG_LAYERS, "first_paint_ms": first_paint,
                                                             "hover_ms": hover_ms, "transferred_bytes": weight}))
-    print(f"\n1,000-layer first paint: {first_paint:.0f} ms after navigation start; tooltip {hover_ms:.0f} ms "
+    print(f"\n1,000-layer first render: {first_paint:.0f} ms after navigation start; tooltip {hover_ms:.0f} ms "
           f"after the pointer moved; {weight / 1024:.0f} KiB transferred")
-    assert nodes == BIG_LAYERS
+    assert layers == BIG_LAYERS and len(shown) < 60  # ranges of ranges, the origin's opened
     assert [BIG_NAN_LAYER, "nonfinite", "#ff1744"] in marked
+    assert count == page.page.evaluate("(({cells, frames}) => cells.length + frames.length)(gradwatch.topology.layout)")
+    assert overlaps == [], overlaps
     assert first_paint < FIRST_PAINT_BOUND_MS
     assert page.errors == [], page.errors
     page.page.close()
