@@ -36,11 +36,20 @@ DEFAULT_DEAD_LETTER_MAXLEN = 10_000
 DEFAULT_MAX_LAYER_SERIES = 5_000
 # (layer, kind) log2-magnitude histograms on /metrics, all runs together: 16 bucket series each.
 DEFAULT_MAX_HISTOGRAM_LAYERS = 64
+# Layers per run with per-layer series on /metrics (NaN/Inf first, then the largest gradient norms): a model up to
+# this size shows every layer; a 2,000-layer one stays within the series budget of docs/architecture.md#series-budget.
+DEFAULT_METRICS_TOP_LAYERS = 256
+# 0: one series per layer. N > 0: layers fold into the first N components of their module path.
+DEFAULT_METRICS_LAYER_GROUP_DEPTH = 0
 # Reports per run kept for step-range queries (/api/v1/runs/{run}/steps): per-layer gradient norms.
 DEFAULT_HISTORY_REPORTS = 2_000
 DEFAULT_HISTORY_FULL_STEPS = 10_000  # every step of the latest ones kept; older ones fold into tiers
 DEFAULT_HISTORY_ALERT_WINDOW = 100  # steps either side of an alert kept whole
 DEFAULT_RUN_EXPIRY_S = 3600.0
+# A run's keys expire this long after its last report (aggregator/lifecycle.py). 90 days: a quarter's runs stay
+# comparable (a sweep, its follow-ups, a paper's ablations), while Redis, which holds everything in memory, stops
+# growing with every run ever made (a 100-layer run of 30,000 steps holds about 43 MB of history). 0: forever.
+DEFAULT_HISTORY_RETENTION_S = 90 * 24 * 3600.0
 DEFAULT_EXPLODING_ABS_LIMIT = 1e4
 DEFAULT_EXPLODING_RATIO = 10.0
 DEFAULT_EXPLODING_WINDOW = 50
@@ -104,7 +113,15 @@ class AggregatorConfig(Settings):
     max_layer_series: int = setting(DEFAULT_MAX_LAYER_SERIES, "per-layer series on /metrics, all runs together",
                                     form=integer(ge=1))
     max_histogram_layers: int = setting(DEFAULT_MAX_HISTOGRAM_LAYERS, "magnitude histograms on /metrics ((layer, "
-                                        "kind) pairs, all runs together)", form=integer(ge=0))
+                                        "kind) pairs, all runs together; live runs first, finished runs evicted "
+                                        "first)", form=integer(ge=0))
+    metrics_top_layers: int = setting(DEFAULT_METRICS_TOP_LAYERS, "layers (or groups) per run with per-layer series "
+                                      "on /metrics: NaN/Inf first, then those a firing alert names, then the largest "
+                                      "gradient norms (0: all)", form=integer(ge=0))
+    metrics_layer_group_depth: int = setting(DEFAULT_METRICS_LAYER_GROUP_DEPTH, "per-layer series on /metrics for "
+                                             "groups of layers, by the first N components of the module path "
+                                             "(`model.layers.3` for N=3; norms: root of summed squares, NaN/Inf "
+                                             "kept); 0: every layer its own", form=integer(ge=0))
     history_reports: int = setting(DEFAULT_HISTORY_REPORTS, "latest steps per run kept in memory for `/steps`, "
                                    "curves and the heatmap; every step is also in Redis (aggregator/history.py), "
                                    "read for older ones",
@@ -116,6 +133,11 @@ class AggregatorConfig(Settings):
                                         "at full resolution in the history", form=integer(ge=0))
     run_expiry_s: float = setting(DEFAULT_RUN_EXPIRY_S, "runs are forgotten after no report for this long",
                                   form=number(ge=0))
+    history_retention_s: float = setting(DEFAULT_HISTORY_RETENTION_S, "a run's keys in Redis (history, stream, "
+                                         "registrations) are deleted this long after its last report, and it "
+                                         "leaves the run index; 0 keeps them forever (at least twice "
+                                         "`run_expiry_s` otherwise)", form=number(ge=0),
+                                         shown="7776000 s (90 days)")
     exploding_abs_limit: float = setting(DEFAULT_EXPLODING_ABS_LIMIT, "ExplodingGradient: absolute gradient-norm "
                                          "limit (inf: off)", form=number(gt=0, inf=True))
     exploding_ratio: float = setting(DEFAULT_EXPLODING_RATIO, "ExplodingGradient: ratio to the rolling median",
@@ -148,8 +170,15 @@ class AggregatorConfig(Settings):
     webhook_retries: int = setting(DEFAULT_WEBHOOK_RETRIES, "retries of a failed webhook POST", form=integer(ge=0))
     webhook_queue_size: int = setting(DEFAULT_WEBHOOK_QUEUE_SIZE, "alert transitions waiting to be POSTed",
                                       form=integer(ge=1))
-    api_token: str | None = setting(None, "bearer token the API's one write (`POST .../snapshots`) requires",
-                                    secret=True, shown="none: anyone who reaches the port may request snapshots")
+    api_token: str | None = setting(None, "bearer token the API's one write (`POST .../snapshots`) requires; "
+                                    "it also reads", secret=True,
+                                    shown="none: snapshot requests only on a loopback-only port")
+    read_token: str | None = setting(None, "bearer token every read requires (query API, event stream, "
+                                     "/metrics; not /healthz or the page's files); the API token reads too",
+                                     secret=True, shown="none: reads are open (refused beyond loopback)")
+    allow_unauthenticated: bool = setting(False, "listen beyond loopback without `read_token`, reads open to "
+                                          "anyone who reaches the port, on purpose (snapshot requests still need "
+                                          "`api_token`)")
     generator_url: str | None = setting(None, "link Alertmanager shows next to an alert",
                                         shown="this aggregator's /metrics page")
     rules: str | None = setting(None, "TOML file of rule settings (aggregator/rules/example.toml)", flag="--rules",
@@ -190,6 +219,12 @@ class AggregatorConfig(Settings):
         if self.api_token is not None and (not self.api_token.strip() or not self.api_token.isprintable()
                                            or " " in self.api_token):
             raise _bad("api_token", "<hidden>", "a token of printable characters without spaces")
+        if self.read_token is not None and (not self.read_token.strip() or not self.read_token.isprintable()
+                                            or " " in self.read_token):
+            raise _bad("read_token", "<hidden>", "a token of printable characters without spaces")
+        if self.read_token is not None and self.read_token == self.api_token:
+            # The read token is the one handed to Prometheus and browsers: it must not also request snapshots.
+            raise _bad("read_token", "<hidden>", f"a token other than api_token ({env_name('api_token')})")
         if not self.consumer or any(c.isspace() for c in self.consumer):
             raise _bad("consumer", self.consumer, "a non-empty name without spaces")
         for name in ("read_count", "max_layer_series", "alert_stream_maxlen", "dead_letter_maxlen",
@@ -198,7 +233,7 @@ class AggregatorConfig(Settings):
             if getattr(self, name) < 1:
                 raise _bad(name, getattr(self, name), "an integer >= 1")
         for name in ("block_ms", "claim_idle_ms", "cooldown_steps", "max_histogram_layers", "history_reports",
-                     "history_alert_window",
+                     "history_alert_window", "metrics_top_layers", "metrics_layer_group_depth",
                      "alertmanager_retries",
                      "webhook_retries"):
             if getattr(self, name) < 0:
@@ -220,6 +255,12 @@ class AggregatorConfig(Settings):
             raise _bad("lease_ttl_ms", self.lease_ttl_ms,
                        f"at least two discovery intervals ({2000 * self.discover_interval_s:.0f} ms), or leases "
                        f"would expire between renewals")
+        if self.history_retention_s != 0 and not (math.isfinite(self.history_retention_s)
+                                                  and self.history_retention_s >= 2 * self.run_expiry_s):
+            # The aggregator follows a run for run_expiry_s after its last report: its keys must outlive that.
+            raise _bad("history_retention_s", self.history_retention_s,
+                       f"0 (keep forever) or a number of seconds at least twice run_expiry_s "
+                       f"({2 * self.run_expiry_s:g}), or a run's keys would expire while it is still followed")
         if self.exploding_min_history > self.exploding_window:
             raise _bad("exploding_min_history", self.exploding_min_history,
                        f"at most exploding_window ({self.exploding_window})")

@@ -95,7 +95,7 @@ class FrameHistory:
         return stride, frames
 
     def _read_table(self, run: str) -> dict[tuple[int, str], tuple[int, TensorMeta]]:
-        raw = self.client.hget(frames_key(run), TENSORS)
+        raw = self.client.hmget(frames_key(run), [TENSORS])[0]  # HMGET: the aggregator's ACL user has no HGET here
         metas = [meta_of(t) for t in history_pb2.FrameTensors.FromString(raw).tensors] if raw else []
         return {(m.kind, m.name): (i, m) for i, m in enumerate(metas)}
 

@@ -20,8 +20,10 @@ from prometheus_client import CollectorRegistry
 
 from gradwatch.aggregator.alerts.record import Alert
 from gradwatch.aggregator.alerts.sink import AlertSink
+from gradwatch.aggregator.backlog import BacklogMeter
 from gradwatch.aggregator.config import AggregatorConfig
 from gradwatch.aggregator.counters import Counters
+from gradwatch.aggregator.frames import FrameHistory
 from gradwatch.aggregator.history import HistoryStore
 from gradwatch.aggregator.http import views
 from gradwatch.aggregator.http.live import FrameStore
@@ -29,9 +31,11 @@ from gradwatch.aggregator.http.metrics import AggregatorCollector, AggregatorVie
 from gradwatch.aggregator.ingest.claim import autoclaim
 from gradwatch.aggregator.ingest.client import REDIS_ERRORS, connect, eval_many
 from gradwatch.aggregator.ingest.entries import dead_letter, decode_entry
-from gradwatch.aggregator.ingest.leases import Leases, applied_key, lease_key
+from gradwatch.aggregator.ingest.holds import Held, Holds
+from gradwatch.aggregator.ingest.leases import ROLLED_BACK, Leases
 from gradwatch.aggregator.ingest.read import read_new
 from gradwatch.aggregator.ingest.retention import lost_entries
+from gradwatch.aggregator.lifecycle import Retention
 from gradwatch.aggregator.pace import rank_paces
 from gradwatch.aggregator.rules.catalogue import RuleEngine
 from gradwatch.aggregator.state import State
@@ -70,6 +74,7 @@ class _Batch:
     acks: dict[str, list[bytes]] = field(default_factory=dict)
     applied: dict[str, _Applied] = field(default_factory=dict)  # run -> its part of the batch
     history: dict[str, list[tuple]] = field(default_factory=dict)  # run -> history rows to write first
+    frames: dict[str, tuple] = field(default_factory=dict)  # run -> (stride, frames kept, thinned out): also first
 
 
 class Aggregator:
@@ -85,12 +90,17 @@ class Aggregator:
         self._lock = threading.Lock()  # state and rules: the consumer writes, scrapes read
         self.state = State(config, self.counters, self._fetch_registration)
         self.history_store = HistoryStore(self.client)  # runs' step history in Redis (aggregator/history.py)
-        self.frames = FrameStore()  # every training report's histograms, thinned: the live view's animation
-        self.rules = RuleEngine(config, self.counters)
+        self.frame_history = FrameHistory(self.client)  # ... and the same frames in Redis (aggregator/frames.py)
+        # every training report's histograms, thinned: the live view's animation
+        self.frames = FrameStore(load=lambda run: self.frame_history.load(run)[1])
+        self.rules = RuleEngine(config, self.counters, client=self.client)  # OutOfRange reads the runs' ranges
         self.sink = AlertSink(self.client, config, self.counters)
         self.leases = Leases(self.client, config.consumer, config.lease_ttl_ms)
+        self.retention = Retention(self.client, config.history_retention_s)  # runs' keys expire (lifecycle.py)
+        self.holds = Holds()  # parts of open steps, acked when the join closes them (aggregator/ingest/holds.py)
         self.registry = registry if registry is not None else CollectorRegistry()
-        self.registry.register(AggregatorCollector(self.view))
+        self.backlog = BacklogMeter(self.client, self.counters)  # how far behind the held streams (backlog.py)
+        self.registry.register(AggregatorCollector(self.view, config, self.backlog.read))
         self._streams: dict[str, str] = {}  # stream key -> run id, for the runs this replica holds
         self._cursors: dict[str, str] = {}  # stream key -> XAUTOCLAIM cursor, carried between sweeps
         self._next_discover = 0.0
@@ -98,6 +108,7 @@ class Aggregator:
         self._fetch_retry_at = 0.0
         self._failures = 0
         self._compact_at = 0.0
+        self._renewed_at = 0.0  # when the leases were last renewed in the middle of a batch (_keep_leases)
         self._errors = DedupLog(log)
         self._stop = threading.Event()
         self._stopped = False
@@ -147,6 +158,8 @@ class Aggregator:
                 self._expire()
                 handled += self._discover()
                 self._idle()
+                self._retain()
+                self.backlog.update(self._streams)
                 self._next_discover = now + self.config.discover_interval_s
             if now >= self._next_claim and self._streams:
                 handled += self._claim()
@@ -156,9 +169,9 @@ class Aggregator:
             return handled
         except REDIS_ERRORS as e:
             self.counters.add("redis_errors")
-            if "NOGROUP" in str(e):  # a stream or its group was deleted: create them again
-                self._streams.clear()
-                self.leases.held.clear()  # re-taken (they are still ours) at the next discovery
+            if "NOGROUP" in str(e):  # a stream or its group was deleted (the run too?): read each run again
+                for run in list(self._streams.values()):
+                    self._drop(run, "its stream or consumer group is gone")
                 self._next_discover = 0.0
             self._errors.log(logging.WARNING, f"loop:{type(e).__name__}", "Redis error: %s; retrying", e)
             self._backoff()
@@ -196,6 +209,7 @@ class Aggregator:
                 checkpoint = self.leases.checkpoint(run)
                 rows = self.history_store.rows(run, limit=self.config.history_reports)
                 registrations = list(self.client.hgetall(registrations_key(run)).values())
+                stride, frames = self.frame_history.load(run)
             except BaseException:
                 # Not set up (Redis away): held but unread, these runs would never be set up again. Out of
                 # `held`, the next discovery gains them again (the lease is ours: acquiring it succeeds).
@@ -205,6 +219,7 @@ class Aggregator:
             with self._lock:
                 self.state.restore(run, checkpoint)
                 self.state.restore_history(run, rows, registrations)
+            self.frames.restore(run, stride, frames)
             self._streams[key] = run
             self._cursors[key] = "0-0"
             log.info("following run %s%s", run, " (taken over)" if checkpoint else "")
@@ -217,11 +232,14 @@ class Aggregator:
         key = reports_key(run)
         self._streams.pop(key, None)
         self._cursors.pop(key, None)
-        self.leases.held.discard(run)
+        self.leases.held.discard(run)  # the lease stays ours until it expires: the next discovery may re-gain it
+        self.leases.committed.pop(run, None)
+        self.holds.forget(run, key)
         with self._lock:
             self.state.forget(run)
             self.rules.forget(run)
         self.frames.forget(run)
+        self.frame_history.forget(run)
         self.history_store.forget(run)
         self.sink.forget(run)
         log.info("no longer following run %s: %s", run, why)
@@ -242,6 +260,7 @@ class Aggregator:
             return 0
         response = read_new(self.client, self.config.consumer, self._streams, self.config.read_count,
                             self.config.block_ms, self._stop.wait)
+        self._renewed_at = time.monotonic()  # renewed by the last commit or discovery: at most an interval ago
         batch = _Batch()
         handled = 0
         for key, entries in response:
@@ -263,6 +282,8 @@ class Aggregator:
             cursor, entries, done = autoclaim(self.client, key, self.config.consumer, min_idle_ms,
                                               self._cursors.get(key, "0-0"), self.config.read_count)
             self._cursors[key] = cursor
+            held = self.holds.ids(key)
+            entries = [e for e in entries if e[0] not in held]  # ours, waiting for their step: not taken back
             if entries:
                 self.counters.add("claimed", len(entries))
                 batch = _Batch()
@@ -276,12 +297,21 @@ class Aggregator:
     def _idle(self) -> None:
         """Time-driven rules (StalledTraining) and joined steps that timed out: their alerts are written
         like any other."""
+        batch = _Batch()
         with self._lock:
-            alerts = self.rules.evaluate_idle(time.time())
+            batch.alerts = self.rules.evaluate_idle(time.time())
             self.state.expire_joins()  # steps still waiting for a rank after join_timeout_s
-            alerts += self._joined()
-        self._commit(_Batch(alerts=alerts))  # and the history rows of steps that timed out
+            batch.alerts += self._joined(batch)
+        self._commit(batch)  # and the history rows and held entries of steps that timed out
         self._compact()
+
+    def _retain(self) -> None:
+        """A page of the retention sweep when one is due (aggregator/lifecycle.py); a failed page is read again."""
+        try:
+            self.retention.tick()
+        except REDIS_ERRORS as e:
+            self.counters.add("redis_errors")
+            self._errors.log(logging.WARNING, "retention", "cannot set the runs' expiry: %s", e)
 
     def _compact(self) -> None:
         """Folds each followed run's old history steps into tiers (aggregator/history.py), a bounded batch per
@@ -299,11 +329,19 @@ class Aggregator:
                 self.counters.add("redis_errors")
                 self._errors.log(logging.WARNING, "compact", "cannot fold the history of %s into tiers: %s", run, e)
 
-    def _joined(self) -> list[Alert]:
-        """The steps the join closed (under the lock): their merged tensors become snapshot frames, and the
-        rules judge them."""
+    def _joined(self, batch: _Batch) -> list[Alert]:
+        """The steps the join closed (under the lock): their held entries join the batch's acks, their merged
+        tensors become snapshot frames, and the rules judge them."""
         alerts: list[Alert] = []
         for joined in self.state.take_closed():
+            released = self.holds.release(joined.run, joined.step)
+            if released:
+                applied = batch.applied.setdefault(joined.run, _Applied())
+                for held in released:
+                    batch.acks.setdefault(held.stream, []).append(held.entry_id)
+                    applied.reports += 1
+                    applied.summaries += held.summaries
+                    applied.ranks.add(held.rank)
             if joined.merged is not None and joined.merged.by_kind:
                 self.frames.add(joined.run, joined.step, joined.merged.by_kind)
             alerts += self.rules.evaluate_joined(joined)
@@ -314,9 +352,15 @@ class Aggregator:
     def _handle(self, key: str, run: str, entries: list, batch: _Batch) -> int:
         acks = batch.acks.setdefault(key, [])
         applied = batch.applied.setdefault(run, _Applied())
-        for entry_id, fields in entries:
+        for i, (entry_id, fields) in enumerate(entries):
+            if i % 16 == 15:
+                self._keep_leases(batch)
             try:
-                batch.alerts.extend(self._apply(run, fields or {}, applied))
+                alerts, hold = self._apply(run, fields or {}, applied, batch)
+                batch.alerts.extend(alerts)
+                if hold is not None:
+                    self.holds.hold(run, hold[0], Held(key, entry_id, *hold[1:]))
+                    continue
             except Exception as e:  # undecodable or unexpected: park it, never retry it forever
                 self.counters.add("decode_errors")
                 reason = f"{type(e).__name__}: {e}"[:300]
@@ -327,25 +371,47 @@ class Aggregator:
             acks.append(entry_id)
         return len(entries)
 
-    def _apply(self, run: str, fields: dict, applied: _Applied) -> list[Alert]:
+    def _keep_leases(self, batch: _Batch) -> None:
+        """Renews the leases of the batch's runs when applying it has taken a third of their TTL: a batch of huge
+        reports (thousands of layers, dozens of ranks) can outlast a lease, and its commit would then be fenced off
+        and the run taken over and applied again, batch after batch. A renewal that fails is left to the commit."""
+        now = time.monotonic()
+        if now - self._renewed_at < self.config.lease_ttl_ms / 3000:
+            return
+        self._renewed_at = now
+        try:
+            self.leases.renew(sorted(batch.applied))
+        except REDIS_ERRORS as e:
+            self.counters.add("redis_errors")
+            self._errors.log(logging.WARNING, "renew", "cannot renew leases mid-batch: %s", e)
+
+    def _apply(self, run: str, fields: dict, applied: _Applied,
+               batch: _Batch) -> tuple[list[Alert], tuple[int, int, int, int] | None]:
+        """Applies one entry: its alerts, and (step, rank, sequence, summaries) when it is a part of a step still
+        open in the join, to be held (aggregator/ingest/holds.py) rather than acked."""
         item = decode_entry(run, fields)
         with self._lock:
             if isinstance(item, report_pb2.StepReport):
+                applied.ranks.add(item.rank)  # a repeat too: the commit checks its rank's watermark still holds
                 view = self.state.apply(run, item)
                 if view is None:
-                    return []
-                applied.reports += 1
-                applied.summaries += len(item.tensors)
-                applied.ranks.add(item.rank)
+                    return [], None
+                rs = self.state.runs[run]
+                hold = None
+                if view.joined and rs.join is not None and view.step in rs.join.open:
+                    hold = (view.step, item.rank, item.sequence, len(item.tensors))
+                else:
+                    applied.reports += 1
+                    applied.summaries += len(item.tensors)
                 if view.train and not view.joined and not view.late and (
-                        view.rank == 0 or view.rank == min(self.state.runs[run].ranks)):
+                        view.rank == 0 or view.rank == min(rs.ranks)):
                     self.frames.add(run, view.step, view.by_kind)  # a single-rank run's (or an unjoined) step
                 alerts = self.rules.evaluate(view)
                 if self.state.closed:  # steps of a multi-rank run this report completed
-                    alerts += self._joined()
-                return alerts
+                    alerts += self._joined(batch)
+                return alerts, hold
             self.state.register(run, item)
-            return []
+            return [], None
 
     def _fetch_registration(self, run: str, rank: int) -> bytes | None:
         now = time.monotonic()
@@ -367,11 +433,15 @@ class Aggregator:
         with self._lock:
             for run, rows in self.state.take_unsaved().items():
                 batch.history.setdefault(run, []).extend(rows)
-        while batch.history or batch.alerts or batch.dead or any(batch.acks.values()):
+        batch.frames.update(self.frames.take_changes())
+        while batch.history or batch.frames or batch.alerts or batch.dead or any(batch.acks.values()):
             try:
                 for run in list(batch.history):
                     self.history_store.save(run, batch.history[run])
                     del batch.history[run]
+                for run in list(batch.frames):
+                    self.frame_history.save(run, *batch.frames[run])
+                    del batch.frames[run]
                 if batch.alerts:
                     for run in {a.run for a in batch.alerts}:  # the steps around an alert stay whole in the history
                         self.history_store.pin(run, [a.step for a in batch.alerts if a.run == run])
@@ -403,31 +473,37 @@ class Aggregator:
         `_commit`. A commit that failed (its node down) raises after the others are taken off the batch: the
         retry runs only it, so no run's totals are added twice."""
         runs = [(key, self._streams.get(key) or self._run_of(key), ids) for key, ids in batch.acks.items() if ids]
-        calls = []
+        calls, marked = [], []
         for key, run, ids in runs:
             applied = batch.applied.get(run, _Applied())
-            with self._lock:
-                marks = self.state.watermarks(run, applied.ranks)
-            args: list = [self.config.consumer, self.config.lease_ttl_ms, AGGREGATOR_GROUP, applied.reports,
-                          applied.summaries, len(marks)]
-            for rank, (start, high) in marks.items():
-                args += [rank, start, high]
-            calls.append(([lease_key(run), key, applied_key(run)], args + ids))
+            with self._lock:  # a held part's sequence is not committed before its step closes
+                marks = self.holds.below(run, self.state.watermarks(run, applied.ranks))
+            marked.append(marks)
+            calls.append(self.leases.commit_call(run, key, AGGREGATOR_GROUP, applied.reports, applied.summaries,
+                                                 marks, ids))
         results = eval_many(self.client, self.leases.commit_script, calls) if calls else []
         failed = None
-        for (key, run, ids), result in zip(runs, results, strict=True):
+        for (key, run, ids), marks, result in zip(runs, marked, results, strict=True):
             if isinstance(result, Exception):
                 failed = failed or result
                 continue
             del batch.acks[key]
             batch.applied.pop(run, None)
-            if not result:
+            if result == ROLLED_BACK:
+                self.counters.add("redis_rollbacks")
+                log.error("Redis no longer holds commits of run %s this aggregator saw succeed (restarted from an "
+                          "older append-only file or snapshot, or a failover to a replica that lacked them): "
+                          "following the run again from what Redis kept, so its entries are applied again", run)
+                self._drop(run, "Redis lost some of its commits")
+                self._next_discover = 0.0
+            elif not result:
                 self.counters.add("lease_lost")
                 self._errors.log(logging.WARNING, f"fence:{run}",
                                  "lease of run %s lost before %d entries were acked; another replica applies them",
                                  run, len(ids))
                 self._drop(run, "its lease expired before the commit")
             else:
+                self.leases.committed_now(run, marks)
                 batch.alerts += self._lost(run, result)
         if failed is not None:
             raise failed

@@ -19,9 +19,13 @@ Key layout (every key of one run shares the hash tag {run_id}, so Redis Cluster 
   gradwatch:{<run>}:history-steps  ZSET    the history's fields scored by step, for ranges
   gradwatch:{<run>}:history-10, -100 (+ -steps)  HASH/ZSET  older steps folded into 10- and 100-step buckets
   gradwatch:{<run>}:history-pins   ZSET    steps kept whole with their window (alerts' steps)
+  gradwatch:{<run>}:history-ranges HASH    metric -> JSON {"min", "max", "set_at"}: a user's valid range of a metric
+                                           (aggregator/ranges.py; the OutOfRange rule)
   gradwatch:{<run>}:layers         HASH    layer name -> the index StepRecords use for it
+  gradwatch:{<run>}:lease, :applied        the aggregator's run lease and applied totals (aggregator/ingest/leases.py)
   gradwatch:runs                   ZSET    run id -> unix time the collector last wrote for it
-  gradwatch:alerts                 STREAM  one entry per alert transition ({"alert": JSON}), MAXLEN ~ bounded
+  gradwatch:alerts                 STREAM  one entry per alert transition ({"alert": JSON}, its "run" inside),
+                                           MAXLEN ~ bounded
 
 On a Redis Cluster (the shared setting `redis_cluster`; docs/architecture.md#redis-cluster) no command may name
 keys of two slots: each names one run's keys, or one of the cross-run keys (gradwatch:runs, gradwatch:alerts),
@@ -29,7 +33,9 @@ never both.
 
 Entries hold the bytes the agent encoded: the collector never re-encodes a report. The aggregator's own
 coordination keys (gradwatch:{<run>}:lease, :applied, gradwatch:aggregators) belong to its lease mechanism
-and are described there (aggregator/ingest/leases.py).
+and are described there (aggregator/ingest/leases.py); their names are here too, so that `run_keys` lists every
+key of a run: what `gradwatch runs delete` removes and what retention expires (aggregator/lifecycle.py). A key
+function added here must be listed there (tests/core/test_streams.py fails otherwise).
 """
 
 from __future__ import annotations
@@ -87,6 +93,10 @@ def history_steps_key(run_id: str) -> str:
     return f"gradwatch:{{{run_id}}}:history-steps"
 
 
+# The widths of the history's downsampled tiers (aggregator/history.py folds steps into them).
+HISTORY_TIERS = (10, 100)
+
+
 def tier_key(run_id: str, width: int) -> str:
     """The history's buckets of `width` steps (10, 100): bucket -> TierRecord."""
     return f"{history_key(run_id)}-{width}"
@@ -98,6 +108,17 @@ def tier_steps_key(run_id: str, width: int) -> str:
 
 def pins_key(run_id: str) -> str:
     return f"{history_key(run_id)}-pins"
+
+
+def frames_key(run_id: str) -> str:
+    """The live view's histogram frames (aggregator/frames.py); under history* for the aggregator's ACL."""
+    return f"{history_key(run_id)}-frames"
+
+
+def ranges_key(run_id: str) -> str:
+    """The valid ranges users marked for the run's metrics (aggregator/ranges.py); under history* for the
+    aggregator's ACL, which reads and writes them."""
+    return f"{history_key(run_id)}-ranges"
 
 
 def layers_key(run_id: str) -> str:
@@ -114,6 +135,31 @@ def snapshots_key(run_id: str) -> str:
 
 def dead_letter_key(run_id: str) -> str:
     return f"gradwatch:{{{run_id}}}:dead"
+
+
+def lease_key(run_id: str) -> str:
+    """The aggregator replica holding the run (aggregator/ingest/leases.py): expires on its own (PX lease TTL)."""
+    return f"gradwatch:{{{run_id}}}:lease"
+
+
+def applied_key(run_id: str) -> str:
+    """What the run's aggregator owners applied and acknowledged (aggregator/ingest/leases.py, retention.py)."""
+    return f"gradwatch:{{{run_id}}}:applied"
+
+
+def durable_keys(run_id: str) -> list[str]:
+    """The run's keys that have no expiry of their own: history retention gives them one (aggregator/lifecycle.py).
+    Not the lease (its TTL hands the run over when a replica dies), nor the snapshot keys (10 min, 1 h)."""
+    tiers = [key for width in HISTORY_TIERS for key in (tier_key(run_id, width), tier_steps_key(run_id, width))]
+    return [reports_key(run_id), registrations_key(run_id), dead_letter_key(run_id), history_key(run_id),
+            history_steps_key(run_id), *tiers, pins_key(run_id), frames_key(run_id), ranges_key(run_id),
+            layers_key(run_id), applied_key(run_id)]
+
+
+def run_keys(run_id: str) -> list[str]:
+    """Every key of the run, all under its hash tag, so in one Redis Cluster slot: the durable ones and those that
+    expire on their own. Not the cross-run keys (gradwatch:runs, gradwatch:alerts, gradwatch:aggregators)."""
+    return [*durable_keys(run_id), lease_key(run_id), snapshot_requests_key(run_id), snapshots_key(run_id)]
 
 
 # Pending snapshot requests per run, and how long requests and snapshots live in Redis.

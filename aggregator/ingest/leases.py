@@ -159,6 +159,13 @@ class Leases:
                 gained.append(run)
         return gained, lost
 
+    def renew(self, runs: list[str]) -> list[str]:
+        """Renews these leases now (a batch that takes long must not outlive them: its commit would be fenced, the
+        run taken over and the same batch applied again, forever); returns the runs whose lease is no longer ours."""
+        results = raise_first(eval_many(self.client, self._acquire,
+                                        [([lease_key(run)], [self.consumer, self.ttl_ms]) for run in runs]))
+        return [run for run, ok in zip(runs, results, strict=True) if not ok]
+
     def release(self, run: str) -> None:
         self.held.discard(run)
         self._release(keys=[lease_key(run)], args=[self.consumer])

@@ -1,4 +1,4 @@
-"""The `gradwatch` command: up, demo, collector, aggregator, grafana, gradcheck, runs."""
+"""The `gradwatch` command: up, demo, collector, aggregator, grafana, gradcheck, runs, export."""
 
 from __future__ import annotations
 
@@ -174,14 +174,60 @@ def _runs_args(parser: argparse.ArgumentParser) -> None:
             p.add_argument("runs", nargs="+", metavar="RUN")
         p.add_argument("--url", default=DEFAULT_URL, help="the aggregator's HTTP address (%(default)s)")
         p.add_argument("--json", action="store_true", help="the API's answers as JSON")
+    delete = sub.add_parser("delete", help="delete everything Redis holds of a run: keys, index entry, alerts")
+    delete.add_argument("run", metavar="RUN")
+    delete.add_argument("--force", action="store_true",
+                        help="delete a run that reported within the last hour too (aggregators still follow it)")
+    delete.add_argument("--yes", "-y", action="store_true", help="do not ask for a confirmation")
+    delete.add_argument("--redis-url", help="Redis, as a user allowed to delete the run's keys (e.g. the admin user "
+                                            "of deploy/redis/users.acl); default: GRADWATCH_REDIS_URL, else the "
+                                            "embedded Redis of gradwatch up, else the components' default")
+    delete.add_argument("--redis-cluster", action=argparse.BooleanOptionalAction, default=None,
+                        help="the Redis URL names a node of a Redis Cluster (env GRADWATCH_REDIS_CLUSTER)")
+    delete.add_argument("--data-dir", help="the data dir of gradwatch up, to find its embedded Redis (env "
+                                           "GRADWATCH_UP_DATA_DIR; default .gradwatch)")
 
 
 def cmd_runs(args) -> int:
     from gradwatch.cli import runs
 
+    if args.runs_command == "delete":
+        return runs.main_delete(args.run, redis_url=args.redis_url, cluster=args.redis_cluster,
+                                data_dir=args.data_dir, force=args.force, yes=args.yes)
     if args.runs_command == "list":
         return runs.main_list(args.url, args.json)
     return runs.main_compare(args.url, args.runs, args.json)
+
+
+def _export_args(parser: argparse.ArgumentParser) -> None:
+    from gradwatch.cli.export import FORMATS
+
+    parser.add_argument("run", metavar="RUN")
+    parser.add_argument("--format", choices=FORMATS, help="default: from --output's suffix, else parquet")
+    parser.add_argument("--output", "-o", metavar="PATH", help="default RUN.parquet or RUN.csv; - for stdout")
+    parser.add_argument("--from", dest="first", type=int, metavar="STEP", help="first step (a bucket: its first step)")
+    parser.add_argument("--to", dest="last", type=int, metavar="STEP", help="last step")
+    parser.add_argument("--wide", action="store_true",
+                        help="one row per step: a column per statistic and layer (default: one row per step, layer "
+                             "and statistic)")
+    parser.add_argument("--no-layers", dest="layers", action="store_false",
+                        help="run-level statistics only (loss, gradient norm, scalars)")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress or summary on stderr")
+    parser.add_argument("--redis-url", help="Redis, as a user allowed to read gradwatch:* (e.g. the reader user of "
+                                            "deploy/redis/users.acl); default: GRADWATCH_REDIS_URL, else the "
+                                            "embedded Redis of gradwatch up, else the components' default")
+    parser.add_argument("--redis-cluster", action=argparse.BooleanOptionalAction, default=None,
+                        help="the Redis URL names a node of a Redis Cluster (env GRADWATCH_REDIS_CLUSTER)")
+    parser.add_argument("--data-dir", help="the data dir of gradwatch up, to find its embedded Redis (env "
+                                           "GRADWATCH_UP_DATA_DIR; default .gradwatch)")
+
+
+def cmd_export(args) -> int:
+    from gradwatch.cli.export import main_export
+
+    return main_export(args.run, fmt=args.format, output=args.output, redis_url=args.redis_url,
+                       data_dir=args.data_dir, cluster=args.redis_cluster, first=args.first, last=args.last,
+                       wide=args.wide, layers=args.layers, quiet=args.quiet)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -208,13 +254,14 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("aggregator", help="run an aggregator (see gradwatch aggregator --help)", add_help=False)
     _grafana_args(sub.add_parser("grafana", help="dashboards: generate the JSON files, push them to a Grafana"))
     _gradcheck_args(sub.add_parser("gradcheck", help="check a model's gradients against central differences"))
-    _runs_args(sub.add_parser("runs", help="runs side by side, from the aggregator's API"))
+    _runs_args(sub.add_parser("runs", help="runs side by side, from the aggregator's API; delete one from Redis"))
+    _export_args(sub.add_parser("export", help="a run's history from Redis to Parquet or CSV (pandas, polars, DuckDB)"))
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         return {"up": cmd_up, "demo": cmd_demo, "grafana": cmd_grafana, "gradcheck": cmd_gradcheck,
-                "runs": cmd_runs}[args.command](args)
+                "runs": cmd_runs, "export": cmd_export}[args.command](args)
     except ConfigError as err:
         print(f"gradwatch {args.command}: {err}", file=sys.stderr)
         return 2

@@ -40,6 +40,8 @@ START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 SUPERVISE_POLL_S = 0.1
 COMPONENTS = ("redis-server", "aggregator", "collector")  # start order: downstream first
+# In the data dir while `gradwatch up` runs its embedded Redis (on a free port): how `gradwatch runs delete` finds it.
+EMBEDDED_URL_FILE = "redis.url"
 
 
 @dataclass
@@ -79,6 +81,14 @@ class StackConfig(Settings):
                 raise ConfigError(f"cannot listen on {host}:{port} ({name.replace('_', '-')}): address in use "
                                   f"(is gradwatch already running?); choose another with --{name.replace('_', '-')}")
         return self
+
+
+def embedded_redis_url(data_dir: str | os.PathLike) -> str | None:
+    """The URL of the embedded Redis that `gradwatch up` runs with this data dir; None when none is recorded."""
+    try:
+        return (Path(data_dir) / EMBEDDED_URL_FILE).read_text().strip() or None
+    except OSError:
+        return None
 
 
 def split_hostport(value: str, what: str = "address") -> tuple[str, int]:
@@ -140,6 +150,7 @@ class Stack:
             if self.redis_url is None:
                 self.redis = RedisServer(Path(cfg.data_dir) / "redis", binary=cfg.redis_server).start()
                 self.redis_url = self.redis.url
+                (Path(cfg.data_dir) / EMBEDDED_URL_FILE).write_text(self.redis_url + "\n")
                 self._up_since["redis-server"] = time.monotonic()
             # The embedded Redis is never a cluster, whatever the environment says; a given --redis-url is one
             # when GRADWATCH_REDIS_CLUSTER says so, read by both components.
@@ -147,7 +158,7 @@ class Stack:
             self._spawn("aggregator", ["--redis-url", self.redis_url, "--metrics-listen", cfg.aggregator_metrics_listen,
                                        *(["--alertmanager-url", cfg.alertmanager_url] if cfg.alertmanager_url else []),
                                        *(["--rules", cfg.rules] if cfg.rules else []), *single])
-            self._wait_http("aggregator", f"http://{cfg.aggregator_metrics_listen}/metrics")
+            self._wait_http("aggregator", f"http://{cfg.aggregator_metrics_listen}/healthz")  # open: no token
             self._spawn("collector", ["--listen", cfg.collector_listen, "--redis-url", self.redis_url,
                                       "--metrics-listen", cfg.collector_metrics_listen, *single])
             host, port = split_hostport(cfg.collector_listen)
@@ -276,6 +287,7 @@ class Stack:
             if self.redis is not None:
                 self.redis.stop()
                 self.redis = None
+                (Path(self.config.data_dir) / EMBEDDED_URL_FILE).unlink(missing_ok=True)
 
     def __enter__(self) -> Stack:
         return self.start()

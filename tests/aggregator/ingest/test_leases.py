@@ -171,3 +171,23 @@ def test_replicas_idle_before_the_runs_appear_share_them_at_once(make_aggregator
     rounds(a, b, n=3)
     assert len(a.leases.held) == len(b.leases.held) == 2
     assert sum(agg.counters.get("duplicates") for agg in (a, b)) == 0
+
+
+def test_a_batch_longer_than_the_lease_keeps_it(make_aggregator, build, publish, redis_client):
+    """Applying a batch of huge reports can take longer than the lease TTL: the leases are renewed mid-batch, so
+    its commit is not fenced off (before, the run was taken over and the same batch applied again, forever)."""
+    run = "slow"
+    publish.registration(build.registration(run=run))
+    for step in range(48):
+        publish.report(build.report(step, run=run))
+    agg = make_aggregator(lease_ttl_ms=300, discover_interval_s=60.0, claim_interval_s=60.0, read_count=100)
+    apply = agg.state.apply
+
+    def slow_apply(*args, **kwargs):  # 48 reports at 20 ms: about 1 s, three lease TTLs
+        time.sleep(0.02)
+        return apply(*args, **kwargs)
+
+    agg.state.apply = slow_apply
+    rounds(agg, n=3)
+    assert agg.counters.get("lease_lost") == 0
+    assert applied(redis_client, run)["reports"] == 48 and pending(redis_client, run) == 0
