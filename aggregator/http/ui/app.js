@@ -218,6 +218,19 @@ const markNewSteps = serialized(async () => {
 
 const refreshStats = serialized(async () => { await stats.refresh(); });
 let statsRefreshedAt = 0;
+let statsTimer = null;
+
+// At most every 2 s, and never skipping the last: an update inside the 2 s schedules one for when they are up, so
+// the panels end on the run's final step even when no event follows it.
+function scheduleStats() {
+  if (statsTimer !== null) return;
+  const wait = Math.max(0, 2000 - (performance.now() - statsRefreshedAt));
+  statsTimer = setTimeout(() => {
+    statsTimer = null;
+    statsRefreshedAt = performance.now();
+    refreshStats().catch((err) => message(err.message));
+  }, wait);
+}
 
 const refreshHistogram = serialized(async () => {
   if (!view.tensor) return;
@@ -322,10 +335,7 @@ function onUpdate(u, received = performance.now()) {
     curves.render();
     if (window.gradwatch.ready) refreshHistogram().catch((err) => message(err.message));
     if (window.gradwatch.ready) markNewSteps().catch((err) => message(err.message));
-    if (window.gradwatch.ready && performance.now() - statsRefreshedAt > 2000) {  // at most every 2 s
-      statsRefreshedAt = performance.now();
-      refreshStats().catch((err) => message(err.message));
-    }
+    if (window.gradwatch.ready) scheduleStats();
   }
   record.dom_ms = performance.now() - received;
   requestAnimationFrame(() => { record.painted_ms = performance.now() - received; });

@@ -131,7 +131,7 @@ def test_first_render_and_live_updates_at_2000_layers_and_64_ranks(runs, browser
     long_renders = first_renders(browser, cfg, LONG)
 
     page = open_run(browser, cfg, RUN)
-    page.page.wait_for_function("gradwatch.updates.length > 0", timeout=10_000)  # the catch-up after loading
+    page.page.wait_for_function("gradwatch.updates.length > 0", timeout=30_000)  # the catch-up after loading
     updates = []
     for step in range(STEPS, STEPS + UPDATES):
         big.publish_step(client, step)
