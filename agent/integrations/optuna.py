@@ -11,7 +11,7 @@
         with watch_trial(trial, model, optimizer) as watcher:       # run "<study>-trial-<number>"
             for step, (x, y) in enumerate(loader):
                 ...; optimizer.step(); watcher.step(loss=loss)
-                trial.report(loss.item(), step)
+                trial.report(loss.item(), step)                   # sync: Optuna needs a number; yours to place
                 if trial.should_prune():                            # after watcher.step: the step is judged
                     raise optuna.TrialPruned(pruner.reason(trial))
 

@@ -135,11 +135,8 @@ class Leases:
         lost: list[str] = []
         held = sorted(self.held)
         if held:  # one round trip (one per node on a cluster) renews them all
-            renewed = raise_first(eval_many(self.client, self._acquire,
-                                            [([lease_key(run)], [self.consumer, self.ttl_ms]) for run in held]))
-            for run, ok in zip(held, renewed, strict=True):
-                if not ok or run not in active:
-                    lost.append(run)
+            gone = set(self.renew(held))
+            lost += [run for run in held if run in gone or run not in active]
         for run in lost:
             self.held.discard(run)
             if run not in active:

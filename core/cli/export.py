@@ -108,7 +108,7 @@ def main_export(run: str, fmt: str | None = None, output: str | None = None, red
         return 2
     try:
         import numpy  # noqa: F401
-        import redis
+        import redis  # noqa: F401 - the export reads Redis directly: say so here if it is missing
 
         if fmt == "parquet":
             import pyarrow.parquet  # noqa: F401
@@ -117,6 +117,7 @@ def main_export(run: str, fmt: str | None = None, output: str | None = None, red
         return 2
     from gradwatch.aggregator.export import RunNotFound, RunReader, write
     from gradwatch.aggregator.ingest.client import REDIS_ERRORS
+    from gradwatch.cli.runs import redis_failure
 
     to_stdout = output == "-"
     if to_stdout and fmt == "parquet" and hasattr(out, "isatty") and out.isatty():
@@ -142,16 +143,9 @@ def main_export(run: str, fmt: str | None = None, output: str | None = None, red
     except RunNotFound as e:
         print(f"{me}: {e} (Redis at {shown}, {where}; see gradwatch runs list)", file=err)
         return 1
-    except redis.exceptions.NoPermissionError as e:
-        print(f"{me}: the Redis user of {shown} may not read the run ({e}): use one with read access to "
-              f"gradwatch:*, such as the reader user of deploy/redis/users.acl", file=err)
-        return 1
-    except (redis.ConnectionError, redis.TimeoutError) as e:
-        print(f"{me}: cannot reach Redis at {shown or 'the given URL'} ({where or '--redis-url'}): {e}; is gradwatch "
-              f"up running? (--redis-url, --data-dir)", file=err)
-        return 1
     except REDIS_ERRORS as e:
-        print(f"{me}: Redis at {shown}: {e}", file=err)
+        print(redis_failure(me, e, shown, where, "read the run: use one with read access to gradwatch:*, such as "
+                            "the reader user of deploy/redis/users.acl"), file=err)
         return 1
     finally:
         if part is not None:

@@ -172,6 +172,19 @@ def main_compare(url: str, runs: list[str], as_json: bool = False, out=None, err
     return 1 if missing else 0
 
 
+def redis_failure(me: str, e: Exception, shown: str, where: str, denied: str) -> str:
+    """The one line a command that talks to Redis directly prints for a Redis error: `denied` says what the user
+    lacked and which user to take instead."""
+    import redis
+
+    if isinstance(e, redis.exceptions.NoPermissionError):
+        return f"{me}: the Redis user of {shown} may not {denied} ({e})"
+    if isinstance(e, (redis.ConnectionError, redis.TimeoutError)):
+        return (f"{me}: cannot reach Redis at {shown or 'the given URL'} ({where or '--redis-url'}): {e}; is gradwatch "
+                f"up running? (--redis-url, --data-dir)")
+    return f"{me}: Redis at {shown}: {e}"
+
+
 def redis_target(redis_url: str | None = None, data_dir: str | None = None,
                  cluster: bool | None = None) -> tuple[str, str, bool]:
     """(url, where it came from, whether it names a Redis Cluster node) of the Redis `gradwatch up` uses, in the
@@ -249,17 +262,10 @@ def main_delete(run: str, redis_url: str | None = None, cluster: bool | None = N
     except lifecycle.RunActive as e:  # it reported between the look and the deletion
         print(f"{me}: {e} (--force)", file=err)
         return 1
-    except redis.exceptions.NoPermissionError as e:
-        print(f"{me}: the Redis user of {shown} may not delete the run ({e}): use a user allowed to UNLINK the "
-              f"run's keys, ZREM from {RUNS_KEY} and XDEL from {ALERTS_KEY}, such as the admin user of "
-              f"deploy/redis/users.acl (--redis-url redis://admin:PASSWORD@HOST:PORT/0)", file=err)
-        return 1
-    except (redis.ConnectionError, redis.TimeoutError) as e:
-        print(f"{me}: cannot reach Redis at {shown} ({where}): {e}; is gradwatch up running? (--redis-url, "
-              f"--data-dir)", file=err)
-        return 1
     except REDIS_ERRORS as e:
-        print(f"{me}: Redis at {shown}: {e}", file=err)
+        print(redis_failure(me, e, shown, where, f"delete the run: use a user allowed to UNLINK the run's keys, "
+                            f"ZREM from {RUNS_KEY} and XDEL from {ALERTS_KEY}, such as the admin user of "
+                            f"deploy/redis/users.acl (--redis-url redis://admin:PASSWORD@HOST:PORT/0)"), file=err)
         return 1
     finally:
         if client is not None:
