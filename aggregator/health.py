@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from gradwatch.aggregator.report import UNITS
+from gradwatch.aggregator.report import UNITS, sum_squares
 from gradwatch.aggregator.rules.activations import saturated_fraction
 from gradwatch.stats import HIST_BUCKETS, HIST_MIN_EXPONENT, moments
 from gradwatch.v1 import run_pb2
@@ -41,9 +41,9 @@ def layer_health(tensors: dict, layers) -> dict[str, LayerHealth]:
     param: dict[str, float] = {}
     update: dict[str, float] = {}
     for meta, s in tensors.get(PARAMETER, ()):
-        param[meta.layer] = param.get(meta.layer, 0.0) + s.sum_squares
+        param[meta.layer] = param.get(meta.layer, 0.0) + sum_squares(s)  # NaN/Inf in, NaN/Inf out: never a ratio
     for meta, s in tensors.get(UPDATE, ()):
-        update[meta.layer] = update.get(meta.layer, 0.0) + s.sum_squares
+        update[meta.layer] = update.get(meta.layer, 0.0) + sum_squares(s)
     zeros: dict[str, list[int]] = {}
     dead_units: dict[str, list[int]] = {}  # layer -> [units that never fired, units]
     sat: dict[str, list[float]] = {}

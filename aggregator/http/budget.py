@@ -4,8 +4,8 @@ left out counted and logged once per run (docs/architecture.md#series-budget).
 
   grouping  metrics_layer_group_depth N > 0: layers fold into the first N components of their module path
             (`model.layers.3.mlp.up_proj` -> `model.layers.3`). A group's norm is the root of its layers' summed
-            squares (NaN when one is NaN, else +Inf when one is +Inf: never 0); NaN/Inf counts, health fractions
-            and histograms are taken over the group's tensors, as over one layer's.
+            squares (NaN when one is NaN, else +Inf when one is +Inf: never 0); NaN/Inf counts, health fractions,
+            statistics gauges and histograms are taken over the group's tensors, as over one layer's.
   top-k     metrics_top_layers k > 0: per-layer series for k layers (or groups) of each run: those holding NaN/Inf
             first, then those a firing alert names, then the largest gradient norms; 0: every one.
   slots     max_histogram_layers (layer, kind) pairs for all runs together. Live runs (a report captured within
@@ -14,6 +14,15 @@ left out counted and logged once per run (docs/architecture.md#series-budget).
 
 Counted (gradwatch_aggregator_layers_unexported_total, gradwatch_aggregator_histograms_dropped_total) once per run:
 the most it went without at one scrape, so a run missing 10 histograms at every scrape counts 10, not 10 a scrape.
+
+What that bounds, per run with R ranks, A firing alerts, E exported layers (or groups), H histogram slots:
+
+    series ≤ 107 + A + 2·R + E·(5 + K + F) + 18·H
+
+K: tensor kinds of a layer (one nonfinite_values each); 5: grad_norm, param_norm, update_ratio, dead_fraction,
+saturated_fraction; F: the statistics gauges of the kinds beyond the default agent's (metrics.py
+_statistics_families): update_rms, activation_std and activation_grad_norm where the layer has updates, outputs and
+output gradients, and one optimizer_state_norm per state key, at most STATE_KEYS: F ≤ 5, 0 for the default agent.
 """
 
 from __future__ import annotations
@@ -33,6 +42,10 @@ log = logging.getLogger("gradwatch.aggregator")
 # A run that reported within this long (capture time, the agent's clock) is live: it is served histogram slots
 # before any finished run. Five minutes covers a report every few hundred steps and an evaluation pause.
 LIVE_S = 300.0
+# Optimizer state keys per exported layer with a gradwatch_layer_optimizer_state_norm series: the agent sends at most
+# two per parameter (Adam's exp_avg and exp_avg_sq; SGD's momentum_buffer is one), and a layer's parameters share
+# their optimizer's keys; a layer whose parameters differ (Adafactor's factored and unfactored moments) is cut here.
+STATE_KEYS = 2
 
 Layer = tuple[str, float | None, float | None, tuple[tuple[str, int], ...]]  # as RunView.layers
 

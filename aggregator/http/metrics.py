@@ -4,26 +4,34 @@
 Series exist only while their run is in the state (runs expire, layers are capped by max_layer_series), so nothing
 accumulates in long-lived labelled children; how many a run has is bounded by the series budget (budget.py:
 top-k layers, layer groups, histogram slots; the formula is in docs/architecture.md#series-budget).
+
+The statistics a richer selection sends (`full`, or the kinds one by one) get a few per-layer gauges of their own,
+taken from the same per-layer figures as the API's /tensors and /optimizer (tensorstats.layer_figures): optimizer
+state norms, the update's RMS, the norm of the output gradients and the spread of the outputs. A run whose agent
+does not send a kind has none of its gauges.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from prometheus_client.core import CounterMetricFamily, GaugeHistogramMetricFamily, GaugeMetricFamily, Metric
 
+from gradwatch.aggregator import tensorstats
 from gradwatch.aggregator.alerts.record import Alert
 from gradwatch.aggregator.backlog import Backlog
 from gradwatch.aggregator.config import AggregatorConfig
 from gradwatch.aggregator.counters import COUNTERS, HTTP_REFUSALS
 from gradwatch.aggregator.health import BOUNDS, layer_health, layer_histograms
-from gradwatch.aggregator.http.budget import SeriesBudget
+from gradwatch.aggregator.http.budget import STATE_KEYS, RunSeries, SeriesBudget
 from gradwatch.aggregator.pace import RankPace
 from gradwatch.aggregator.state import RunView
 from gradwatch.limits import EXPORTED_SCALARS
 from gradwatch.names import NOT_USER_PREFIXES
+from gradwatch.v1 import run_pb2
 
 
 @dataclass(frozen=True)
@@ -37,6 +45,10 @@ class AggregatorView:
     ranks: dict[str, tuple[RankPace, ...]] = field(default_factory=dict)  # run -> its ranks' pace
     now: float | None = None  # when the copy was taken (unix seconds); None: at scrape
 
+
+# The kinds with per-layer gauges of their own (_statistics_families): what `full` adds to the default agent's.
+STATISTICS_KINDS = frozenset({tensorstats.OPTIMIZER_STATE, tensorstats.UPDATE, run_pb2.TENSOR_KIND_ACTIVATION,
+                              run_pb2.TENSOR_KIND_ACTIVATION_GRADIENT})
 
 # Hyperparameters exported per run (the first by name), and the length of a text value's label.
 MAX_HYPERPARAMETERS = 32
@@ -153,6 +165,7 @@ class AggregatorCollector:
         yield from families.values()
         yield from (grad, param, nonfinite, update, dead, saturated, magnitude, scalar, eval_scalar, world,
                     joined_ranks, hyper, hyper_info)
+        yield from _statistics_families(snap.runs, plan)
         yield from _rank_families(snap)
         yield from _backlog_families(snap, backlog)
 
@@ -198,6 +211,43 @@ class RefusalCollector:
         for reason, count in sorted(counts.items()):
             family.add_metric([reason], count)
         return family
+
+
+def _statistics_families(runs: list[RunView], plan: dict[str, RunSeries]) -> Iterator[Metric]:
+    """Per exported layer (or group), from its tensors of a kind taken as one, exactly as /tensors and /optimizer
+    figure them: NaN and Inf as values (a norm over a NaN is NaN, a std over a NaN or an Inf NaN), never 0. At most
+    STATE_KEYS optimizer state keys per layer, the first in the report's order (Adam: exp_avg, exp_avg_sq)."""
+    state = GaugeMetricFamily("gradwatch_layer_optimizer_state_norm",
+                              "L2 norm of the optimizer's state of one key over the layer's parameters, latest "
+                              "report (Adam: exp_avg, exp_avg_sq; SGD: momentum_buffer).",
+                              labels=["run", "layer", "state"])
+    update_rms = GaugeMetricFamily("gradwatch_layer_update_rms",
+                                   "RMS of the update w_after - w_before over the layer's parameters in the latest "
+                                   "step: the effective step size (the agent sends updates).", labels=["run", "layer"])
+    grad = GaugeMetricFamily("gradwatch_layer_activation_grad_norm",
+                             "L2 norm of the gradients of the layer's outputs, latest report.", labels=["run", "layer"])
+    std = GaugeMetricFamily("gradwatch_layer_activation_std",
+                            "Standard deviation of the layer's outputs over all their elements, latest report "
+                            "(NaN when one is NaN or Inf).", labels=["run", "layer"])
+    for run in runs:
+        exported = plan[run.run]
+        if not exported.tensors or not STATISTICS_KINDS.intersection(exported.tensors):
+            continue
+        keys: dict[str, int] = {}  # layer -> state keys given a series
+        for (layer, kind, key), f in tensorstats.layer_figures(exported.tensors, STATISTICS_KINDS,
+                                                               exported.names).items():
+            if kind == "optimizer_state":
+                if keys.get(layer, 0) < STATE_KEYS:
+                    keys[layer] = keys.get(layer, 0) + 1
+                    state.add_metric([run.run, layer, key], f["norm"])
+            elif kind == "update":
+                if f["count"]:
+                    update_rms.add_metric([run.run, layer], f["norm"] / math.sqrt(f["count"]))
+            elif kind == "activation_gradient":
+                grad.add_metric([run.run, layer], f["norm"])
+            elif f["std"] is not None:
+                std.add_metric([run.run, layer], f["std"])
+    yield from (state, update_rms, grad, std)
 
 
 def _rank_families(snap: AggregatorView) -> Iterator[Metric]:

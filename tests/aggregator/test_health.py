@@ -138,3 +138,23 @@ def test_a_constant_layer_has_activation_variance_zero(build):
     (snap,) = state.views()
     health = layer_health(snap.tensors, set(build.layers))
     assert health["fc1"].activation_var == 0.0 and health["fc1"].activation_mean == pytest.approx(fields["min"])
+
+
+@pytest.mark.parametrize(("field", "expected"), [("update_nan", math.nan), ("update_inf", math.inf),
+                                                 ("weight_nan", math.nan)])
+def test_an_update_ratio_over_nan_or_inf_is_nan_or_inf_never_a_number(build, field, expected):
+    """The agent sums the squares of finite values only: a ratio read from those sums alone would be finite."""
+    state = State(AggregatorConfig(), Counters())
+    state.register(RUN, registration(build))
+    r = report(build, 0)
+    tid = build.tensor_id("fc1", "parameter") + (3 if field.startswith("update") else 0)
+    s = next(t for t in r.tensors if t.tensor_id == tid)
+    if field.endswith("nan"):
+        s.nan_count = 1
+    else:
+        s.inf_count = 1
+    state.apply(RUN, r)
+    (snap,) = state.views()
+    ratio = layer_health(snap.tensors, set(build.layers))["fc1"].update_ratio
+    assert math.isnan(ratio) if math.isnan(expected) else ratio == expected
+    assert layer_health(snap.tensors, set(build.layers))["fc2"].update_ratio == pytest.approx(0.01 / 10)

@@ -105,6 +105,25 @@ def test_optuna_pruning(tmp_path):
     assert result["registered"]["labels"] == {"study": "gradwatch-lr", "trial": "1", "model": "mlp-tanh"}
 
 
+
+def test_ray_tune(tmp_path):
+    pytest.importorskip("ray.tune")
+    result, _ = run_example("ray_tune", tmp_path)
+    trials = {t["lr"]: t for t in result["trials"]}
+    assert trials[0.8]["state"] == "STOPPED" and trials[0.8]["gradwatch_alert"] in {"ExplodingGradient", "NonFinite"}
+    assert trials[0.03]["state"] == "COMPLETE" and trials[0.03]["iterations"] == 60
+    for t in trials.values():  # stopped exactly when gradwatch raised an alert, within one step of it
+        assert t["error"] is None and (t["state"] == "STOPPED") == ("gradwatch_alert" in t), t
+        if t["state"] == "STOPPED":
+            assert 0 <= t["last_step"] - t["alert_step"] <= 1 and t["iterations"] == t["last_step"] + 1, t
+            assert t["reason"].startswith(f"gradwatch: {t['gradwatch_alert']} at step {t['alert_step']}"), t
+    # The packaged watch_trial registered the trial's config and its experiment.
+    assert result["registered"]["hyperparameters"] == {"lr": 0.8}
+    labels = result["registered"]["labels"]
+    assert labels["experiment"] == "gradwatch-lr" and labels["model"] == "mlp-tanh"
+    assert trials[0.8]["run"] == f"gradwatch-lr-{labels['trial']}"
+    assert result["stopper"] == {"errors": 0, "late": 0, "unwatched": 0}
+
 def test_hf_trainer(tmp_path):
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate")

@@ -29,9 +29,16 @@ from gradwatch.v1 import report_pb2, run_pb2
 
 NOW = 1_800_000_000.0
 KIND = {"parameter": run_pb2.TENSOR_KIND_PARAMETER, "gradient": run_pb2.TENSOR_KIND_GRADIENT,
-        "activation": run_pb2.TENSOR_KIND_ACTIVATION, "update": run_pb2.TENSOR_KIND_UPDATE}
+        "activation": run_pb2.TENSOR_KIND_ACTIVATION, "update": run_pb2.TENSOR_KIND_UPDATE,
+        "optimizer_state": run_pb2.TENSOR_KIND_OPTIMIZER_STATE,
+        "activation_gradient": run_pb2.TENSOR_KIND_ACTIVATION_GRADIENT}
+WATCHED = ("parameter", "gradient", "activation", "update")  # activations and updates watched
+FULL = tuple(KIND)  # select="full": every kind, Adam's two moments per parameter
+STATISTICS = {"gradwatch_layer_optimizer_state_norm", "gradwatch_layer_update_rms",
+              "gradwatch_layer_activation_grad_norm", "gradwatch_layer_activation_std"}
 PER_LAYER = {"gradwatch_layer_grad_norm", "gradwatch_layer_param_norm", "gradwatch_layer_nonfinite_values",
-             "gradwatch_layer_update_ratio", "gradwatch_layer_dead_fraction", "gradwatch_layer_saturated_fraction"}
+             "gradwatch_layer_update_ratio", "gradwatch_layer_dead_fraction", "gradwatch_layer_saturated_fraction",
+             *STATISTICS}
 HISTOGRAM = "gradwatch_layer_magnitude"
 
 
@@ -46,16 +53,18 @@ def summary(kind: str, norm: float = 1.0, histogram: bool = True) -> report_pb2.
 
 
 def run_view(run: str, norms: dict[str, float | None], *, t: float = NOW, kinds=("parameter", "gradient"),
-             histograms: bool = True, ranks: int = 1, **extra) -> RunView:
+             histograms: bool = True, ranks: int = 1, states=("exp_avg", "exp_avg_sq"), **extra) -> RunView:
     """A run as State.views() makes it: one latest report with `kinds` for each layer of `norms`
-    (layer -> gradient norm), in that order."""
+    (layer -> gradient norm), in that order; optimizer state as one tensor per key of `states`."""
     tensors: dict[int, list] = {}
     layers = []
     for order, (layer, norm) in enumerate(norms.items()):
         for kind in kinds:
-            meta = TensorMeta.of(f"{layer}.{kind}", KIND[kind], layer, order)
-            tensors.setdefault(KIND[kind], []).append((meta, summary(kind, 1.0 if norm is None else norm,
-                                                                     histograms)))
+            names = [f"{layer}.weight.{key}" for key in states] if kind == "optimizer_state" else [f"{layer}.{kind}"]
+            for name in names:
+                meta = TensorMeta.of(name, KIND[kind], layer, order)
+                tensors.setdefault(KIND[kind], []).append((meta, summary(kind, 1.0 if norm is None else norm,
+                                                                         histograms)))
         nonfinite = tuple((kind, 0 if norm is None or math.isfinite(norm) else 5) for kind in kinds)
         layers.append((layer, norm, 10.0, nonfinite))
     joined = JoinedStep(run, 7, t, ranks, dict.fromkeys(range(ranks)), "complete") if ranks > 1 else None
@@ -109,14 +118,18 @@ def counter(samples: list, name: str) -> float:
 @pytest.mark.parametrize(("layers", "kinds", "config", "exported", "per_layer"), [
     (4, ("parameter", "gradient"), {}, 4, 4),  # a small model, defaults: every layer, as before the budget
     (2000, ("parameter", "gradient"), {}, DEFAULT_METRICS_TOP_LAYERS, 4),  # the default agent on a big model
-    (2000, tuple(KIND), {}, DEFAULT_METRICS_TOP_LAYERS, 9),  # everything watched: K = 4 and three health gauges
+    (2000, WATCHED, {}, DEFAULT_METRICS_TOP_LAYERS, 11),  # K = 4, three health gauges, F = 2 (update, std)
+    (2000, FULL, {}, DEFAULT_METRICS_TOP_LAYERS, 16),  # select="full" with Adam: K = 6, F = 2 + 3
+    (4, FULL, {}, 4, 16),  # a small full model: every layer
     (2000, ("parameter", "gradient"), {"metrics_top_layers": 0}, 2000, 4),  # top-k off
     (2000, ("parameter", "gradient"), {"metrics_layer_group_depth": 2}, 20, 4),  # blocks.<i>: 20 groups
+    (2000, FULL, {"metrics_layer_group_depth": 2}, 20, 16),  # groups of full layers: still two state keys each
 ])
 def test_series_per_run_follow_the_documented_formula(layers, kinds, config, exported, per_layer):
     """Everything a run can have at once: 8 ranks, a joined step, more scalars and hyperparameters than exported,
     an alert of every rule, a backlog and every histogram slot. The count is the formula's
-    107 + A + 2R + E(5 + K) + 18H, with E exported layers of `per_layer` = 5 + K series where all health applies."""
+    107 + A + 2R + E(5 + K + F) + 18H, with E exported layers of `per_layer` = 5 + K + F series where all health
+    applies (F: one optimizer_state_norm per state key, update_rms, activation_std, activation_grad_norm)."""
     ranks = 8
     norms = {f"blocks.{i // 100}.layer{i % 100}": 1.0 + i for i in range(layers)}
     scalars = {f"acc{i}": 0.5 for i in range(EXPORTED_SCALARS + 5)}
@@ -130,23 +143,30 @@ def test_series_per_run_follow_the_documented_formula(layers, kinds, config, exp
     view = AggregatorView([run], firing, histogram_budget=64, ranks=paces, now=NOW)
     samples = Scraper(lambda: {"big": Backlog(3, 1, NOW - 5)}, **config)(view)
     got = per_run(samples, "big")
-    histograms = min(64, exported * len(kinds))
+    histograms = min(64, exported * len(set(kinds) - {"optimizer_state", "activation_gradient"}))
+    statistics = 2 * ("optimizer_state" in kinds) + sum(k in kinds for k in ("update", "activation",
+                                                                              "activation_gradient"))
 
     assert len(layers_of(samples, "big")) == exported
+    assert sum(got[f] for f in STATISTICS) == exported * statistics
     assert sum(got[f] for f in PER_LAYER) == exported * per_layer
     assert got[HISTOGRAM] == 18 * histograms
     assert got["gradwatch_alert_firing"] == len(rules)
     assert sum(got.values()) == 107 + len(rules) + 2 * ranks + exported * per_layer + 18 * histograms
 
 
-def test_a_2000_layer_run_stays_within_the_documented_budget():
+@pytest.mark.parametrize(("kinds", "top_k", "untrimmed"), [
+    (("parameter", "gradient"), 2299, 9275),  # the default agent
+    (FULL, 5371, 33275),  # select="full" with Adam: 16 series per layer
+])
+def test_a_2000_layer_run_stays_within_the_documented_budget(kinds, top_k, untrimmed):
     """docs/architecture.md#series-budget: 2,299 series plus its firing alerts for a 2,000-layer run of 8 ranks with
-    the default agent and settings, against 9,275 without top-k."""
-    run = run_view("big", {f"l{i}": float(i) for i in range(2000)}, ranks=8)
+    the default agent and settings (9,275 without top-k), 5,371 with select="full" (33,275)."""
+    run = run_view("big", {f"l{i}": float(i) for i in range(2000)}, kinds=kinds, ranks=8)
     view = AggregatorView([run], histogram_budget=64, ranks={"big": tuple(RankPace(r, 0.1, NOW) for r in range(8))},
                           now=NOW)
-    assert sum(per_run(scrape(view), "big").values()) <= 2299
-    assert sum(per_run(scrape(view, metrics_top_layers=0), "big").values()) <= 9275
+    assert sum(per_run(scrape(view), "big").values()) <= top_k
+    assert sum(per_run(scrape(view, metrics_top_layers=0), "big").values()) <= untrimmed
 
 
 # -- top-k and groups -----------------------------------------------------------------------------------------------
