@@ -155,7 +155,17 @@ def layers() -> db.Dashboard:
                                (f"gradwatch_layer_param_norm{{{RUN_LAYER}}}", "{{layer}} ({{run}})"), log=True))
             .with_panel(series("NaN and Inf values", (f"gradwatch_layer_nonfinite_values{{{RUN_LAYER}}}",
                                                       "{{layer}} {{kind}} ({{run}})"), width=24,
-                               description="NaN + Inf values in the layer's tensors of each kind, latest report.")))
+                               description="NaN + Inf values in the layer's tensors of each kind, latest report."))
+            .with_panel(series("Update RMS (effective step size)",
+                               (f"gradwatch_layer_update_rms{{{RUN_LAYER}}}", "{{layer}} ({{run}})"), log=True,
+                               description="RMS of each layer's Δw in the latest step (gradwatch_layer_update_rms; "
+                                           "needs select='full' or updates:on)."))
+            .with_panel(series("Optimizer state norm",
+                               (f"gradwatch_layer_optimizer_state_norm{{{RUN_LAYER}}}",
+                                "{{layer}} {{state}} ({{run}})"), log=True,
+                               description="Norm of each layer's optimizer state: Adam's exp_avg and exp_avg_sq, SGD's "
+                                           "momentum_buffer (gradwatch_layer_optimizer_state_norm; needs select='full' "
+                                           "or optimizer_state:on).")))
 
 
 ACTIVATION_RULES = "DeadReLU|SaturatedActivation|TensorVariance"
@@ -180,6 +190,16 @@ def activations() -> db.Dashboard:
             .with_panel(series("Saturated units (|y| >= 0.5, tanh-like outputs)",
                                (f"gradwatch_layer_saturated_fraction{{{RUN_LAYER}}}", "{{layer}} ({{run}})"),
                                unit="percentunit"))
+            .with_panel(series("Activation std", (f"gradwatch_layer_activation_std{{{RUN_LAYER}}}",
+                                                  "{{layer}} ({{run}})"), log=True,
+                               description="Standard deviation of each layer's outputs "
+                                           "(gradwatch_layer_activation_std)."))
+            .with_panel(series("Activation-gradient norm",
+                               (f"gradwatch_layer_activation_grad_norm{{{RUN_LAYER}}}", "{{layer}} ({{run}})"),
+                               log=True,
+                               description="Norm of the gradients of each layer's outputs "
+                                           "(gradwatch_layer_activation_grad_norm; needs select='full' or "
+                                           "activation_gradients:on)."))
             .with_panel(states("Dead and saturated units by layer (alerts)",
                                f'gradwatch_alert_firing{{{RUN_LAYER}, rule=~"{ACTIVATION_RULES}"}}',
                                "{{rule}} {{layer}} ({{run}})",
