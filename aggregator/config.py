@@ -43,6 +43,10 @@ DEFAULT_METRICS_TOP_LAYERS = 256
 DEFAULT_METRICS_LAYER_GROUP_DEPTH = 0
 # Reports per run kept for step-range queries (/api/v1/runs/{run}/steps): per-layer gradient norms.
 DEFAULT_HISTORY_REPORTS = 2_000
+# Layer-steps of history in memory over all the runs a replica holds (a step of an L-layer run is L; ~120 B each,
+# docs/sizing.md#memory-bounds): ~240 MB. 4 runs of 150 layers keep their 2,000 steps; 64 keep 208 each, the
+# rest read from Redis. 0: no budget, history_reports steps per run however many runs.
+DEFAULT_HISTORY_MEMORY_CELLS = 2_000_000
 DEFAULT_HISTORY_FULL_STEPS = 10_000  # every step of the latest ones kept; older ones fold into tiers
 DEFAULT_HISTORY_ALERT_WINDOW = 100  # steps either side of an alert kept whole
 DEFAULT_RUN_EXPIRY_S = 3600.0
@@ -95,7 +99,8 @@ class AggregatorConfig(Settings):
     consumer: str = setting(doc="consumer name in the Redis group", default_factory=default_consumer,
                             flag="--consumer", shown="`HOSTNAME-PID`")
     block_ms: int = setting(DEFAULT_BLOCK_MS, "how long a read waits when idle", form=integer(ge=0))
-    read_count: int = setting(DEFAULT_READ_COUNT, "stream entries read per batch", form=integer(ge=1))
+    read_count: int = setting(DEFAULT_READ_COUNT, "stream entries read per batch, shared out among the held "
+                                 "runs' streams", form=integer(ge=1))
     claim_idle_ms: int = setting(DEFAULT_CLAIM_IDLE_MS, "pending entries idle this long are taken over from a dead "
                                  "consumer", form=integer(ge=0))
     claim_interval_s: float = setting(DEFAULT_CLAIM_INTERVAL_S, "how often pending entries are looked at",
@@ -126,6 +131,10 @@ class AggregatorConfig(Settings):
                                    "curves and the heatmap; every step is also in Redis (aggregator/history.py), "
                                    "read for older ones",
                                    form=integer(ge=0))
+    history_memory_cells: int = setting(DEFAULT_HISTORY_MEMORY_CELLS, "layer-steps of history kept in memory over "
+                                        "all runs together (an L-layer run's step counts L): each run keeps "
+                                        "min(history_reports, max(100, this / runs / its layers)) steps in memory, "
+                                        "older ones are read from Redis (0: no budget)", form=integer(ge=0))
     history_full_steps: int = setting(DEFAULT_HISTORY_FULL_STEPS, "latest steps per run kept in Redis at full "
                                       "resolution; older training steps fold into 10- and 100-step buckets",
                                       form=integer(ge=1))
@@ -233,6 +242,7 @@ class AggregatorConfig(Settings):
             if getattr(self, name) < 1:
                 raise _bad(name, getattr(self, name), "an integer >= 1")
         for name in ("block_ms", "claim_idle_ms", "cooldown_steps", "max_histogram_layers", "history_reports",
+                     "history_memory_cells",
                      "history_alert_window", "metrics_top_layers", "metrics_layer_group_depth",
                      "alertmanager_retries",
                      "webhook_retries"):

@@ -31,6 +31,7 @@ from gradwatch.v1 import report_pb2, run_pb2
 log = logging.getLogger("gradwatch.aggregator")
 RATE_WINDOW = 10
 MAX_CURVE_SCALARS = 16  # user scalars kept per history row (the live view's accuracy curves)
+MIN_HISTORY_ROWS = 100  # steps a run keeps in memory however many runs share history_memory_cells
 
 
 class RankState:
@@ -90,6 +91,12 @@ class RunState:
         self.join: StepJoin | None = None          # only for runs of several ranks
         self.last_joined: JoinedStep | None = None
         self.unsaved: list[tuple] = []  # history rows not yet in Redis (aggregator/history.py; the service saves)
+        self.layer_count = 0  # layers of the largest rank dictionary: what a history row holds (State.size_history)
+
+    def keep_rows(self, rows: int) -> None:
+        """The in-memory history keeps the latest `rows` steps from now on (every step stays in Redis)."""
+        if self.history.maxlen != rows:
+            self.history = deque(self.history, maxlen=rows)
 
     def add_row(self, row: tuple) -> None:
         self.history.append(row)
@@ -166,6 +173,9 @@ class State:
         for meta in rank.dictionary.values():
             order[meta.layer] = min(order.get(meta.layer, meta.order), meta.order)
         rank.layer_order = order
+        if len(order) > rs.layer_count:
+            rs.layer_count = len(order)
+            self.size_history()
         rank.host = reg.host
         rank.fetched = True
         rs.world_size = max(rs.world_size, reg.world_size)
@@ -404,6 +414,16 @@ class State:
         rs = self.runs.pop(run, None)
         if rs is not None:
             self.layer_series -= len(rs.layers)
+            self.size_history()
+
+    def size_history(self) -> None:
+        """Shares history_memory_cells out among the runs held: each keeps min(history_reports, max(MIN_HISTORY_ROWS,
+        cells / runs / its layers)) steps in memory (RunState.history, a cache of Redis' history: a query beyond it
+        reads Redis). Called when a run comes, goes or registers more layers."""
+        cells, most = self.config.history_memory_cells, self.config.history_reports
+        for rs in self.runs.values():
+            share = cells // len(self.runs) // max(1, rs.layer_count)
+            rs.keep_rows(min(most, max(MIN_HISTORY_ROWS, share)) if cells else most)
 
     def views(self) -> list[RunView]:
         out = []
@@ -421,6 +441,7 @@ class State:
         rs = self.runs.get(run)
         if rs is None:
             rs = self.runs[run] = RunState(run, self.config.history_reports)
+            self.size_history()
         return rs
 
     def _fetch(self, run: str, rank_id: int, rank: RankState) -> None:

@@ -11,7 +11,10 @@ slot (the {run} hash tag), so the one XREADGROUP over every held stream that ser
                    every node written before any is read. When every slot comes back empty, the next pass waits
                    min(block_ms, IDLE_POLL_MS): an entry waits up to that much longer than on one Redis.
 
-COUNT is per stream in every case, as XREADGROUP applies it, so a batch is as large as on one Redis.
+XREADGROUP applies COUNT per stream, so `count` (the entries of one batch) is shared out among the held streams:
+each is read up to ceil(count / streams) entries, a batch at most count + streams - 1 entries whatever the number
+of runs a replica holds (its memory, docs/sizing.md#memory-bounds), the same on one Redis and on a cluster. One
+held run reads `count` entries a batch.
 """
 
 from __future__ import annotations
@@ -31,9 +34,10 @@ IDLE_POLL_MS = 50
 
 def read_new(client: redis.Redis, consumer: str, streams: Iterable[str], count: int, block_ms: int,
              wait: Callable[[float], object]) -> list:
-    """[(stream key, [(entry id, fields), ...]), ...]: new entries of `streams` for `consumer`. `wait(seconds)`
-    sleeps between a cluster's empty polls (the stop event's wait: a stop ends it)."""
+    """[(stream key, [(entry id, fields), ...]), ...]: new entries of `streams` for `consumer`, ceil(count / streams)
+    of each at most. `wait(seconds)` sleeps between a cluster's empty polls (the stop event's wait: a stop ends it)."""
     streams = list(streams)
+    count = -(-count // max(1, len(streams)))  # per stream: a batch of `count` entries over all of them
     slots: dict[int, list[str]] = {}
     if is_cluster(client):
         for key in streams:

@@ -190,3 +190,39 @@ def test_a_run_whose_setup_failed_is_set_up_at_the_next_discovery(make_aggregato
             pass
     run_all(agg)
     assert len(calls) >= 2 and [r["step"] for r in agg.history(RUN, None, None, 10)] == [0, 1, 2]
+
+
+def test_runs_share_the_history_memory_budget_and_older_steps_come_from_redis(make_aggregator, build, publish,
+                                                                             run_all):
+    """history_memory_cells = 2,400 layer-steps: one 4-layer run keeps 600 steps in memory; three share it, 200
+    each, and every one of their 300 steps is still served, the older ones from Redis. A run gone: the others
+    keep more again."""
+    runs = ["mem-a", "mem-b", "mem-c"]
+    for run in runs:
+        publish.registration(build.registration(run=run))
+        for step in range(300):
+            publish.report(build.report(step, run=run, grad={"fc1": 1.0 + step}))
+    agg = make_aggregator(history_memory_cells=2_400)
+    run_all(agg)
+    assert {run: len(agg.state.runs[run].history) for run in runs} == dict.fromkeys(runs, 200)
+    for run in runs:
+        rows = agg.history(run, 0, None, 1000)
+        assert [r["step"] for r in rows] == list(range(300))
+        assert rows[10]["layers"]["fc1"] == pytest.approx(11.0)
+    with agg._lock:
+        agg.state.forget("mem-c")
+        agg.state.forget("mem-b")
+    assert agg.state.runs["mem-a"].history.maxlen == 600
+
+
+def test_the_history_memory_budget_keeps_a_floor_of_steps_per_run(build):
+    from gradwatch.aggregator.config import AggregatorConfig
+    from gradwatch.aggregator.counters import Counters
+    from gradwatch.aggregator.state import MIN_HISTORY_ROWS, State
+
+    state = State(AggregatorConfig(history_memory_cells=10, history_reports=2_000), Counters())
+    state.register("wide", build.registration(run="wide"))
+    assert state.runs["wide"].history.maxlen == MIN_HISTORY_ROWS
+    off = State(AggregatorConfig(history_memory_cells=0, history_reports=2_000), Counters())
+    off.register("wide", build.registration(run="wide"))
+    assert off.runs["wide"].history.maxlen == 2_000
