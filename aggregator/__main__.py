@@ -78,6 +78,7 @@ def run(config: AggregatorConfig, stop: threading.Event | None = None,
     # Imported here, not at the top: a bad setting is refused before the aggregator's modules load.
     from prometheus_client import CollectorRegistry, ProcessCollector
 
+    from gradwatch.aggregator import gcpolicy
     from gradwatch.aggregator.http.server import ListenError, serve
     from gradwatch.aggregator.http.snapshots import SnapshotStore
     from gradwatch.aggregator.http.views import alert_log
@@ -125,6 +126,9 @@ def run(config: AggregatorConfig, stop: threading.Event | None = None,
     redis_at = redact(config.redis_url) + (" (a Redis Cluster)" if config.redis_cluster else "")
     log.info("aggregator %s reading %s; metrics on http://%s:%d/metrics, query API under /api/v1, live view at "
              "/ui/; alerts to %s", config.consumer, redis_at, host, server.server_port, targets)
+    # Process-wide, so here and not in Aggregator: an aggregator embedded in another program (a test, a notebook)
+    # leaves that program's garbage collection alone.
+    gcpolicy.install(config.gc_full_scan_s)  # full collections skip the long-lived state (aggregator/gcpolicy.py)
     aggregator.start()
     try:
         while not stop.wait(0.5):  # a timed wait keeps the main thread responsive to signals
@@ -132,6 +136,7 @@ def run(config: AggregatorConfig, stop: threading.Event | None = None,
         log.info("stopping: finishing the current batch")
     finally:
         aggregator.stop(timeout=10.0)
+        gcpolicy.uninstall()
         server.shutdown()
         server.server_close()
         for sig, handler in previous.items():

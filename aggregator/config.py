@@ -44,11 +44,16 @@ DEFAULT_METRICS_LAYER_GROUP_DEPTH = 0
 # Reports per run kept for step-range queries (/api/v1/runs/{run}/steps): per-layer gradient norms.
 DEFAULT_HISTORY_REPORTS = 2_000
 # Layer-steps of history in memory over all the runs a replica holds (a step of an L-layer run is L; ~120 B each,
-# docs/sizing.md#memory-bounds): ~240 MB. 4 runs of 150 layers keep their 2,000 steps; 64 keep 208 each, the
-# rest read from Redis. 0: no budget, history_reports steps per run however many runs.
-DEFAULT_HISTORY_MEMORY_CELLS = 2_000_000
+# docs/sizing.md#memory-bounds): ~960 MB. Two 2,000-layer runs keep their 2,000 steps (the live view's curves and
+# heatmap read that many: from memory they load in ~0.4 s, from Redis in over 1 s); 64 runs of 150 layers keep 833
+# each, the rest read from Redis. 0: no budget, history_reports steps per run however many runs.
+DEFAULT_HISTORY_MEMORY_CELLS = 8_000_000
 DEFAULT_HISTORY_FULL_STEPS = 10_000  # every step of the latest ones kept; older ones fold into tiers
 DEFAULT_HISTORY_ALERT_WINDOW = 100  # steps either side of an alert kept whole
+# The garbage collector walks the whole state once per this interval (aggregator/gcpolicy.py); in between, a full
+# collection walks only what became long-lived since the last one. Each whole walk is one pause (~0.5 s for a
+# 2,000-layer, 64-rank run) and frees the few garbage cycles that died frozen (uvicorn's closed connections).
+DEFAULT_GC_FULL_SCAN_S = 3600.0
 DEFAULT_RUN_EXPIRY_S = 3600.0
 # A run's keys expire this long after its last report (aggregator/lifecycle.py). 90 days: a quarter's runs stay
 # comparable (a sweep, its follow-ups, a paper's ablations), while Redis, which holds everything in memory, stops
@@ -140,6 +145,10 @@ class AggregatorConfig(Settings):
                                       form=integer(ge=1))
     history_alert_window: int = setting(DEFAULT_HISTORY_ALERT_WINDOW, "steps either side of an alert's step kept "
                                         "at full resolution in the history", form=integer(ge=0))
+    gc_full_scan_s: float = setting(DEFAULT_GC_FULL_SCAN_S, "how often the garbage collector walks the whole state "
+                                    "(one pause, ~0.5 s at 2,000 layers x 64 ranks); in between, each full "
+                                    "collection walks only what became long-lived since the last one; 0: "
+                                    "CPython's default, every full collection walks everything", form=number(ge=0))
     run_expiry_s: float = setting(DEFAULT_RUN_EXPIRY_S, "runs are forgotten after no report for this long",
                                   form=number(ge=0))
     history_retention_s: float = setting(DEFAULT_HISTORY_RETENTION_S, "a run's keys in Redis (history, stream, "
@@ -249,7 +258,7 @@ class AggregatorConfig(Settings):
             if getattr(self, name) < 0:
                 raise _bad(name, getattr(self, name), "an integer >= 0")
         for name in ("claim_interval_s", "discover_interval_s", "run_expiry_s", "alertmanager_resend_s",
-                     "keep_firing_s", "join_timeout_s"):
+                     "keep_firing_s", "join_timeout_s", "gc_full_scan_s"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise _bad(name, value, "a number of seconds >= 0")

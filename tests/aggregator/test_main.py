@@ -15,6 +15,7 @@ import urllib.request
 
 import pytest
 
+from gradwatch.aggregator import gcpolicy
 from gradwatch.aggregator.__main__ import redact, run
 from gradwatch.aggregator.config import AggregatorConfig
 from gradwatch.cli.redis_server import free_port
@@ -138,10 +139,14 @@ def test_run_in_process_stops_on_event(agg_config):
     result = []
     thread = threading.Thread(target=lambda: result.append(run(config, stop)))
     thread.start()
-    time.sleep(0.3)
+    deadline = time.monotonic() + 10
+    while gcpolicy.installed() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert gcpolicy.installed() is not None  # the process's full collections skip the long-lived state
     stop.set()
     thread.join(10)
     assert result == [0]
+    assert gcpolicy.installed() is None  # handed back at stop
 
 
 @pytest.mark.parametrize(("url", "shown"), [

@@ -110,6 +110,26 @@ def test_events_push_the_runs_new_steps_layers_and_alerts(live, build):
         events.close()
 
 
+def test_a_stream_opened_beside_another_gets_the_whole_run(live):
+    """A page loads the run, then connects: while another page of the run keeps a stream open (nothing new to tell
+    it), the new one still gets the run list and the run's whole state at the next tick, not only later changes."""
+    base, _, _, _ = live
+    first = Events(base, "?run=demo")
+    try:
+        first.next("update")
+        time.sleep(0.2)  # ticks with nothing new: the first stream is up to date
+        second = Events(base, "?run=demo")
+        try:
+            assert {r["run"] for r in second.next("runs")["runs"]} == {"demo"}
+            update = second.next("update")
+            assert update["step"] == 1 and update["layers"]["fc2"]["grad_norm"] == pytest.approx(7.0)
+            assert [s["step"] for s in update["steps"]] == [0, 1]
+        finally:
+            second.close()
+    finally:
+        first.close()
+
+
 def test_event_streams_are_bounded_and_end_on_shutdown(live):
     base, _, server, _ = live
     server.live.max_streams = 2
