@@ -56,9 +56,10 @@ def start(args: list[str], ready_url: str, kit) -> subprocess.Popen:
 
 def train_sick(collector: str) -> None:
     """A few slow steps (longer than two scrapes, so Prometheus sees the step advance) of a model with a
-    dead ReLU layer (bias -1000) and a saturated tanh (weights x100), with activations, updates and
-    evaluation losses sent, so the aggregator's DeadReLU, SaturatedActivation and
-    PoorWeightInitialization rules fire and every activation, update and validation panel has data;
+    dead ReLU layer (bias -1000) and a saturated tanh (weights x100), with everything (`full`: activations and
+    their gradients, updates, SGD's momentum) and evaluation losses sent, so the aggregator's DeadReLU,
+    SaturatedActivation and PoorWeightInitialization rules fire and every activation, update, optimizer-state
+    and validation panel has data;
     accuracies of both phases for the compared runs' accuracy columns."""
     import torch
     from torch import nn
@@ -71,8 +72,8 @@ def train_sick(collector: str) -> None:
     with torch.no_grad():
         model.fc1.weight.mul_(100)
         model.fc2.bias.fill_(-1000)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-    with gradwatch.watch(model, optimizer, run=SICK_RUN, collector=collector, select="preset:business,updates:1",
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)  # a state: the optimizer panel
+    with gradwatch.watch(model, optimizer, run=SICK_RUN, collector=collector, select="preset:full",
                          hyperparameters=HYPERPARAMETERS) as watcher:
         for step in range(14):
             loss = model(torch.randn(32, 16)).pow(2).mean()
