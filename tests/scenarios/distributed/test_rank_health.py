@@ -175,7 +175,7 @@ def test_rank_that_stops_reporting_while_ddp_peers_go_on_is_stalled(stack, redis
         scraper.join(5)
 
     transitions = wait_for(lambda: (found := alerts(redis_url, run, "RankStalled")) and found[-1]["status"] ==
-                           "resolved" and found, 10, "RankStalled firing, then resolved")
+                           "resolved" and found, 30, "RankStalled firing, then resolved")  # a loaded machine: catch-up
     assert [(a["status"], a["rank"]) for a in transitions] == [("firing", 2), ("resolved", 2)]
     fired = transitions[0]
     assert fired["step"] == SILENT.start - 1  # its last report before the silence
