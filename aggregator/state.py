@@ -8,13 +8,10 @@ and the rules on, and leaves the tensor gauges and the latest summaries as they 
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from google.protobuf.message import DecodeError
 
@@ -24,115 +21,19 @@ from gradwatch.aggregator.ingest.sequence import SequenceTracker
 from gradwatch.aggregator.join import JoinedStep, StepJoin
 from gradwatch.aggregator.merge import figures, merge_reports, nonfinite_only
 from gradwatch.aggregator.report import ReportView, TensorMeta, origins_of, unknown_tensor
+from gradwatch.aggregator.runstate import LayerState, RankState, RunState, RunView, curve_scalars
 from gradwatch.logs import DedupLog
-from gradwatch.names import EVAL, GRADCHECK_PASSED, GRADCHECK_PREFIX, NOT_USER_PREFIXES, TRAIN
+from gradwatch.names import EVAL, GRADCHECK_PASSED, GRADCHECK_PREFIX, TRAIN
 from gradwatch.v1 import report_pb2, run_pb2
 
 log = logging.getLogger("gradwatch.aggregator")
-RATE_WINDOW = 10
-MAX_CURVE_SCALARS = 16  # user scalars kept per history row (the live view's accuracy curves)
 MIN_HISTORY_ROWS = 100  # steps a run keeps in memory however many runs share history_memory_cells
 
 
-class RankState:
-    __slots__ = ("dictionary", "layer_order", "start_ns", "fetched", "seq", "rate", "host")
-
-    def __init__(self) -> None:
-        self.dictionary: dict[int, TensorMeta] | None = None
-        self.layer_order: dict[str, int] = {}
-        self.start_ns = 0
-        self.fetched = False
-        self.seq = SequenceTracker()
-        self.rate: deque[tuple[float, int]] = deque(maxlen=RATE_WINDOW)
-        self.host = ""  # from the registration: what rank-health alerts name
-
-    def steps_per_second(self) -> float | None:
-        if len(self.rate) < 2:
-            return None
-        (t0, s0), (t1, s1) = self.rate[0], self.rate[-1]
-        return (s1 - s0) / (t1 - t0) if t1 > t0 and s1 >= s0 else None
-
-
-class LayerState:
-    __slots__ = ("step", "grad_norm", "param_norm", "nonfinite")
-
-    def __init__(self) -> None:
-        self.step = -1
-        self.grad_norm: float | None = None
-        self.param_norm: float | None = None
-        self.nonfinite: dict[str, int] = {}
-
-
-class RunState:
-    def __init__(self, run: str, history: int = 0):
-        self.run = run
-        self.ranks: dict[int, RankState] = {}
-        self.world_size = 0
-        self.step = -1
-        self.phase = TRAIN
-        self.loss: float | None = None
-        self.eval_loss: float | None = None
-        self.learning_rate: float | None = None
-        self.grad_norm: float | None = None
-        self.last_report_time: float | None = None
-        self.last_seen = time.monotonic()
-        self.layers: dict[str, LayerState] = {}
-        self.scalars: dict[str, float] = {}       # user scalars of the latest training report
-        self.eval_scalars: dict[str, float] = {}  # ... and of the latest evaluation report
-        self.tensors: dict[int, list[tuple[TensorMeta, report_pb2.TensorSummary]]] = {}  # latest training report
-        # Recent steps, for step-range queries: the reports of a single-rank run (the lowest rank's evaluation
-        # reports too), the joined, merged steps of a multi-rank run: (step, capture time, train, loss, global
-        # grad norm, layer -> grad norm, curve scalars such as accuracy, layer -> param norm)
-        self.history: deque[tuple[int, float, bool, float | None, float | None, dict[str, float],
-                                  dict[str, float], dict[str, float]]] = deque(maxlen=history)
-        self.topology: run_pb2.ModelGraph | None = None  # the module graph, when an agent sent one
-        self.hyperparameters: dict[str, float | int | str | bool | None] = {}  # from the registration
-        self.labels: dict[str, str] = {}
-        self.join: StepJoin | None = None          # only for runs of several ranks
-        self.last_joined: JoinedStep | None = None
-        self.unsaved: list[tuple] = []  # history rows not yet in Redis (aggregator/history.py; the service saves)
-        self.layer_count = 0  # layers of the largest rank dictionary: what a history row holds (State.size_history)
-
-    def keep_rows(self, rows: int) -> None:
-        """The in-memory history keeps the latest `rows` steps from now on (every step stays in Redis)."""
-        if self.history.maxlen != rows:
-            self.history = deque(self.history, maxlen=rows)
-
-    def add_row(self, row: tuple) -> None:
-        self.history.append(row)
-        self.unsaved.append(row)
-
-
-@dataclass(frozen=True, slots=True)
-class RunView:
-    run: str
-    step: int
-    loss: float | None
-    eval_loss: float | None
-    learning_rate: float | None
-    grad_norm: float | None
-    steps_per_second: float | None
-    last_report_time: float | None
-    # (layer, grad norm, param norm, ((kind, non-finite count), ...))
-    layers: tuple[tuple[str, float | None, float | None, tuple[tuple[str, int], ...]], ...]
-    world_size: int = 0
-    ranks: tuple[int, ...] = ()  # ranks that registered or reported
-    joined: JoinedStep | None = None  # the latest step closed by the cross-rank join (world_size > 1)
-    scalars: dict[str, float] = field(default_factory=dict)
-    eval_scalars: dict[str, float] = field(default_factory=dict)
-    # the latest training report's summaries by kind (never mutated: safe to read outside the lock)
-    tensors: dict[int, list[tuple[TensorMeta, report_pb2.TensorSummary]]] = field(default_factory=dict)
-    hyperparameters: dict[str, float | int | str | bool | None] = field(default_factory=dict)
-    labels: dict[str, str] = field(default_factory=dict)
-
-
-def curve_scalars(scalars: dict[str, float]) -> dict[str, float]:
-    """The user scalars worth a curve (accuracy, ...): not label counts or learning rates, at most
-    MAX_CURVE_SCALARS of them."""
-    if not scalars:
-        return {}
-    return dict(itertools.islice(((k, v) for k, v in scalars.items() if not k.startswith(NOT_USER_PREFIXES)),
-                                 MAX_CURVE_SCALARS))
+def history_rows(cells: int, runs: int, layers: int, most: int) -> int:
+    """Steps of history a run of `layers` layers keeps in memory when `runs` runs share `cells` layer-steps (0: no
+    budget): at most `most` (history_reports), at least MIN_HISTORY_ROWS."""
+    return min(most, max(MIN_HISTORY_ROWS, cells // max(1, runs) // max(1, layers))) if cells else most
 
 
 class State:
@@ -420,10 +321,9 @@ class State:
         """Shares history_memory_cells out among the runs held: each keeps min(history_reports, max(MIN_HISTORY_ROWS,
         cells / runs / its layers)) steps in memory (RunState.history, a cache of Redis' history: a query beyond it
         reads Redis). Called when a run comes, goes or registers more layers."""
-        cells, most = self.config.history_memory_cells, self.config.history_reports
         for rs in self.runs.values():
-            share = cells // len(self.runs) // max(1, rs.layer_count)
-            rs.keep_rows(min(most, max(MIN_HISTORY_ROWS, share)) if cells else most)
+            rs.keep_rows(history_rows(self.config.history_memory_cells, len(self.runs), rs.layer_count,
+                                      self.config.history_reports))
 
     def views(self) -> list[RunView]:
         out = []

@@ -44,7 +44,7 @@ from gradwatch.aggregator.http.responses import backend, error, flag_arg, int_ar
 from gradwatch.aggregator.http.views import input_stats, num
 from gradwatch.aggregator.join import JoinedStep
 from gradwatch.aggregator.merge import figures, root
-from gradwatch.aggregator.state import RunView
+from gradwatch.aggregator.runstate import RunView
 from gradwatch.names import LABELS_PREFIX
 
 # Page sizes (?limit=) of the lists that grow with a model's layers, steps and ranks: default, maximum.

@@ -35,7 +35,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
 from gradwatch.aggregator.health import HIST_KINDS
-from gradwatch.aggregator.state import RunView
+from gradwatch.aggregator.runstate import RunView
 
 log = logging.getLogger("gradwatch.aggregator")
 

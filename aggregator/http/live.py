@@ -21,7 +21,7 @@ from gradwatch.aggregator.http.events import EventStream, sse
 from gradwatch.aggregator.http.metrics import AggregatorView
 from gradwatch.aggregator.http.views import layer_stats, num
 from gradwatch.aggregator.report import KIND_NAMES
-from gradwatch.aggregator.state import RunView
+from gradwatch.aggregator.runstate import RunView
 from gradwatch.logs import DedupLog
 
 log = logging.getLogger("gradwatch.aggregator.http.live")
@@ -182,7 +182,7 @@ class LiveHub:
         self._sent: dict[str, dict] = {}  # run -> what the streams were last told: step, layers, alerts
         # Streams opened since the last tick: their runs (and the run list) are sent whole at the next one. A page
         # loads the run through the API and then connects: what changed in between reaches it only this way.
-        self._joined: set[str | None] = set()
+        self._opened: set[str | None] = set()
         self._runs_sent: list | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -218,7 +218,7 @@ class LiveHub:
                 return None
             stream = EventStream(run, loop)
             self._streams.add(stream)
-            self._joined.add(run)
+            self._opened.add(run)
             return stream
 
     def close(self, stream: EventStream) -> None:
@@ -251,10 +251,10 @@ class LiveHub:
             self.frame_store.settle()
         with self._lock:
             streams = list(self._streams)
-            joined, self._joined = self._joined, set()
-        if joined:
+            opened, self._opened = self._opened, set()
+        if opened:
             self._runs_sent = None
-            for run in joined:
+            for run in opened:
                 self._sent.pop(run, None)
         for run in [r for r in self._sent if r not in runs]:
             del self._sent[run]

@@ -28,7 +28,7 @@ from gradwatch.aggregator.counters import COUNTERS, HTTP_REFUSALS
 from gradwatch.aggregator.health import BOUNDS, layer_health, layer_histograms
 from gradwatch.aggregator.http.budget import STATE_KEYS, RunSeries, SeriesBudget
 from gradwatch.aggregator.pace import RankPace
-from gradwatch.aggregator.state import RunView
+from gradwatch.aggregator.runstate import RunView
 from gradwatch.limits import EXPORTED_SCALARS
 from gradwatch.names import NOT_USER_PREFIXES
 from gradwatch.v1 import run_pb2

@@ -28,7 +28,7 @@ from gradwatch.aggregator.http.responses import backend, error, int_arg, ok, que
 from gradwatch.aggregator.http.views import num
 from gradwatch.aggregator.ingest.client import REDIS_ERRORS
 from gradwatch.aggregator.ranges import MAX_RANGES, RangeStore, make_range, mark
-from gradwatch.aggregator.state import RunView
+from gradwatch.aggregator.runstate import RunView
 
 DEFAULT_LIMIT = 500
 MAX_LIMIT = 5000

@@ -13,7 +13,7 @@ from types import MappingProxyType
 
 from gradwatch.aggregator.alerts.record import json_number
 from gradwatch.aggregator.health import layer_health
-from gradwatch.aggregator.state import RunState, RunView
+from gradwatch.aggregator.runstate import RunState, RunView
 from gradwatch.names import EVAL, TRAIN, split_channel
 from gradwatch.stats import summary_moments
 from gradwatch.streams import ALERTS_KEY, FIELD_ALERT

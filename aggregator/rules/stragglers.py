@@ -17,7 +17,7 @@ from gradwatch.aggregator.pace import seconds_per_step
 from gradwatch.aggregator.report import ReportView
 from gradwatch.aggregator.rules.base import RUN_LAYER, WARNING, Rule
 from gradwatch.aggregator.rules.loss import _At
-from gradwatch.aggregator.state import RATE_WINDOW
+from gradwatch.aggregator.runstate import RATE_WINDOW
 
 MAX_NAMED = 8  # other ranks listed by number in one sentence
 

@@ -179,12 +179,17 @@ def _runs_args(parser: argparse.ArgumentParser) -> None:
     delete.add_argument("--force", action="store_true",
                         help="delete a run that reported within the last hour too (aggregators still follow it)")
     delete.add_argument("--yes", "-y", action="store_true", help="do not ask for a confirmation")
-    delete.add_argument("--redis-url", help="Redis, as a user allowed to delete the run's keys (e.g. the admin user "
-                                            "of deploy/redis/users.acl); default: GRADWATCH_REDIS_URL, else the "
-                                            "embedded Redis of gradwatch up, else the components' default")
-    delete.add_argument("--redis-cluster", action=argparse.BooleanOptionalAction, default=None,
+    _redis_args(delete, "delete the run's keys (e.g. the admin user")
+
+
+def _redis_args(parser: argparse.ArgumentParser, allowed: str) -> None:
+    """Where the commands that go to Redis directly (runs delete, export) find it, and as whom."""
+    parser.add_argument("--redis-url", help=f"Redis, as a user allowed to {allowed} of deploy/redis/users.acl); "
+                                            "default: GRADWATCH_REDIS_URL, else the embedded Redis of gradwatch up, "
+                                            "else the components' default")
+    parser.add_argument("--redis-cluster", action=argparse.BooleanOptionalAction, default=None,
                         help="the Redis URL names a node of a Redis Cluster (env GRADWATCH_REDIS_CLUSTER)")
-    delete.add_argument("--data-dir", help="the data dir of gradwatch up, to find its embedded Redis (env "
+    parser.add_argument("--data-dir", help="the data dir of gradwatch up, to find its embedded Redis (env "
                                            "GRADWATCH_UP_DATA_DIR; default .gradwatch)")
 
 
@@ -213,13 +218,7 @@ def _export_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-layers", dest="layers", action="store_false",
                         help="run-level statistics only (loss, gradient norm, scalars)")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress or summary on stderr")
-    parser.add_argument("--redis-url", help="Redis, as a user allowed to read gradwatch:* (e.g. the reader user of "
-                                            "deploy/redis/users.acl); default: GRADWATCH_REDIS_URL, else the "
-                                            "embedded Redis of gradwatch up, else the components' default")
-    parser.add_argument("--redis-cluster", action=argparse.BooleanOptionalAction, default=None,
-                        help="the Redis URL names a node of a Redis Cluster (env GRADWATCH_REDIS_CLUSTER)")
-    parser.add_argument("--data-dir", help="the data dir of gradwatch up, to find its embedded Redis (env "
-                                           "GRADWATCH_UP_DATA_DIR; default .gradwatch)")
+    _redis_args(parser, "read gradwatch:* (e.g. the reader user")
 
 
 def cmd_export(args) -> int:

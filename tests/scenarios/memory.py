@@ -14,7 +14,7 @@ from pathlib import Path
 
 from gradwatch.aggregator.config import DEFAULT_HISTORY_MEMORY_CELLS
 from gradwatch.aggregator.http.live import FRAME_SUMMARY_BUDGET, MAX_FRAMES, MIN_FRAMES
-from gradwatch.aggregator.state import MIN_HISTORY_ROWS
+from gradwatch.aggregator.state import history_rows
 
 REPO = Path(__file__).resolve().parents[2]
 SIZING = REPO / "docs" / "sizing.md"
@@ -59,12 +59,6 @@ def frames_kept(run: RunShape, runs: int) -> int:
     return min(MAX_FRAMES, max(MIN_FRAMES, FRAME_SUMMARY_BUDGET // runs // run.tensors), run.steps)
 
 
-def history_rows(run: RunShape, runs: int, history_reports: int, history_cells: int) -> int:
-    """Steps of the run's history in memory: its share of history_memory_cells (aggregator/state.py size_history)."""
-    share = min(history_reports, max(MIN_HISTORY_ROWS, history_cells // runs // max(1, run.layers)))
-    return min(run.steps, share if history_cells else history_reports)
-
-
 def aggregator_bound(runs: list[RunShape], entry_bytes: int, read_count: int, history_reports: int,
                      history_cells: int = DEFAULT_HISTORY_MEMORY_CELLS) -> float:
     """Bytes: one aggregator process holding `runs`, stream entries of at most `entry_bytes`."""
@@ -73,8 +67,8 @@ def aggregator_bound(runs: list[RunShape], entry_bytes: int, read_count: int, hi
     total = c["B_a"] + c["k_b"] * entry_bytes * -(-read_count // len(runs)) * len(runs)
     for run in runs:
         reports = run.frame_ranks * (frames_kept(run, len(runs)) + 1) + run.ranks * (run.open_steps + 1)
-        total += c["k_r"] * entry_bytes * reports + c["h"] * run.layers * history_rows(run, len(runs), history_reports,
-                                                                                        history_cells)
+        total += c["k_r"] * entry_bytes * reports + c["h"] * run.layers * min(run.steps, history_rows(
+            history_cells, len(runs), run.layers, history_reports))
         total += run.tensors * (c["m_t"] + c["m_rt"] * run.ranks)
     return total
 

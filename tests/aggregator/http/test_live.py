@@ -19,7 +19,7 @@ from gradwatch.aggregator.http import middleware
 from gradwatch.aggregator.http.live import FrameStore, LiveHub
 from gradwatch.aggregator.http.server import serve
 from gradwatch.aggregator.http.views import alert_log
-from gradwatch.aggregator.state import RunView
+from gradwatch.aggregator.runstate import RunView
 
 
 @pytest.fixture

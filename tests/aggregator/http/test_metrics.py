@@ -13,7 +13,7 @@ from gradwatch.aggregator.http.metrics import (
     AggregatorCollector,
     AggregatorView,
 )
-from gradwatch.aggregator.state import RunView
+from gradwatch.aggregator.runstate import RunView
 
 RUN = RunView("demo", 12, 0.5, None, 1e-3, 2.0, 3.5, 1_700_000_000.0,
                   (("fc1", 1.5, 10.0, (("gradient", 0), ("parameter", 2))), ("fc2", None, 3.0, ())))

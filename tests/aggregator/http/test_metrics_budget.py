@@ -23,7 +23,7 @@ from gradwatch.aggregator.join import JoinedStep
 from gradwatch.aggregator.pace import RankPace
 from gradwatch.aggregator.report import TensorMeta
 from gradwatch.aggregator.rules.catalogue import RuleEngine
-from gradwatch.aggregator.state import RunView
+from gradwatch.aggregator.runstate import RunView
 from gradwatch.limits import EXPORTED_SCALARS
 from gradwatch.v1 import report_pb2, run_pb2
 
