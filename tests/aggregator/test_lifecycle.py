@@ -38,7 +38,7 @@ from gradwatch.streams import (
 )
 from gradwatch.v1.ingest_service_pb2 import ExportRequest
 from gradwatch.v1.snapshot_pb2 import Snapshot, SnapshotKind
-from tests.fixtures.aggregator import Build, Publisher, drain, redis_7_binary
+from tests.fixtures.aggregator import Build, Publisher, drain, redis_7_binary, require_redis_7_binary
 
 RUNS = ("life-a", "life-b")
 STEPS = 125  # with history_full_steps 2: steps fold into 10- and 100-step buckets
@@ -338,9 +338,7 @@ ACL_FILE = Path(__file__).resolve().parents[2] / "deploy" / "redis" / "users.acl
 @pytest.fixture
 def acl_server(tmp_path):
     """A Redis 7 loaded with deploy/redis/users.acl (passwords added as deploy/redis/README.md says)."""
-    binary = redis_7_binary()
-    if binary is None:
-        pytest.skip("users.acl needs redis-server 7 or newer")
+    binary = require_redis_7_binary("users.acl")
     text = ACL_FILE.read_text()
     for user in ("aggregator", "admin"):
         digest = hashlib.sha256(f"pw-{user}".encode()).hexdigest()

@@ -136,12 +136,9 @@ def test_the_aggregator_user_may_keep_ranges(tmp_path):
     """deploy/redis/users.acl: the aggregator's user reads, writes and deletes ranges (its history* selector), the
     read-only user reads them; no denial in the ACL log."""
     from tests.deploy.test_redis_acl import AclRedis
-    from tests.fixtures.aggregator import redis_7_binary
+    from tests.fixtures.aggregator import require_redis_7_binary
 
-    binary = redis_7_binary()
-    if binary is None:
-        pytest.skip("the ACL file needs redis-server 7 or newer")
-    server = AclRedis(tmp_path, binary)
+    server = AclRedis(tmp_path, require_redis_7_binary("the ACL file"))
     server.server.start()
     try:
         store = RangeStore(server.client("aggregator"))

@@ -36,27 +36,11 @@ COMPOSE_VARIABLES = ("GRADWATCH_", "GRAFANA_")
 CRD_PACKAGE = "@kubernetes-models/prometheus-operator@6.0.0"
 
 
-def redis_7() -> str | None:
-    """A redis-server of version 7 or newer (users.acl scopes commands to keys with ACL selectors, 7.0+):
-    GRADWATCH_REDIS_SERVER, then PATH, then Debian's."""
-    for path in (os.environ.get("GRADWATCH_REDIS_SERVER"), shutil.which("redis-server"), "/usr/bin/redis-server"):
-        if not path or not os.path.exists(path):
-            continue
-        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10).stdout
-        match = re.search(r"v=(\d+)\.", out)
-        if match and int(match.group(1)) >= 7:
-            return path
-    return None
-
-
 def require_redis_7() -> str:
-    binary = redis_7()
-    if binary is None:
-        reason = "users.acl needs redis-server 7 or newer (Debian 12's redis-server; .ci/run installs it)"
-        if os.environ.get("CI") or require_tools():
-            pytest.fail(reason)
-        pytest.skip(reason)
-    return binary
+    """A redis-server of version 7 or newer (users.acl scopes commands to keys with ACL selectors, 7.0+)."""
+    from tests.fixtures.aggregator import require_redis_7_binary
+
+    return require_redis_7_binary("users.acl")
 
 
 def require_tools() -> bool:

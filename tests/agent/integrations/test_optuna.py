@@ -12,11 +12,9 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-import torch
-from torch import nn
 
 from gradwatch.cli.redis_server import free_port
-from gradwatch.cli.stack import Stack, StackConfig
+from tests.agent.integrations.tuners import LEARNING_RATES, regression
 
 optuna = pytest.importorskip("optuna")
 
@@ -24,38 +22,12 @@ from gradwatch.agent.integrations.alerts import AggregatorError, AlertReader  # 
 from gradwatch.agent.integrations.optuna import GradwatchPruner, run_id, watch_trial  # noqa: E402
 
 STEPS = 30
-LEARNING_RATES = (0.01, 3.0, 0.03)  # the second diverges: its gradient norm passes ExplodingGradient's 1e4
-
-
-@pytest.fixture
-def stack(redis_url, monkeypatch):
-    # A trial's run is new to the aggregator: look for new runs five times a second (default: once).
-    monkeypatch.setenv("GRADWATCH_AGGREGATOR_DISCOVER_INTERVAL_S", "0.2")
-    cfg = StackConfig(redis_url=redis_url, collector_listen=f"127.0.0.1:{free_port()}",
-                      collector_metrics_listen=f"127.0.0.1:{free_port()}",
-                      aggregator_metrics_listen=f"127.0.0.1:{free_port()}", log_level="ERROR")
-    with Stack(cfg):
-        yield cfg
 
 
 def objective(trial, pruner: GradwatchPruner, collector: str) -> float:
-    lr = trial.suggest_float("lr", 1e-3, 10.0, log=True)
-    torch.manual_seed(0)
-    generator = torch.Generator().manual_seed(0)
-    teacher = nn.Linear(16, 1)
-    model = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 1))
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    model, optimizer, train = regression(trial.suggest_float("lr", 1e-3, 10.0, log=True))
     with watch_trial(trial, model, optimizer, collector=collector, labels={"model": "mlp"}) as watcher:
-        for step in range(STEPS):
-            x = torch.randn(32, 16, generator=generator)
-            with torch.no_grad():
-                y = 3 * teacher(x)
-            loss = nn.functional.mse_loss(model(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            watcher.step(loss=loss)
-            value = loss.item()
+        for step, value in train(watcher, STEPS):
             if math.isfinite(value):
                 trial.report(value, step)
             if trial.should_prune():

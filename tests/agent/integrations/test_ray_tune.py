@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from gradwatch.cli.redis_server import free_port
-from gradwatch.cli.stack import Stack, StackConfig
+from tests.agent.integrations.tuners import LEARNING_RATES, regression
 
 try:
     import ray
@@ -32,7 +32,6 @@ except ModuleNotFoundError as e:
 from gradwatch.agent.integrations.ray_tune import GradwatchStopper, report, run_id, watch_trial  # noqa: E402
 
 STEPS = 30
-LEARNING_RATES = [0.01, 3.0, 0.03]  # the second diverges: its gradient norm passes ExplodingGradient's 1e4
 EXPERIMENT = "gradwatch test"  # a space: not a run id character
 
 
@@ -46,43 +45,19 @@ def local_ray():
         ray.shutdown()
 
 
-@pytest.fixture
-def stack(redis_url, monkeypatch):
-    # A trial's run is new to the aggregator: look for new runs five times a second (default: once).
-    monkeypatch.setenv("GRADWATCH_AGGREGATOR_DISCOVER_INTERVAL_S", "0.2")
-    cfg = StackConfig(redis_url=redis_url, collector_listen=f"127.0.0.1:{free_port()}",
-                      collector_metrics_listen=f"127.0.0.1:{free_port()}",
-                      aggregator_metrics_listen=f"127.0.0.1:{free_port()}", log_level="ERROR")
-    with Stack(cfg):
-        yield cfg
-
-
 def train_fn(config: dict, collector: str) -> None:
     """The trainable, in a Ray worker: `collector` comes through tune.with_parameters, not the config."""
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    generator = torch.Generator().manual_seed(0)
-    teacher = nn.Linear(16, 1)
-    model = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 1))
-    optimizer = torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=0.9)
+    model, optimizer, train = regression(config["lr"])
     with watch_trial(config, model, optimizer, collector=collector, labels={"model": "mlp"}) as watcher:
-        for step in range(STEPS):
-            x = torch.randn(32, 16, generator=generator)
-            with torch.no_grad():
-                y = 3 * teacher(x)
-            loss = nn.functional.mse_loss(model(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            watcher.step(loss=loss)
-            value = loss.item()  # sync: Tune needs a number
+        for step, value in train(watcher, STEPS):
             report({"loss": value if math.isfinite(value) else None, "step": step}, watcher)
 
 
 def test_the_exploding_trial_is_stopped_within_one_step_of_its_alert(local_ray, stack, tmp_path):
     stopper = GradwatchStopper(rules=("ExplodingGradient",), url=stack.aggregator_metrics_listen)
     tuner = tune.Tuner(tune.with_parameters(train_fn, collector=stack.collector_listen),
-                       param_space={"lr": tune.grid_search(LEARNING_RATES)},
+                       param_space={"lr": tune.grid_search(list(LEARNING_RATES))},
                        run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(tmp_path), stop=stopper,
                                                  verbose=0))
     results = {r.config["lr"]: r for r in tuner.fit()}
