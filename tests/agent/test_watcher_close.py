@@ -19,6 +19,7 @@ from torch import nn
 import gradwatch
 from gradwatch.agent import AgentConfig
 from gradwatch.agent.config import DEFAULT_SHUTDOWN_TIMEOUT_S
+from gradwatch.cli.processes import wait_until
 from gradwatch.settings import ConfigError
 
 STEPS = 12
@@ -122,6 +123,10 @@ def test_close_delivers_what_is_queued_when_the_collector_is_up(ingest, caplog):
 def test_a_drop_before_close_is_told_in_the_same_line(caplog):
     """Reports the queue bound dropped during the run are in the count too, so the line says the whole loss."""
     w = run_steps("127.0.0.1:1", queue_size=4, batch_reports=2, shutdown_timeout_s=0.2)
+    # The reader thread encodes steps off the training thread; on a loaded machine it may not have reached the
+    # queue bound yet. Wait until it has (the queue holds 4, a batch out holds at most 2): the drops are then
+    # the run's, not close()'s.
+    wait_until(lambda: w.counters.dropped >= STEPS - 4 - 2, 10, "the queue bound dropping during the run")
     elapsed, records = timed_close(w, caplog)
     assert elapsed < 0.7
     (record,) = records
