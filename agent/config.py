@@ -90,7 +90,7 @@ class AgentConfig(Settings):
                           aliases=("GRADWATCH_SELECT",), shown="parameters + gradients")
     host_slots: int = setting(DEFAULT_HOST_SLOTS, "host buffers for reports being read (pinned on CUDA, 576 B per "
                               "watched tensor each); a step that finds all in flight is skipped, counted in "
-                              "`counters.skipped_busy`", form=integer(ge=1))
+                              "`counters.skipped_busy` and told to the aggregator (AgentDataLost)", form=integer(ge=1))
     queue_size: int = setting(DEFAULT_QUEUE_SIZE, "reports waiting for export; when full the oldest is dropped",
                               form=integer(ge=1))
     queue_bytes: int = setting(DEFAULT_QUEUE_BYTES, "encoded bytes of reports held, waiting + in flight "

@@ -23,6 +23,8 @@ COUNTERS = {
                          "metrics_top_layers; each run counts the most it had left out at one scrape.",
     "claimed": "Entries taken over from idle consumers with XAUTOCLAIM.",
     "lease_lost": "Commits refused because another replica had taken the run's lease (its entries go to that one).",
+    "agent_lost": "Step reports agents lost before delivery (queue full, collector unreachable, host slots busy), as "
+                  "their next delivered reports said; the AgentDataLost alert names the run and rank.",
     "stream_lost": "Report-stream entries that left the stream before any replica applied them (the collector's hard "
                    "cap trimmed them unread); the StreamDataLost alert names the run.",
     "steps_joined": "Steps of multi-rank runs closed by the cross-rank join.",

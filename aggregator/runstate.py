@@ -77,6 +77,7 @@ class RunState:
         self.last_joined: JoinedStep | None = None
         self.unsaved: list[tuple] = []  # history rows not yet in Redis (aggregator/history.py; the service saves)
         self.layer_count = 0  # layers of the largest rank dictionary: what a history row holds (State.size_history)
+        self.reports_lost = 0  # step reports its agents said they lost before delivery, since this replica followed it
 
     def keep_rows(self, rows: int) -> None:
         """The in-memory history keeps the latest `rows` steps from now on (every step stays in Redis)."""
@@ -109,6 +110,7 @@ class RunView:
     tensors: dict[int, list[tuple[TensorMeta, report_pb2.TensorSummary]]] = field(default_factory=dict)
     hyperparameters: dict[str, float | int | str | bool | None] = field(default_factory=dict)
     labels: dict[str, str] = field(default_factory=dict)
+    reports_lost: int = 0  # step reports the run's agents lost before delivery (RunState.reports_lost)
 
 
 def curve_scalars(scalars: dict[str, float]) -> dict[str, float]:

@@ -38,6 +38,7 @@ from gradwatch.aggregator.ingest.retention import lost_entries
 from gradwatch.aggregator.lifecycle import Retention
 from gradwatch.aggregator.pace import rank_paces
 from gradwatch.aggregator.rules.catalogue import RuleEngine
+from gradwatch.aggregator.runstate import RunState
 from gradwatch.aggregator.state import State
 from gradwatch.logs import DedupLog
 from gradwatch.streams import (
@@ -397,6 +398,7 @@ class Aggregator:
                 if view is None:
                     return [], None
                 rs = self.state.runs[run]
+                lost = self._agent_lost(rs, item) if item.dropped_reports else []
                 hold = None
                 if view.joined and rs.join is not None and view.step in rs.join.open:
                     hold = (view.step, item.rank, item.sequence, len(item.tensors))
@@ -406,12 +408,23 @@ class Aggregator:
                 if view.train and not view.joined and not view.late and (
                         view.rank == 0 or view.rank == min(rs.ranks)):
                     self.frames.add(run, view.step, view.by_kind)  # a single-rank run's (or an unjoined) step
-                alerts = self.rules.evaluate(view)
+                alerts = lost + self.rules.evaluate(view)
                 if self.state.closed:  # steps of a multi-rank run this report completed
                     alerts += self._joined(batch)
                 return alerts, hold
             self.state.register(run, item)
             return [], None
+
+    def _agent_lost(self, rs: RunState, report: report_pb2.StepReport) -> list[Alert]:
+        """The reports an agent lost before delivery, as this (first-time) report says: counted, kept with the run,
+        alerted (AgentDataLost). Caller holds the lock."""
+        n = report.dropped_reports
+        self.counters.add("agent_lost", n)
+        rs.reports_lost += n
+        self._errors.log(logging.WARNING, f"agent_lost:{rs.run}", "run %s rank %d lost %d step report(s) before "
+                         "delivery (%d in all for the run): see its agent's counters (dropped, skipped_busy)", rs.run,
+                         report.rank, n, rs.reports_lost)
+        return self.rules.agent_lost(rs.run, report.rank, n, rs.reports_lost, rs.step, time.time())
 
     def _fetch_registration(self, run: str, rank: int) -> bytes | None:
         now = time.monotonic()

@@ -334,7 +334,7 @@ class State:
             out.append(RunView(rs.run, rs.step, rs.loss, rs.eval_loss, rs.learning_rate, rs.grad_norm, sps,
                                    rs.last_report_time, layers, rs.world_size, tuple(sorted(rs.ranks)),
                                    rs.last_joined, rs.scalars, rs.eval_scalars, rs.tensors, rs.hyperparameters,
-                                   rs.labels))
+                                   rs.labels, rs.reports_lost))
         return out
 
     def _run(self, run: str) -> RunState:

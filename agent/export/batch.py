@@ -207,8 +207,9 @@ class ReportPipeline:
                 self._export_snapshots()  # captured between reports, or requests to take: do not wait for one
 
     def _export(self, batch: list[report_pb2.StepReport]) -> bool:
-        # The drops since the last delivered report travel with this batch, so the collector side sees them.
-        dropped = self.counters.dropped - self._dropped_reported
+        # The reports lost since the last delivered one travel with this batch, so the aggregator sees them (its
+        # AgentDataLost alert): dropped from the queue, or never made for want of a host slot.
+        dropped = self.counters.dropped + self.counters.skipped_busy - self._dropped_reported
         batch[0].dropped_reports = dropped
         request = ingest_service_pb2.ExportRequest(reports=batch)
         snapshots = self._snapshots.take() if self._snapshots is not None else []

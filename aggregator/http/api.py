@@ -251,6 +251,7 @@ def run_detail(run: RunView, alerts: list[Alert]) -> dict:
         **run_summary(run, len(alerts)),
         "world_size": run.world_size,
         "ranks": list(run.ranks),
+        "reports_lost": run.reports_lost,  # by the agents before delivery, as their next reports said (AgentDataLost)
         "layers": [{"layer": name, "grad_norm": num(grad), "param_norm": num(param), "nonfinite": dict(kinds)}
                    for name, grad, param, kinds in run.layers],
         "hyperparameters": {k: num(v) if isinstance(v, float) else v for k, v in run.hyperparameters.items()},

@@ -26,7 +26,7 @@ from gradwatch.aggregator.rules.debug import GradientCheckFailed
 from gradwatch.aggregator.rules.gradients import ExplodingGradient, VanishingGradient
 from gradwatch.aggregator.rules.loss import LossNotDecreasing, LossSpike, StalledTraining
 from gradwatch.aggregator.rules.nonfinite import NonFinite
-from gradwatch.aggregator.rules.pipeline import StreamDataLost
+from gradwatch.aggregator.rules.pipeline import AgentDataLost, StreamDataLost
 from gradwatch.aggregator.rules.ranges import OutOfRange
 from gradwatch.aggregator.rules.ranks import RankDivergence
 from gradwatch.aggregator.rules.stragglers import RankStalled, StragglerRank
@@ -39,7 +39,7 @@ CATALOGUE: tuple[type[Rule], ...] = (
     NonFinite, GradientCheckFailed, ExplodingGradient, VanishingGradient, WeightUpdateRatio, UnnormalizedInput,
     InputDataDrift, ClassImbalance, LossSpike, LossNotDecreasing, Overfit, Overtraining, AllZero, UnchangedTensor,
     PoorWeightInitialization, TensorVariance, DeadReLU, SaturatedActivation, StalledTraining, RankDivergence,
-    StragglerRank, RankStalled, StreamDataLost, OutOfRange)
+    StragglerRank, RankStalled, StreamDataLost, AgentDataLost, OutOfRange)
 BY_NAME = {rule.name: rule for rule in CATALOGUE}
 COMMON = ("enabled", "severity", "layers", "resolve_after_steps", "cooldown_steps", "keep_firing_s")
 # Integer thresholds that count reports or steps: at least 1.
@@ -179,6 +179,11 @@ class RuleEngine:
         """Report-stream entries of `run` a commit found lost (aggregator/ingest/retention.py): StreamDataLost."""
         return [a for rule in self.rules if isinstance(rule, StreamDataLost)
                 for a in rule.lost(run, entries, total, step, now)]
+
+    def agent_lost(self, run: str, rank: int, reports: int, total: int, step: int, now: float) -> list[Alert]:
+        """Step reports rank `rank` of `run` lost before delivery, as its next delivered report says: AgentDataLost."""
+        return [a for rule in self.rules if isinstance(rule, AgentDataLost)
+                for a in rule.lost(run, reports, total, step, now, f"rank {rank}")]
 
     def firing(self) -> list[Alert]:
         return [a for rule in self.rules for a in rule.firing()]
