@@ -23,7 +23,9 @@ buckets of 10 steps, and buckets older than ten windows into buckets of 100 (his
 min, max, sum and count of each figure over the bucket, NaN/Inf counted: a bucket holding one reads NaN),
 except the steps within `window` of a pinned step (an alert's), which stay whole. Evaluation rows stay
 whole. Keys: gradwatch:{<run>}:history-10 / -100 (HASH bucket -> TierRecord) and their -steps ZSETs,
-gradwatch:{<run>}:history-pins (ZSET of pinned steps). Rows read back from a tier carry its width.
+gradwatch:{<run>}:history-pins (ZSET of pinned steps). Rows read back from a tier carry its width. A fold is one
+MULTI/EXEC that also increments gradwatch:{<run>}:history-generation; a fold never moves a row out of its block of
+100 steps (a bucket's first step is a multiple of its width), which is what lets the export read block by block.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import redis
 
 from gradwatch.streams import (
     HISTORY_TIERS,
+    history_generation_key,
     history_key,
     history_steps_key,
     layers_key,
@@ -234,11 +237,14 @@ class HistoryStore:
             for rec, old in zip(buckets.values(), existing, strict=True):
                 if old is not None:
                     self._merge_tier(rec, history_pb2.TierRecord.FromString(old))
-            pipe = self.client.pipeline(transaction=False)
+            # One transaction: no reader sees a row both whole and in its bucket, or in neither; the generation
+            # tells a reader of several round trips (the export) that rows moved while it read.
+            pipe = self.client.pipeline(transaction=True)
             pipe.hset(dest, mapping={str(b): rec.SerializeToString() for b, rec in buckets.items()})
             pipe.zadd(tier_steps_key(run, width), {str(b): b * width for b in buckets})
             pipe.hdel(src_hash, *[f for f, _ in fields])
             pipe.zrem(src_steps, *[f for f, _ in fields])
+            pipe.incr(history_generation_key(run))
             pipe.execute()
             folded += len(fields)
         return folded

@@ -19,6 +19,8 @@ Key layout (every key of one run shares the hash tag {run_id}, so Redis Cluster 
   gradwatch:{<run>}:history-steps  ZSET    the history's fields scored by step, for ranges
   gradwatch:{<run>}:history-10, -100 (+ -steps)  HASH/ZSET  older steps folded into 10- and 100-step buckets
   gradwatch:{<run>}:history-pins   ZSET    steps kept whole with their window (alerts' steps)
+  gradwatch:{<run>}:history-generation  STRING  compactions so far: incremented in each fold's MULTI/EXEC, so a
+                                           reader that sees it unchanged around its reads saw no row move
   gradwatch:{<run>}:history-ranges HASH    metric -> JSON {"min", "max", "set_at"}: a user's valid range of a metric
                                            (aggregator/ranges.py; the OutOfRange rule)
   gradwatch:{<run>}:layers         HASH    layer name -> the index StepRecords use for it
@@ -106,6 +108,12 @@ def tier_steps_key(run_id: str, width: int) -> str:
     return f"{history_key(run_id)}-{width}-steps"
 
 
+def history_generation_key(run_id: str) -> str:
+    """A counter the history's compaction increments in the transaction that moves rows into buckets: a reader that
+    finds it unchanged around its reads saw no row move (aggregator/export/records.py)."""
+    return f"{history_key(run_id)}-generation"
+
+
 def pins_key(run_id: str) -> str:
     return f"{history_key(run_id)}-pins"
 
@@ -152,8 +160,8 @@ def durable_keys(run_id: str) -> list[str]:
     Not the lease (its TTL hands the run over when a replica dies), nor the snapshot keys (10 min, 1 h)."""
     tiers = [key for width in HISTORY_TIERS for key in (tier_key(run_id, width), tier_steps_key(run_id, width))]
     return [reports_key(run_id), registrations_key(run_id), dead_letter_key(run_id), history_key(run_id),
-            history_steps_key(run_id), *tiers, pins_key(run_id), frames_key(run_id), ranges_key(run_id),
-            layers_key(run_id), applied_key(run_id)]
+            history_steps_key(run_id), *tiers, history_generation_key(run_id), pins_key(run_id), frames_key(run_id),
+            ranges_key(run_id), layers_key(run_id), applied_key(run_id)]
 
 
 def run_keys(run_id: str) -> list[str]:

@@ -10,19 +10,22 @@ Sources, merged by (step, training before evaluation, resolution), as HistorySto
   gradwatch:{run}:history-10  (+ -steps)  10-step buckets of older training steps        resolution 10
   gradwatch:{run}:history-100 (+ -steps)  100-step buckets                               resolution 100
 
-Each source is paged with ZRANGEBYSCORE from the last step read (members of that step already read are skipped, so
-a training and an evaluation row of one step are neither lost nor repeated), then one HMGET per page. A bucket is
-in a --from/--to range when its first step is, as /steps answers. The reads touch one run's keys (one slot on a
-Redis Cluster) and need only read commands (the `reader` user of deploy/redis/users.acl).
-
-Exporting a run the aggregator still writes reads a moving history: compaction (every 5 s) may fold steps the
-export has not read yet into a bucket it has already passed, and those steps (a bucket's worth at most per pass,
-where the export is at that moment) are then missing from the file. A finished run's history no longer moves.
+A run the aggregator still writes has a moving history: compaction (every 5 s) folds old rows into buckets. Read
+source by source, an export could pass a bucket before the rows folded into it, or read a row and then its bucket.
+So the sources are read together, a window of whole BLOCKs (100 steps) at a time: a fold never moves a row out of
+its block (a bucket's first step is a multiple of its width). One pipeline reads the window: the history's
+generation, then an HMGET of every field the window can hold in each source (a step's training and evaluation
+field, the buckets that begin in it), then the generation again. A fold is one MULTI/EXEC that increments the
+generation (aggregator/history.py), so an unchanged generation means no row moved during the read: the window is
+a consistent snapshot, every step in it exactly once. A changed one reads the window again. Where the next window
+starts comes from one ZRANGEBYSCORE per source, finest first: a fold moves a row to a coarser source, read after,
+so a row is never skipped over. A bucket is in a --from/--to range when its first step is, as /steps answers. The
+reads touch one run's keys (one slot on a Redis Cluster) and need only read commands (the `reader` user of
+deploy/redis/users.acl).
 """
 
 from __future__ import annotations
 
-import heapq
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -36,7 +39,7 @@ from gradwatch.aggregator.history import (
     bucket_mean,  # one home for a bucket's mean (NaN wins)
 )
 from gradwatch.names import EVAL, LOSS, TRAIN
-from gradwatch.streams import history_key, history_steps_key, tier_key, tier_steps_key
+from gradwatch.streams import history_generation_key, history_key, history_steps_key, tier_key, tier_steps_key
 from gradwatch.v1 import history_pb2
 
 # Statistics: the run's loss and global gradient norm, each layer's gradient and parameter norm; user scalars
@@ -50,6 +53,8 @@ RUN_LEVEL = ""  # the layer of run-level statistics
 RUN_INDEX = -1  # ... as a Redis layer index, while a chunk is built
 PAGE_CELLS = 250_000  # cells per Redis page (HMGET of up to PAGE_RECORDS records): a reply of a few MB
 PAGE_RECORDS = 1000
+BLOCK = 100  # steps: the widest bucket. A fold keeps a row within its block, so a window of whole blocks is closed
+RETRIES = 100  # reads of one window that a fold interrupted, before giving up (a fold comes every few seconds)
 CHUNK_CELLS = 500_000  # cells per chunk (a Parquet row group): ~150 MB of Python lists, arrays and Arrow buffers
 
 
@@ -152,15 +157,15 @@ class RunReader:
         """The statistic names of every user scalar in the range (full-resolution rows: buckets keep none). A
         whole read of those rows, for the wide layout's columns."""
         names: dict[str, None] = {}
-        for *_, raw in self._cursor(history_steps_key(self.run), history_key(self.run), 1):
-            for name in history_pb2.StepRecord.FromString(raw).scalars:
-                names[self._scalar_name(name)] = None
+        for _, _, width, raw in self._records():
+            if width == 1:
+                for name in history_pb2.StepRecord.FromString(raw).scalars:
+                    names[self._scalar_name(name)] = None
         return sorted(names)
 
     def chunks(self, cells: int = CHUNK_CELLS, progress: Callable[[int], None] | None = None) -> Iterator[Chunk]:
         b = _Builder()
-        streams = [self._cursor(steps, hashed, width) for steps, hashed, width in self._sources()]
-        for step, _, width, raw in heapq.merge(*streams, key=lambda r: (r[0], r[1], r[2])):
+        for step, _, width, raw in self._records():
             before = len(b.value)
             if width == 1:
                 rec = history_pb2.StepRecord.FromString(raw)
@@ -259,22 +264,58 @@ class RunReader:
     def _bounds(self) -> tuple[str, str]:
         return ("-inf" if self.first is None else str(self.first)), ("+inf" if self.last is None else str(self.last))
 
-    def _cursor(self, steps_key: str, hash_key: str, width: int) -> Iterator[tuple[int, bool, int, bytes]]:
-        """(step, evaluation, width, encoded record) of one source, in ZSET order, a page per round trip."""
-        lo, hi = self._bounds()
-        at: float | None = None  # the score of the last page's last member
-        seen: set[bytes] = set()  # the members of that score already yielded
+    def _records(self) -> Iterator[tuple[int, bool, int, bytes]]:
+        """(step, evaluation, width, encoded record) of every source in the range, ordered by step, training before
+        evaluation, full resolution before buckets: window by window, each read whole and consistent."""
+        lo = self.first
+        blocks = max(1, self.page // (2 * BLOCK))  # a block holds up to 2 rows a step, and its buckets
         while True:
-            want = self.page + len(seen)
-            page = self.client.zrangebyscore(steps_key, lo, hi, start=0, num=want, withscores=True)
-            fresh = [(m, s) for m, s in page if not (s == at and m in seen)]
-            if fresh:
-                raw = self.client.hmget(hash_key, [m for m, _ in fresh])
-                for (member, score), record in zip(fresh, raw, strict=True):
-                    if record is not None:  # None: folded into a bucket since the ZRANGE
-                        yield int(score), width == 1 and member.endswith(b"e"), width, record
-            if len(page) < want:
+            start = self._next_step(lo)
+            if start is None:
                 return
-            last = fresh[-1][1]
-            seen = {m for m, s in fresh if s == last} | (seen if last == at else set())
-            at, lo = last, repr(int(last))
+            first = start // BLOCK * BLOCK
+            if lo is not None:
+                first = max(first, lo)  # --from inside a block
+            end = (start // BLOCK + blocks) * BLOCK  # exclusive
+            if self.last is not None:
+                end = min(end, self.last + 1)
+            yield from sorted(self._window(first, end), key=lambda r: (r[0], r[1], r[2]))
+            if self.last is not None and end > self.last:
+                return
+            lo = end
+
+    def _next_step(self, lo: int | None) -> int | None:
+        """The first step (or bucket) at or after `lo` in any source; None when there is none in the range. Finest
+        source first: a row folded between two of these reads is found in the coarser source, read after it."""
+        low, high = ("-inf" if lo is None else str(lo)), ("+inf" if self.last is None else str(self.last))
+        pipe = self.client.pipeline(transaction=False)
+        for steps_key, _, _ in self._sources():
+            pipe.zrangebyscore(steps_key, low, high, start=0, num=1, withscores=True)
+        found = [int(page[0][1]) for page in pipe.execute() if page]
+        return min(found) if found else None
+
+    def _window(self, first: int, end: int) -> list[tuple[int, bool, int, bytes]]:
+        """Every record of steps first <= step < end (a bucket: its first step), as one consistent snapshot."""
+        generation = history_generation_key(self.run)
+        wanted = []  # per source: (hash key, width, [(field, step, evaluation)])
+        for _, hash_key, width in self._sources():
+            if width == 1:
+                fields = [(field, s, e) for s in range(first, end)
+                          for field, e in ((b"%d" % s, False), (b"%de" % s, True))]
+            else:
+                fields = [(b"%d" % b, b * width, False) for b in range(-(-first // width), -(-end // width))]
+            wanted.append((hash_key, width, fields))
+        for _ in range(RETRIES):
+            pipe = self.client.pipeline(transaction=False)
+            pipe.get(generation)
+            for hash_key, _, fields in wanted:
+                if fields:
+                    pipe.hmget(hash_key, [f for f, _, _ in fields])
+            pipe.get(generation)
+            before, *pages, after = pipe.execute()
+            if before == after:
+                return [(step, evaluation, width, raw)
+                        for (_, width, fields), raw_page in zip((w for w in wanted if w[2]), pages, strict=True)
+                        for (_, step, evaluation), raw in zip(fields, raw_page, strict=True) if raw is not None]
+        raise RuntimeError(f"the history of run {self.run} was compacted during each of {RETRIES} reads of steps "
+                           f"{first}..{end - 1}: try again")

@@ -218,6 +218,25 @@ def test_aggregator_user_processes_the_reports(acl_redis, start_collector):
     assert acl_redis.denials() == []
 
 
+def test_aggregator_user_folds_the_history_and_the_reader_exports_it(acl_redis):
+    """The history's compaction (one MULTI/EXEC a fold, with the generation's INCR) as the aggregator user, and the
+    export's consistent window reads as the reader: no denial, every step once."""
+    from gradwatch.aggregator.export import RunReader, frame
+    from gradwatch.aggregator.history import HistoryStore
+
+    run, steps = "acl-history", 300
+    store = HistoryStore(acl_redis.client("aggregator"))
+    store.save(run, [(s, 1000.0 + s, True, 0.5, 1.0, {"fc1": 1.0}, {}, {"fc1": 2.0}) for s in range(steps)])
+    folded = 0
+    while n := store.compact(run, latest=steps - 1, full_steps=10, window=0):
+        folded += n
+    assert folded > 0
+    df = frame(RunReader(acl_redis.client("reader"), run))
+    loss = df[df["statistic"] == "loss"]
+    assert set(loss["resolution"]) == {1, 10, 100} and loss["count"].sum() == steps
+    assert acl_redis.denials() == []
+
+
 AGGREGATOR_FORBIDDEN = [
     ("GET another key", ("GET", FOREIGN)),
     ("SET another key", ("SET", FOREIGN, "x")),

@@ -138,3 +138,68 @@ def test_a_long_history_is_written_in_row_groups(redis_client, monkeypatch):
     meta = pq.ParquetFile(io.BytesIO(buf.getvalue())).metadata
     assert result.rows == meta.num_rows == 600 * 102 and meta.num_row_groups == 7
     assert seen[-1] == 600 and seen == sorted(seen) and len(seen) == 7
+
+
+class Interleaved:
+    """A Redis client whose reads let the aggregator's compaction in between them, as another connection's commands
+    may come between one client's: `hook` runs after every HMGET the export sends, and inside each pipeline just
+    before its last command (a window's read: a fold lands between the two generation reads)."""
+
+    def __init__(self, client, hook):
+        self.client, self.hook = client, hook
+
+    def __getattr__(self, name):
+        return getattr(self.client, name)
+
+    def hmget(self, *args, **kwargs):
+        out = self.client.hmget(*args, **kwargs)
+        self.hook()
+        return out
+
+    def pipeline(self, *args, **kwargs):
+        return _Pipeline(self.client, self.hook)
+
+
+class _Pipeline:
+    def __init__(self, client, hook):
+        self.client, self.hook, self.calls = client, hook, []
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: self.calls.append((name, args, kwargs)) or self
+
+    def execute(self):
+        def run(calls):
+            pipe = self.client.pipeline(transaction=False)
+            for name, args, kwargs in calls:
+                getattr(pipe, name)(*args, **kwargs)
+            return pipe.execute() if calls else []
+        head = run(self.calls[:-1])
+        self.hook()
+        return head + run(self.calls[-1:])
+
+
+def test_an_export_while_compaction_folds_the_history_has_every_step_once(redis_client):
+    """Compaction folds rows into buckets while the export reads (the history of a live run): every training step's
+    loss is in the file exactly once, whole or in one bucket, and every evaluation row is there."""
+    steps = 2000
+    store = HistoryStore(redis_client)
+    store.save(RUN, rows(range(steps), evals=range(0, steps, 7)))
+    folds = []
+
+    def fold():
+        # the run goes on: the full-resolution window slides 40 steps further at every chance the export gives it
+        latest = 40 * (len(folds) + 1)
+        folds.append(store.compact(RUN, latest=latest, full_steps=20, window=0))
+
+    reader = RunReader(Interleaved(redis_client, fold), RUN)
+    reader.page = 250  # several windows
+    df = frame(reader)
+    assert sum(folds) > 200  # rows really moved during the read
+
+    loss = df[(df["statistic"] == "loss") & (df["phase"] == "train")]
+    assert loss["count"].sum() == steps  # each step once: not lost between sources, not read twice
+    spans = sorted((int(s), int(s) + int(r)) for s, r in zip(loss["step"], loss["resolution"], strict=True))
+    assert spans[0][0] == 0 and spans[-1][1] == steps
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))  # the records tile the steps
+    evals = df[(df["statistic"] == "loss") & (df["phase"] == "eval")]
+    assert sorted(evals["step"]) == list(range(0, steps, 7))
