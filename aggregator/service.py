@@ -1,10 +1,10 @@
 """The stream loop: discover runs, take the leases of this replica's share of them, read their report
-streams in one consumer group, apply each entry to the state and the rules, write the alerts, and only
-then ack (fenced by the lease); take over what a dead replica left.
+streams in one consumer group, apply each entry to the state and the rules, and hand each batch to the
+fenced commit (aggregator/ingest/commit.py); take over what a dead replica left.
 
 At-least-once delivery plus per-(run, rank, sequence) deduplication gives each report one effect: the
-state skips what it applied, and the watermarks committed with each ack (aggregator/ingest/leases.py) carry
-that across replicas. Nothing an entry holds can stop the loop: what cannot be decoded goes to the
+state skips what it applied, and the watermarks the commit writes with each ack (aggregator/ingest/leases.py)
+carry that across replicas. Nothing an entry holds can stop the loop: what cannot be decoded goes to the
 run's dead-letter stream; Redis errors are counted and backed off.
 """
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
 
 import redis
 from prometheus_client import CollectorRegistry
@@ -29,12 +28,12 @@ from gradwatch.aggregator.http import views
 from gradwatch.aggregator.http.live import FrameStore
 from gradwatch.aggregator.http.metrics import AggregatorCollector, AggregatorView
 from gradwatch.aggregator.ingest.claim import autoclaim
-from gradwatch.aggregator.ingest.client import REDIS_ERRORS, connect, eval_many
+from gradwatch.aggregator.ingest.client import REDIS_ERRORS, connect
+from gradwatch.aggregator.ingest.commit import Applied, Batch, Committer
 from gradwatch.aggregator.ingest.entries import dead_letter, decode_entry
 from gradwatch.aggregator.ingest.holds import Held, Holds
-from gradwatch.aggregator.ingest.leases import ROLLED_BACK, Leases
+from gradwatch.aggregator.ingest.leases import Leases
 from gradwatch.aggregator.ingest.read import read_new
-from gradwatch.aggregator.ingest.retention import lost_entries
 from gradwatch.aggregator.lifecycle import Retention
 from gradwatch.aggregator.pace import rank_paces
 from gradwatch.aggregator.rules.catalogue import RuleEngine
@@ -57,25 +56,6 @@ BACKOFF_CAP_S = 5.0
 # waiting on a dead Redis one by one.
 FETCH_RETRY_S = 5.0
 COMPACT_INTERVAL_S = 5.0  # how often runs' old history steps are folded into tiers
-
-
-@dataclass
-class _Applied:
-    """What one batch applied to one run: committed with its acks."""
-
-    reports: int = 0
-    summaries: int = 0
-    ranks: set[int] = field(default_factory=set)
-
-
-@dataclass
-class _Batch:
-    alerts: list[Alert] = field(default_factory=list)
-    dead: list[tuple[str, dict]] = field(default_factory=list)
-    acks: dict[str, list[bytes]] = field(default_factory=dict)
-    applied: dict[str, _Applied] = field(default_factory=dict)  # run -> its part of the batch
-    history: dict[str, list[tuple]] = field(default_factory=dict)  # run -> history rows to write first
-    frames: dict[str, tuple] = field(default_factory=dict)  # run -> (stride, frames kept, thinned out): also first
 
 
 class Aggregator:
@@ -109,11 +89,15 @@ class Aggregator:
         self._fetch_retry_at = 0.0
         self._failures = 0
         self._compact_at = 0.0
-        self._renewed_at = 0.0  # when the leases were last renewed in the middle of a batch (_keep_leases)
         self._errors = DedupLog(log)
         self._stop = threading.Event()
         self._stopped = False
         self._thread: threading.Thread | None = None
+        self.committer = Committer(  # the fenced commit of each batch (aggregator/ingest/commit.py)
+            config, self.client, self.counters, self._errors, lock=self._lock, state=self.state, rules=self.rules,
+            frames=self.frames, history_store=self.history_store, frame_history=self.frame_history, sink=self.sink,
+            leases=self.leases, holds=self.holds, streams=self._streams, stop=self._stop, drop=self._drop,
+            rediscover=self._rediscover, backoff=self._backoff, recovered=self._recovered)
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -181,6 +165,12 @@ class Aggregator:
     def _backoff(self) -> None:
         self._failures += 1
         self._stop.wait(min(BACKOFF_CAP_S, 0.1 * 2 ** min(self._failures, 10)))
+
+    def _recovered(self) -> None:
+        self._failures = 0
+
+    def _rediscover(self) -> None:
+        self._next_discover = 0.0
 
     def _discover(self) -> int:
         """Balances the leases over the active runs; a run just taken over has its watermarks restored
@@ -261,15 +251,15 @@ class Aggregator:
             return 0
         response = read_new(self.client, self.config.consumer, self._streams, self.config.read_count,
                             self.config.block_ms, self._stop.wait)
-        self._renewed_at = time.monotonic()  # renewed by the last commit or discovery: at most an interval ago
-        batch = _Batch()
+        self.committer.renewed_at = time.monotonic()  # renewed by the last commit or discovery: at most an interval ago
+        batch = Batch()
         handled = 0
         for key, entries in response:
             key = key.decode() if isinstance(key, bytes) else key
             run = self._streams.get(key)
             if run is not None:
                 handled += self._handle(key, run, entries, batch)
-        self._commit(batch)
+        self.committer.commit(batch)
         return handled
 
     def _claim(self) -> int:
@@ -287,9 +277,9 @@ class Aggregator:
             entries = [e for e in entries if e[0] not in held]  # ours, waiting for their step: not taken back
             if entries:
                 self.counters.add("claimed", len(entries))
-                batch = _Batch()
+                batch = Batch()
                 handled += self._handle(key, run, entries, batch)
-                self._commit(batch)
+                self.committer.commit(batch)
             budget -= self.config.read_count
             if done:
                 break
@@ -298,12 +288,12 @@ class Aggregator:
     def _idle(self) -> None:
         """Time-driven rules (StalledTraining) and joined steps that timed out: their alerts are written
         like any other."""
-        batch = _Batch()
+        batch = Batch()
         with self._lock:
             batch.alerts = self.rules.evaluate_idle(time.time())
             self.state.expire_joins()  # steps still waiting for a rank after join_timeout_s
             batch.alerts += self._joined(batch)
-        self._commit(batch)  # and the history rows and held entries of steps that timed out
+        self.committer.commit(batch)  # and the history rows and held entries of steps that timed out
         self._compact()
 
     def _retain(self) -> None:
@@ -330,14 +320,14 @@ class Aggregator:
                 self.counters.add("redis_errors")
                 self._errors.log(logging.WARNING, "compact", "cannot fold the history of %s into tiers: %s", run, e)
 
-    def _joined(self, batch: _Batch) -> list[Alert]:
+    def _joined(self, batch: Batch) -> list[Alert]:
         """The steps the join closed (under the lock): their held entries join the batch's acks, their merged
         tensors become snapshot frames, and the rules judge them."""
         alerts: list[Alert] = []
         for joined in self.state.take_closed():
             released = self.holds.release(joined.run, joined.step)
             if released:
-                applied = batch.applied.setdefault(joined.run, _Applied())
+                applied = batch.applied.setdefault(joined.run, Applied())
                 for held in released:
                     batch.acks.setdefault(held.stream, []).append(held.entry_id)
                     applied.reports += 1
@@ -350,12 +340,12 @@ class Aggregator:
 
     # -- entries ------------------------------------------------------------------------------------
 
-    def _handle(self, key: str, run: str, entries: list, batch: _Batch) -> int:
+    def _handle(self, key: str, run: str, entries: list, batch: Batch) -> int:
         acks = batch.acks.setdefault(key, [])
-        applied = batch.applied.setdefault(run, _Applied())
+        applied = batch.applied.setdefault(run, Applied())
         for i, (entry_id, fields) in enumerate(entries):
             if i % 16 == 15:
-                self._keep_leases(batch)
+                self.committer.keep_leases(batch)
             try:
                 alerts, hold = self._apply(run, fields or {}, applied, batch)
                 batch.alerts.extend(alerts)
@@ -372,22 +362,8 @@ class Aggregator:
             acks.append(entry_id)
         return len(entries)
 
-    def _keep_leases(self, batch: _Batch) -> None:
-        """Renews the leases of the batch's runs when applying it has taken a third of their TTL: a batch of huge
-        reports (thousands of layers, dozens of ranks) can outlast a lease, and its commit would then be fenced off
-        and the run taken over and applied again, batch after batch. A renewal that fails is left to the commit."""
-        now = time.monotonic()
-        if now - self._renewed_at < self.config.lease_ttl_ms / 3000:
-            return
-        self._renewed_at = now
-        try:
-            self.leases.renew(sorted(batch.applied))
-        except REDIS_ERRORS as e:
-            self.counters.add("redis_errors")
-            self._errors.log(logging.WARNING, "renew", "cannot renew leases mid-batch: %s", e)
-
-    def _apply(self, run: str, fields: dict, applied: _Applied,
-               batch: _Batch) -> tuple[list[Alert], tuple[int, int, int, int] | None]:
+    def _apply(self, run: str, fields: dict, applied: Applied,
+               batch: Batch) -> tuple[list[Alert], tuple[int, int, int, int] | None]:
         """Applies one entry: its alerts, and (step, rank, sequence, summaries) when it is a part of a step still
         open in the join, to be held (aggregator/ingest/holds.py) rather than acked."""
         item = decode_entry(run, fields)
@@ -438,105 +414,6 @@ class Aggregator:
             self._errors.log(logging.WARNING, "hget", "cannot look up the registration of %s rank %d: %s",
                              run, rank, e)
             raise
-
-    def _commit(self, batch: _Batch) -> None:
-        """Alerts, then dead letters, then acks; a failed step is retried until it succeeds or the
-        aggregator stops (unacked entries are then redelivered, nothing is lost). The history rows the batch
-        made are written before anything else: a row is in Redis before the entries behind it are acked."""
-        with self._lock:
-            for run, rows in self.state.take_unsaved().items():
-                batch.history.setdefault(run, []).extend(rows)
-        batch.frames.update(self.frames.take_changes())
-        while batch.history or batch.frames or batch.alerts or batch.dead or any(batch.acks.values()):
-            try:
-                for run in list(batch.history):
-                    self.history_store.save(run, batch.history[run])
-                    del batch.history[run]
-                for run in list(batch.frames):
-                    self.frame_history.save(run, *batch.frames[run])
-                    del batch.frames[run]
-                if batch.alerts:
-                    for run in {a.run for a in batch.alerts}:  # the steps around an alert stay whole in the history
-                        self.history_store.pin(run, [a.step for a in batch.alerts if a.run == run])
-                    self.sink.write(batch.alerts)
-                    batch.alerts = []
-                if batch.dead:
-                    pipe = self.client.pipeline(transaction=False)
-                    for key, fields in batch.dead:
-                        pipe.xadd(key, fields, maxlen=self.config.dead_letter_maxlen, approximate=True)
-                    pipe.execute()
-                    batch.dead = []
-                self._ack(batch)
-                self._failures = 0
-            except REDIS_ERRORS as e:
-                self.counters.add("redis_errors")
-                self._errors.log(logging.WARNING, f"commit:{type(e).__name__}",
-                                 "cannot write alerts or acks: %s; retrying", e)
-                if self._stop.is_set():
-                    log.warning("stopping with %d entries unacknowledged; they will be redelivered",
-                                sum(map(len, batch.acks.values())))
-                    return
-                self._backoff()
-
-    def _ack(self, batch: _Batch) -> None:
-        """One fenced commit per run in one round trip (one per node on a cluster): acks, applied totals and
-        sequence watermarks, only while this replica still holds the run's lease. A run whose lease was lost is
-        dropped; its unacked entries go to the new owner, which applies them once. Each commit also trims the
-        stream to what the group acknowledged; the entries it finds lost become alerts, written next by
-        `_commit`. A commit that failed (its node down) raises after the others are taken off the batch: the
-        retry runs only it, so no run's totals are added twice."""
-        runs = [(key, self._streams.get(key) or self._run_of(key), ids) for key, ids in batch.acks.items() if ids]
-        calls, marked = [], []
-        for key, run, ids in runs:
-            applied = batch.applied.get(run, _Applied())
-            with self._lock:  # a held part's sequence is not committed before its step closes
-                marks = self.holds.below(run, self.state.watermarks(run, applied.ranks))
-            marked.append(marks)
-            calls.append(self.leases.commit_call(run, key, AGGREGATOR_GROUP, applied.reports, applied.summaries,
-                                                 marks, ids))
-        results = eval_many(self.client, self.leases.commit_script, calls) if calls else []
-        failed = None
-        for (key, run, ids), marks, result in zip(runs, marked, results, strict=True):
-            if isinstance(result, Exception):
-                failed = failed or result
-                continue
-            del batch.acks[key]
-            batch.applied.pop(run, None)
-            if result == ROLLED_BACK:
-                self.counters.add("redis_rollbacks")
-                log.error("Redis no longer holds commits of run %s this aggregator saw succeed (restarted from an "
-                          "older append-only file or snapshot, or a failover to a replica that lacked them): "
-                          "following the run again from what Redis kept, so its entries are applied again", run)
-                self._drop(run, "Redis lost some of its commits")
-                self._next_discover = 0.0
-            elif not result:
-                self.counters.add("lease_lost")
-                self._errors.log(logging.WARNING, f"fence:{run}",
-                                 "lease of run %s lost before %d entries were acked; another replica applies them",
-                                 run, len(ids))
-                self._drop(run, "its lease expired before the commit")
-            else:
-                self.leases.committed_now(run, marks)
-                batch.alerts += self._lost(run, result)
-        if failed is not None:
-            raise failed
-        batch.acks = {}
-        batch.applied = {}
-
-    def _lost(self, run: str, result: list) -> list[Alert]:
-        """Entries of the run's stream that left it before any replica applied them, as its commit counted them
-        (aggregator/ingest/retention.py): logged, counted and alerted (StreamDataLost)."""
-        new, total = lost_entries(run, result)
-        if not new:
-            return []
-        self.counters.add("stream_lost", new)
-        with self._lock:
-            rs = self.state.runs.get(run)
-            return self.rules.lost(run, new, total, rs.step if rs is not None else -1, time.time())
-
-    @staticmethod
-    def _run_of(key: str) -> str:
-        return key.partition("{")[2].rpartition("}")[0]
 
     # -- metrics ------------------------------------------------------------------------------------
 

@@ -270,7 +270,7 @@ def test_a_failed_commit_is_retried_alone_and_counts_nothing_twice(make_aggregat
             redis_client.set(applied_key("bad"), "not a hash")  # the bad run's commit now fails, the good one's not
 
     agg.history_store.save = save_then_break
-    agg._backoff = lambda: redis_client.delete(applied_key("bad"))  # the node is back before the retry
+    agg.committer._backoff = lambda: redis_client.delete(applied_key("bad"))  # the node is back before the retry
     assert run_all(agg) == 4
     for run in ("good", "bad"):
         assert int(redis_client.hget(applied_key(run), "reports")) == 1 and pending(redis_client, run) == 0
