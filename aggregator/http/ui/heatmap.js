@@ -97,7 +97,10 @@ export class HeatmapView {
     const gen = this.rows.generation;
     const [p0, p1] = this.inView();
     if (!(await this.rows.load(p0, p1)) || gen !== this.rows.generation) return;
-    if (this.inView()[1] > p1) await this.rows.load(p1 + 1, this.inView()[1]);  // the first answer told how many rows
+    // Then the windows in view now, where they are missing: the first answer told how many rows, or the view
+    // scrolled while this waited (never the windows between where it was and where it is).
+    const [q0, q1] = this.inView();
+    if (q0 !== p0 || q1 !== p1) await this.rows.load(q0, q1);
     this.draw();
   }
 

@@ -282,6 +282,32 @@ def test_the_heatmap_draws_and_fetches_only_the_rows_in_view(runs, browser):
     page.page.close()
 
 
+def test_a_scroll_during_a_live_update_fetches_no_window_between(runs, browser):
+    """A live update's fetch still out when the view scrolls far: once in, the windows in view now load, not
+    every window between where the view was and where it is (a CI run fetched 27 windows so)."""
+    cfg, _, _ = runs
+    page = Page(browser)
+    windows: list[int] = []
+    page.page.on("request", lambda r: "/heatmap?" in r.url and windows.append(int(r.url.split("layer_offset=")[1]
+                                                                                       .split("&")[0])))
+    page.page.goto(f"http://{cfg.aggregator_metrics_listen}/ui/#run={RUN}")
+    page.page.wait_for_function("window.gradwatch && window.gradwatch.ready", timeout=30_000)
+    windows.clear()
+    page.page.evaluate("""async () => {
+        const fetchNow = window.fetch;  // every answer 300 ms late: the update's is still out when the view moves
+        window.fetch = (...args) => new Promise((done) => setTimeout(() => done(fetchNow(...args)), 300));
+        const update = gradwatch.heatmap.refresh();
+        const s = document.querySelector('.hm-scroll');
+        s.scrollTop = s.scrollHeight;
+        await update;
+        await new Promise((done) => setTimeout(done, 1000));
+    }""")
+    page.page.wait_for_function("gradwatch.heatmap.layers.includes('head')", timeout=10_000)
+    assert 0 in windows and 1792 in windows and set(windows) <= {0, 1728, 1792}, sorted(set(windows))
+    assert page.errors == [], page.errors
+    page.page.close()
+
+
 def test_api_answers_stay_bounded_at_this_size(runs):
     cfg, _, _ = runs
     base = f"/api/v1/runs/{RUN}"
