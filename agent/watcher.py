@@ -72,6 +72,21 @@ def _guarded(method):
     return wrapper
 
 
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The user's model inside the wrappers that only run it: DistributedDataParallel and DataParallel (`.module`)
+    and torch.compile (`._orig_mod`). Its layers are named as in the same model in one process ("fc1", not
+    "module.fc1" or "_orig_mod.fc1"), so a multi-rank run, a compiled one and a plain one line up layer by layer.
+    The wrapped model runs the same submodules: every hook is on them."""
+    while True:
+        if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None),
+                                                                     torch.nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
 class Watcher:
     """See gradwatch.watch(). `external_window`: set by integrations (before the first step) whose optimizer
     step runs backward inside it; they call capture_window() where the gradients are final, and a step
@@ -84,7 +99,7 @@ class Watcher:
         self.run = run
         self.counters = AgentCounters()
         self.rank, self.world_size = distributed_info()
-        self.model = model
+        self.model = model = unwrapped(model)
         self.optimizer = optimizer
         self.external_window = False
         self.selection = config.selection()

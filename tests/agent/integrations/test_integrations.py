@@ -40,3 +40,25 @@ def test_compiled_model_is_watched_like_the_eager_one(ingest):
                 run_pb2.TENSOR_KIND_ACTIVATION} <= kinds
         assert grad_sumsq(report, names) > 0
     assert w.counters.internal_errors == 0
+
+
+def test_a_wrapped_model_names_its_layers_as_the_model_itself(ingest):
+    """DataParallel, torch.compile and both: the wrappers only run the model, so its layers keep the model's names
+    (a DDP run lines up with the same model in one process; tests/scenarios/distributed checks DDP on gloo ranks)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    own = {n for n, _ in model.named_parameters()} | {f"{n}.grad" for n, _ in model.named_parameters()}
+    wrappers = {"dp": nn.DataParallel(model), "compiled": torch.compile(model, backend="aot_eager"),
+                "compiled-dp": torch.compile(nn.DataParallel(model), backend="aot_eager")}
+    for run, wrapped in wrappers.items():
+        ingest.requests.clear()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with gradwatch.watch(wrapped, opt, run=f"wrapped-{run}", collector=ingest.target) as w:
+            wrapped(torch.randn(4, 8)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            w.step()
+        assert w.model is model, run
+        names = {t.name for t in dictionary(ingest).values()}
+        assert own <= names and not any(n.startswith(("module.", "_orig_mod.")) for n in names), (run, names)
+        assert w.counters.exported == 1 and w.counters.internal_errors == 0, (run, w.counters)

@@ -69,7 +69,7 @@ def test_ddp_ranks_report_consistent_names_and_equal_gradients(ingest, tmp_path)
     names = {r.rank: {t.id: t.name for t in r.tensors} for r in registrations}
     kinds = {r.rank: {t.id: t.kind for t in r.tensors} for r in registrations}
     assert sorted(names[0].values()) == sorted(names[1].values())  # the same dictionary on both ranks
-    assert {"module.0.weight", "module.0.weight.grad", "module.2.bias.grad"} <= set(names[0].values())
+    assert {"0.weight", "0.weight.grad", "2.bias.grad"} <= set(names[0].values())
 
     by_rank = {rank: [r for r in ingest.reports if r.rank == rank] for rank in range(WORLD_SIZE)}
     for rank, reports in by_rank.items():

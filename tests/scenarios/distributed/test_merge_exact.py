@@ -148,15 +148,15 @@ def worker(rank: int, world_size: int, port: int, collector: str, mode: str) -> 
 # --- the reference: the unsharded model in this process ----------------------------------------------------
 
 
-def reference(prefix: str) -> list[dict]:
+def reference() -> list[dict]:
     """Per step: {"grad": {layer: norm}, "param": {layer: norm}, "global": norm}, in float64 from the tensors.
-    Layers are named as the agent names them: the module path owning the parameters, under `prefix`
-    (DDP's wrapper adds "module.")."""
+    Layers are named as the agent names them: the module path owning the parameters in the unwrapped model
+    (under DDP too: its wrapper's "module." is not part of a layer's name)."""
     model, out = make_model(), []
     opt = make_optimizer(model)
     owned: dict[str, list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
-        owned.setdefault(prefix + name.rpartition(".")[0], []).append(p)
+        owned.setdefault(name.rpartition(".")[0], []).append(p)
     for step in range(STEPS):
         batches = [micro_batch(rank, step) for rank in range(WORLD_SIZE)]
         tokens, targets = (torch.cat(parts) for parts in zip(*batches, strict=True))
@@ -252,8 +252,7 @@ def test_every_layer_figure_of_a_four_rank_run_equals_the_unsharded_model(pipeli
     from tests.scenarios.distributed.ranks import run_ranks
 
     target, base = pipeline
-    run, prefix = run_id(mode), "module." if mode == "ddp" else ""
-    ref = reference(prefix)
+    run, ref = run_id(mode), reference()
     run_ranks(__file__, WORLD_SIZE, tmp_path, JOB_TIMEOUT_S, lambda rank: [target, mode])
     detail, rows = wait_until(lambda: joined_all(base, run), JOIN_TIMEOUT_S, f"all {STEPS} steps of {run} joined")
 

@@ -111,16 +111,15 @@ def run_job(ingest, tmp_path, mode: str) -> None:
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
 def test_only_the_rank_that_made_the_nan_names_its_forward_origin(ingest, tmp_path, mode):
     run_job(ingest, tmp_path, mode)
-    prefix = "module." if mode == "ddp" else ""
     reports = {rank: [r for r in ingest.reports if r.rank == rank] for rank in range(WORLD_SIZE)}
     for rank in range(WORLD_SIZE):
         assert [(r.step, r.sequence) for r in reports[rank]] == [(s, s + 1) for s in range(STEPS)], rank
         assert all(not r.nonfinite_origins for r in reports[rank][:BAD_STEP]), rank
     bad = reports[BAD_RANK][BAD_STEP]
     got = {o.direction: (o.module, o.observed) for o in bad.nonfinite_origins}
-    act = f"{prefix}blocks.1.act"
+    act = "blocks.1.act"  # as the unwrapped model names it, under DDP too
     assert got == {report_pb2.DIRECTION_FORWARD: (act, f"{act}:output"),
-                   report_pb2.DIRECTION_BACKWARD: ("(loss)", f"{prefix}head:output.grad")}
+                   report_pb2.DIRECTION_BACKWARD: ("(loss)", "head:output.grad")}
     forward = next(o for o in bad.nonfinite_origins if o.direction == report_pb2.DIRECTION_FORWARD)
     assert forward.order == 5  # after inp, blocks.0.fc, blocks.0.act, blocks.0.out, blocks.1.fc
     peer = reports[1 - BAD_RANK][BAD_STEP]

@@ -31,7 +31,7 @@ from tests.scenarios.distributed.ranks import run_ranks
 WORLD_SIZE = 3
 STEPS = 6
 FLIP = 2                  # rank 1 flips right after this step's optimizer step
-FLIPPED = "module.2.weight"
+FLIPPED = "2.weight"
 ELEMENT = (1, 3)
 RUN = "ddp-divergence"
 JOB_TIMEOUT_S = 120  # a hang guard only: the job takes a few seconds
@@ -62,7 +62,7 @@ def worker(rank: int, world_size: int, port: int, collector: str, steps: int, fl
             opt.zero_grad(set_to_none=True)
             if flip and rank == 1 and step == FLIP:  # a bit flip in memory: rank 1's replica, no one else's
                 with torch.no_grad():
-                    dict(model.named_parameters())[FLIPPED][ELEMENT].neg_()
+                    dict(model.module.named_parameters())[FLIPPED][ELEMENT].neg_()
             watcher.step(loss=loss)
         watcher.close()
         c = watcher.counters
@@ -108,7 +108,7 @@ def test_a_sign_flip_on_one_rank_is_named(ingest, tmp_path, flip):
         assert alerts == []
         return
     (alert,) = alerts
-    assert (alert.step, alert.rank, alert.tensor, alert.layer) == (FLIP + 1, 1, FLIPPED, "module.2")
+    assert (alert.step, alert.rank, alert.tensor, alert.layer) == (FLIP + 1, 1, FLIPPED, "2")
     assert alert.summary.startswith(f"Rank 1 disagrees with its 2 peers at step {FLIP + 1}: parameter {FLIPPED} "
                                     "differs bitwise from the copy that 2 of 3 ranks hold")
     before, after = ([summaries[(rank, step, FLIPPED)] for rank in range(WORLD_SIZE)] for step in (FLIP, FLIP + 1))
