@@ -110,7 +110,8 @@ def lost_entries(run: str, result: list) -> tuple[int, int]:
     _, new, total = (int(x) for x in result)
     if new == UNSUPPORTED:
         _once.log(logging.WARNING, "unsupported", "Redis before 7.0 has no entries-added (XINFO STREAM): report-stream "
-                  "entries the collector's hard cap trims unread cannot be counted or alerted")
+                  "entries the collector's hard cap trims unread cannot be counted or alerted (Redis 7 can: for "
+                  "`gradwatch up`, GRADWATCH_REDIS_SERVER=<its redis-server>, or --redis-url)")
     elif new == DENIED:
         _once.log(logging.ERROR, "denied", "the aggregator's Redis user may not run XINFO or XTRIM on the report "
                   "streams: they are not trimmed to what was applied, and what the collector's hard cap trims "
