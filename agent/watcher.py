@@ -33,7 +33,7 @@ from gradwatch.agent.capture.origin import on_zero_grad, origins
 from gradwatch.agent.capture.schedule import Burst, parse
 from gradwatch.agent.capture.snapshots import SnapshotTaker
 from gradwatch.agent.capture.step import Capture, CapturedStep, CheckedStep
-from gradwatch.agent.capture.topology import ModelTopology
+from gradwatch.agent.capture.topology import ModelTopology, unwrapped
 from gradwatch.agent.config import AgentConfig
 from gradwatch.agent.export import encode
 from gradwatch.agent.export.batch import ReportPipeline
@@ -70,21 +70,6 @@ def _guarded(method):
             return None
 
     return wrapper
-
-
-def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
-    """The user's model inside the wrappers that only run it: DistributedDataParallel and DataParallel (`.module`)
-    and torch.compile (`._orig_mod`). Its layers are named as in the same model in one process ("fc1", not
-    "module.fc1" or "_orig_mod.fc1"), so a multi-rank run, a compiled one and a plain one line up layer by layer.
-    The wrapped model runs the same submodules: every hook is on them."""
-    while True:
-        if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
-            model = model.module
-        elif type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None),
-                                                                     torch.nn.Module):
-            model = model._orig_mod
-        else:
-            return model
 
 
 class Watcher:

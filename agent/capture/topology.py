@@ -8,6 +8,7 @@ walking the autograd graph back from each input to the nearest module output giv
 whatever functional ops lie between (residual adds, F.relu, reshapes). The hooks read autograd metadata
 only, never tensor values (no host sync), and are removed once the graph is built. A graph that cannot be
 had is None: the aggregator then chains the layers in forward order.
+`unwrapped` gives the model inside DDP, DataParallel and torch.compile: what is named and hooked.
 """
 
 from __future__ import annotations
@@ -36,6 +37,21 @@ _eager = getattr(getattr(torch, "compiler", None), "disable", lambda fn: fn)
 # torch.fx patches torch.nn.Module.__call__ and __getattr__ process-wide while it traces, and restores them
 # after: two traces at once would restore each other's patches for good. One trace at a time.
 _TRACING = threading.Lock()
+
+
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The user's model inside the wrappers that only run it: DistributedDataParallel and DataParallel (`.module`)
+    and torch.compile (`._orig_mod`). Its layers are named as in the same model in one process ("fc1", not
+    "module.fc1" or "_orig_mod.fc1"), so a multi-rank run, a compiled one and a plain one line up layer by layer.
+    The wrapped model runs the same submodules: every hook is on them."""
+    while True:
+        if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None),
+                                                                     torch.nn.Module):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def _tracer():

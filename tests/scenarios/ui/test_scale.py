@@ -262,14 +262,19 @@ def test_layer_search_from_the_keyboard_filters_topology_heatmap_and_table(runs,
     p.close()
 
 
-def test_the_heatmap_draws_and_fetches_only_the_rows_in_view(runs, browser):
-    cfg, _, _ = runs
+def heatmap_page(browser, cfg) -> tuple[Page, list[int]]:
+    """The 64-rank run's page, ready, and the first row (layer_offset) of each /heatmap request it makes."""
     page = Page(browser)
     windows: list[int] = []
     page.page.on("request", lambda r: "/heatmap?" in r.url and windows.append(int(r.url.split("layer_offset=")[1]
                                                                                        .split("&")[0])))
     page.page.goto(f"http://{cfg.aggregator_metrics_listen}/ui/#run={RUN}")
     page.page.wait_for_function("window.gradwatch && window.gradwatch.ready", timeout=30_000)
+    return page, windows
+
+
+def test_the_heatmap_draws_and_fetches_only_the_rows_in_view(runs, browser):
+    page, windows = heatmap_page(browser, runs[0])
     drawn = page.page.evaluate("gradwatch.heatmap.drawnCells()")
     assert drawn["total"] == 1802 and 10 <= drawn["rows"] < 60 and drawn["steps"] >= STEPS
     assert set(windows) == {0}
@@ -285,13 +290,7 @@ def test_the_heatmap_draws_and_fetches_only_the_rows_in_view(runs, browser):
 def test_a_scroll_during_a_live_update_fetches_no_window_between(runs, browser):
     """A live update's fetch still out when the view scrolls far: once in, the windows in view now load, not
     every window between where the view was and where it is (a CI run fetched 27 windows so)."""
-    cfg, _, _ = runs
-    page = Page(browser)
-    windows: list[int] = []
-    page.page.on("request", lambda r: "/heatmap?" in r.url and windows.append(int(r.url.split("layer_offset=")[1]
-                                                                                       .split("&")[0])))
-    page.page.goto(f"http://{cfg.aggregator_metrics_listen}/ui/#run={RUN}")
-    page.page.wait_for_function("window.gradwatch && window.gradwatch.ready", timeout=30_000)
+    page, windows = heatmap_page(browser, runs[0])
     windows.clear()
     page.page.evaluate("""async () => {
         const fetchNow = window.fetch;  // every answer 300 ms late: the update's is still out when the view moves
